@@ -1,0 +1,44 @@
+# make repro | make test | make serve  -- each sets up .venv first (only when pyproject.toml changed).
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 3000
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export RAY_USAGE_STATS_ENABLED := 0
+export BENTOML_DO_NOT_TRACK := true
+
+.PHONY: install repro test test-fast serve params lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+repro: $(STAMP)  ## run the pipeline: data -> profile -> model -> INT8 -> bento
+	$(BIN)/dvc repro
+
+test: $(STAMP)  ## the whole test suite, end-to-end tests included
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)  ## unit tests only
+	$(BIN)/python -m pytest -m "not slow"
+
+serve: $(STAMP)  ## serve the bento that `make repro` built
+	$(BIN)/python -m stages.package --serve --host $(HOST) --port $(PORT)
+
+params: $(STAMP)  ## recompose params.yaml from conf/ (what `dvc exp run` does)
+	$(BIN)/python -m stages.common
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+clean:  ## remove the virtual environment and caches (not DVC's cache)
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,77 @@
+"""evaluate: score the FP32 model on the test split.
+
+Writes `metrics/eval.json` (accuracy, macro F1, per-class metrics) and
+`plots/confusion.csv` (actual vs predicted label per test row, a DVC confusion plot).
+"""
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+
+from stages.common import StageError, run, write_atomic, write_json
+from stages.ingest import load_split
+from stages.model import features_array, label_indices, load_fp32, predict_logits
+
+log = logging.getLogger("stages.evaluate")
+MODEL_DIR = Path("models/fp32")
+METRICS = Path("metrics/eval.json")
+CONFUSION = Path("plots/confusion.csv")
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list) -> dict:
+    """Accuracy, macro F1 and per-class precision/recall/F1/support (class indices in)."""
+    labels = list(range(len(classes)))
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro")),
+        "per_class": {
+            str(c): {
+                "precision": float(p[i]),
+                "recall": float(r[i]),
+                "f1": float(f[i]),
+                "support": int(s[i]),
+            }
+            for i, c in enumerate(classes)
+        },
+    }
+
+
+def evaluate(model_dir: Path, test: pd.DataFrame) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Metrics of the saved FP32 model on `test`, and the actual/predicted table."""
+    model, meta = load_fp32(model_dir)
+    classes = meta["classes"]
+    try:
+        y = label_indices(test[meta["target"]], classes)
+        x = features_array(test, meta["features"])
+    except (KeyError, ValueError) as err:
+        raise StageError(f"test split does not match the model: {err}") from None
+    pred = predict_logits(model, x).argmax(axis=1)
+    confusion = pd.DataFrame(
+        {"actual": [str(classes[i]) for i in y], "predicted": [str(classes[i]) for i in pred]}
+    )
+    return classification_metrics(y, pred, classes), confusion
+
+
+def main(cfg: DictConfig) -> None:
+    test = load_split("test")
+    log.info("evaluating %s on %d test rows", MODEL_DIR, len(test))
+    metrics, confusion = evaluate(MODEL_DIR, test)
+    write_json(METRICS, metrics)
+    write_atomic(CONFUSION, confusion.to_csv(index=False))
+    log.info(
+        "accuracy %.4f, macro F1 %.4f -> %s, %s",
+        metrics["accuracy"],
+        metrics["macro_f1"],
+        METRICS,
+        CONFUSION,
+    )
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,35 @@
+"""Shared fixtures: the real config, shrunk, and small curated splits in tmp_path."""
+
+import os
+from pathlib import Path
+
+import pytest
+from omegaconf import DictConfig
+
+from stages.common import ROOT, compose
+from stages.ingest import ingest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+SMALL = ["train.epochs=3", "train.num_workers=1", "compress.latency_repeats=3"]
+
+
+@pytest.fixture(scope="session")
+def cfg() -> DictConfig:
+    """conf/ composed as DVC does, shrunk for tests."""
+    return compose(SMALL)
+
+
+@pytest.fixture(scope="session")
+def curated(cfg: DictConfig, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default data ingested once per session into a temporary folder."""
+    out = tmp_path_factory.mktemp("curated")
+    ingest(cfg.data, cfg.seed, out)
+    return out
+
+
+@pytest.fixture
+def in_repo_root(monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(ROOT)
+    return ROOT

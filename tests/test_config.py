@@ -1,0 +1,43 @@
+"""conf/ is the one source of truth: params.yaml must be its composition."""
+
+from pathlib import Path
+
+import yaml
+from dvc.utils.hydra import compose_and_dump
+from hydra.utils import instantiate
+
+from stages.common import CONF_DIR, ROOT, compose, params_yaml
+
+
+def test_params_yaml_is_composition_of_conf(tmp_path: Path) -> None:
+    dumped = tmp_path / "params.yaml"
+    compose_and_dump(dumped, str(CONF_DIR), None, "config", str(tmp_path), [])
+    committed = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert committed == yaml.safe_load(dumped.read_text()), "run `make params` and commit"
+    assert (ROOT / "params.yaml").read_text() == params_yaml()
+
+
+def test_overrides_and_groups_compose() -> None:
+    cfg = compose(["model=mlp_wide", "train.lr=0.003", "experiment=smoke"])
+    assert cfg.model.hidden_sizes == [512, 512]
+    assert cfg.train.lr == 0.003
+    assert cfg.train.epochs == 2
+    assert "hydra" not in cfg
+
+
+def test_every_model_variant_instantiates() -> None:
+    for path in sorted((CONF_DIR / "model").glob("*.yaml")):
+        cfg = compose([f"model={path.stem}"])
+        net = instantiate(cfg.model, in_features=64, num_classes=10)
+        assert sum(p.numel() for p in net.parameters()) > 64 * 10, path.name
+
+
+def test_dvc_stages_list_only_existing_params() -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        for key in stage.get("params", []):
+            node = params
+            for part in key.split("."):
+                assert part in node, f"stage {name}: param {key} not in params.yaml"
+                node = node[part]
