@@ -28,8 +28,9 @@ test: $(STAMP)  ## the whole test suite, end-to-end tests included
 test-fast: $(STAMP)  ## unit tests only
 	$(BIN)/python -m pytest -m "not slow"
 
-serve: $(STAMP)  ## serve the bento that `make repro` built
-	$(BIN)/python -m stages.package --serve --host $(HOST) --port $(PORT)
+serve: $(STAMP)  ## serve the bento that `make repro` built (dist/*.bento)
+	rm -rf build/bento && mkdir -p build/bento && tar -xJf dist/*.bento -C build/bento
+	$(BIN)/bentoml serve build/bento --host $(HOST) --port $(PORT)
 
 params: $(STAMP)  ## recompose params.yaml from conf/ (what `dvc exp run` does)
 	$(BIN)/python -m stages.common
