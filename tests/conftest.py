@@ -33,3 +33,14 @@ def curated(cfg: DictConfig, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def in_repo_root(monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(ROOT)
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def fp32_dir(cfg: DictConfig, curated: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model trained once per session by the real train stage (Ray Train, 1 worker)."""
+    from stages.train import train
+
+    out = tmp_path_factory.mktemp("models") / "fp32"
+    history = train(compose([*SMALL, "train.epochs=10"]), curated, out)
+    assert len(history) == 10
+    return out

@@ -1,0 +1,209 @@
+"""End to end: `dvc exp run` in a temporary git repo, then the bento served over HTTP."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import requests
+
+from stages.common import ROOT
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+SHRUNK = ["train.epochs=6", "train.num_workers=2", "compress.latency_repeats=5"]
+
+
+def sh(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    home = tmp_path_factory.mktemp("bentoml")
+    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "BENTOML_HOME": str(home)}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, env: dict) -> Path:
+    """A git repo holding the project's files (committed or not, as git would see them),
+    with the pipeline run once through `dvc exp run` and shrunk overrides."""
+    files = sh(["git", "ls-files", "-co", "--exclude-standard"], ROOT, env).stdout.split()
+    repo = tmp_path_factory.mktemp("repo")
+    for name in files:
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    sh(["git", "init", "-q"], repo, env)
+    sh(["git", "add", "-A"], repo, env)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], repo, env)
+    sh(["dvc", "exp", "run", *[a for o in SHRUNK for a in ("-S", o)]], repo, env)
+    return repo
+
+
+def test_pipeline_outputs_metrics_and_experiments(repo: Path, env: dict) -> None:
+    for out in [
+        "data/curated/train.parquet",
+        "reports/profile/train.bin",
+        "reports/profile/report.html",
+        "models/fp32/model.pt",
+        "plots/confusion.csv",
+        "models/compressed/model.pt2",
+        "dist/bento.json",
+    ]:
+        assert (repo / out).is_file(), out
+    metrics = json.loads(sh(["dvc", "metrics", "show", "--json"], repo, env).stdout)
+    values = next(iter(metrics.values()))["data"]
+    assert values["metrics/eval.json"]["data"]["accuracy"] > 0.85
+    assert values["metrics/compress.json"]["data"]["size_ratio"] < 0.3
+    exps = sh(["dvc", "exp", "show", "--json"], repo, env).stdout
+    assert "train.epochs" in exps or '"epochs": 6' in exps
+    # nothing changed: nothing reruns
+    again = sh(["dvc", "repro"], repo, env)
+    assert "Running stage" not in again.stdout
+    # a serve key only rebuilds the bento
+    rerun = sh(
+        [
+            "dvc",
+            "exp",
+            "run",
+            *[a for o in SHRUNK for a in ("-S", o)],
+            "-S",
+            "serve.max_latency_ms=50",
+        ],
+        repo,
+        env,
+    ).stdout
+    assert "Running stage 'package'" in rerun
+    assert "Running stage 'train'" not in rerun and "Running stage 'ingest'" not in rerun
+    plots = json.loads(sh(["dvc", "plots", "show", "--json"], repo, env).stdout)["data"]
+    assert {"Loss per epoch", "Accuracy per epoch", "Confusion matrix (test split)"} <= set(plots)
+    loss = json.dumps(plots["Loss per epoch"][0]["content"])
+    assert loss.count('"val_loss"') >= 6  # one value per epoch
+
+
+def test_failed_stage_reports_one_line_and_keeps_outputs(repo: Path, env: dict) -> None:
+    model = (repo / "models/compressed/model.pt2").read_bytes()
+    proc = sh(
+        [sys.executable, "-m", "stages.compress", "compress.max_accuracy_drop=-100"],
+        repo,
+        env,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: compressed accuracy")
+    assert (repo / "models/compressed/model.pt2").read_bytes() == model
+    proc = sh(
+        [sys.executable, "-m", "stages.profile", "profile.constraints.feature_range=[0,8]"],
+        repo,
+        env,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "profile.constraints failed on the train split" in proc.stderr
+    assert (repo / "reports/profile/train.bin").is_file()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(repo: Path, env: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`bentoml serve` of the exported bento file, extracted, with an empty model store."""
+    info = json.loads((repo / "dist/bento.json").read_text())
+    bento = tmp_path_factory.mktemp("bento")
+    with tarfile.open(repo / "dist" / info["file"]) as tar:
+        tar.extractall(bento, filter="data")
+    port = free_port()
+    serve_env = {**env, "BENTOML_HOME": str(tmp_path_factory.mktemp("empty_store"))}
+    log = (bento / "serve.log").open("w")
+    proc = subprocess.Popen(
+        ["bentoml", "serve", str(bento), "--host", "127.0.0.1", "--port", str(port)],
+        env=serve_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            if proc.poll() is not None:
+                pytest.fail(f"bentoml serve exited:\n{(bento / 'serve.log').read_text()}")
+            try:
+                if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:  # not listening yet, or busy starting
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"not ready:\n{(bento / 'serve.log').read_text()}")
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+def test_served_predictions_match_the_compressed_model(repo: Path, server: str) -> None:
+    from stages.export import load_program
+    from stages.model import features_array, predict_logits
+
+    test = pd.read_parquet(repo / "data/curated/test.parquet")
+    features = [c for c in test.columns if c != "target"]
+    records = test[features].head(20).to_dict("records")
+    r = requests.post(f"{server}/predict", json={"records": records}, timeout=30)
+    assert r.status_code == 200, r.text
+    served = r.json()
+    model = load_program(repo / "models/compressed/model.pt2")
+    expected = predict_logits(model, features_array(test.head(20), features)).argmax(1)
+    assert [p["label"] for p in served] == expected.tolist()
+    assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in served)
+    meta = requests.get(f"{server}/metadata", timeout=10).json()
+    assert meta["metrics"]["eval"]["accuracy"] > 0.85 and len(meta["git_commit"]) == 40
+    assert requests.get(f"{server}/metrics", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ("{not json", None),
+        ({"records": []}, "records"),
+        ({"records": [{"pixel_0_0": 1.0}]}, "pixel_0_1"),  # missing features
+        ("unknown", "bogus"),
+        ("string", "pixel_0_0"),
+        ("nan", "pixel_0_0"),
+    ],
+)
+def test_bad_requests_get_400_naming_the_field(repo: Path, server: str, body, field) -> None:
+    test = pd.read_parquet(repo / "data/curated/test.parquet")
+    record = test.drop(columns="target").iloc[0].to_dict()
+    if body == "unknown":
+        body = {"records": [{**record, "bogus": 1.0}]}
+    elif body == "string":
+        body = {"records": [{**record, "pixel_0_0": "seven"}]}
+    elif body == "nan":
+        body = (
+            '{"records": [{'
+            + ", ".join(f'"{k}": {"NaN" if k == "pixel_0_0" else v}' for k, v in record.items())
+            + "}]}"
+        )
+    kwargs = {"json": body} if isinstance(body, dict) else {"data": body}
+    r = requests.post(
+        f"{server}/predict", timeout=10, headers={"Content-Type": "application/json"}, **kwargs
+    )
+    assert r.status_code == 400, r.text
+    if field:
+        assert field in json.dumps(r.json()["detail"])
