@@ -17,6 +17,8 @@ for _key, _value in {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DEDUP_LOGS": "0",
     "RAY_DATA_LOG_LEVEL": "ERROR",
+    "RAY_LOGGER_LEVEL": "error",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }.items():
@@ -133,15 +135,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "val_accuracy": float(val_sums[1] / val_sums[2]),
         }
         history.append(metrics)
+        if rank == 0:
+            print(  # reaches the driver's console through Ray's log forwarding
+                f"epoch {epoch}/{config['epochs']}: train loss {metrics['train_loss']:.4f}"
+                f" acc {metrics['train_accuracy']:.4f}, val loss {metrics['val_loss']:.4f}"
+                f" acc {metrics['val_accuracy']:.4f}",
+                flush=True,
+            )
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
-            if rank == 0:
-                print(  # reaches the driver's console through Ray's log forwarding
-                    f"epoch {epoch}/{config['epochs']}: train loss {metrics['train_loss']:.4f}"
-                    f" acc {metrics['train_accuracy']:.4f}, val loss {metrics['val_loss']:.4f}"
-                    f" acc {metrics['val_accuracy']:.4f}",
-                    flush=True,
-                )
+            if rank == 0 and epoch == config["epochs"]:  # the history travels with the weights
                 net = model.module if hasattr(model, "module") else model
                 torch.save(
                     {"state_dict": net.state_dict(), "history": history},
