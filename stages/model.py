@@ -86,7 +86,7 @@ def load_fp32(model_dir: Path) -> tuple[nn.Sequential, dict[str, Any]]:
 
 def features_array(df: pd.DataFrame, features: list[str]) -> np.ndarray:
     """The feature columns of `df`, in model order, as float32."""
-    return df[features].to_numpy(dtype=np.float32)
+    return df[features].to_numpy(dtype=np.float32, copy=True)
 
 
 def label_indices(labels: pd.Series, classes: list[Any]) -> np.ndarray:

@@ -99,12 +99,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = instantiate(config["optimizer"])(model.parameters(), lr=config["lr"])
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     collate = ToTensors(config["features"])
+    device = ray.train.torch.get_device()
     train_shard = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("val")
     history: list[dict[str, float]] = []
     for epoch in range(1, config["epochs"] + 1):
         model.train()
-        sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, rows
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, rows
         for x, y in train_shard.iter_torch_batches(
             batch_size=config["batch_size"],
             collate_fn=collate,
@@ -116,7 +117,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss = loss_fn(logits, y)
             (loss / len(y)).backward()
             optimizer.step()
-            sums += torch.tensor([loss.item(), (logits.argmax(1) == y).sum().item(), len(y)])
+            batch = [loss.item(), (logits.argmax(1) == y).sum().item(), len(y)]
+            sums += torch.tensor(batch, dtype=torch.float64, device=device)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
         model.eval()
@@ -144,10 +146,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
-            if rank == 0 and epoch == config["epochs"]:  # the history travels with the weights
+            last = epoch == config["epochs"]
+            if rank == 0 and (last or epoch % config["checkpoint_every"] == 0):
                 net = model.module if hasattr(model, "module") else model
+                state = {k: v.cpu() for k, v in net.state_dict().items()}
                 torch.save(
-                    {"state_dict": net.state_dict(), "history": history},
+                    {"state_dict": state, "history": history},
                     Path(tmp) / "checkpoint.pt",
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
@@ -220,6 +224,7 @@ def fit(
                 "lr": train_cfg["lr"],
                 "seed": seed,
                 "shuffle_buffer": len(splits["train"]),
+                "checkpoint_every": train_cfg["checkpoint_every"],
             },
             scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
             run_config=ray.train.RunConfig(
