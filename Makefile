@@ -29,8 +29,9 @@ test-fast: $(STAMP)  ## unit tests only
 	$(BIN)/python -m pytest -m "not slow"
 
 serve: $(STAMP)  ## serve the bento that `make repro` built (dist/*.bento)
+	@ls dist/*.bento >/dev/null 2>&1 || { echo "error: no dist/*.bento; run make repro first"; exit 1; }
 	rm -rf build/bento && mkdir -p build/bento && tar -xJf dist/*.bento -C build/bento
-	$(BIN)/bentoml serve build/bento --host $(HOST) --port $(PORT)
+	$(BIN)/bentoml serve $(CURDIR)/build/bento --host $(HOST) --port $(PORT)
 
 params: $(STAMP)  ## recompose params.yaml from conf/ (what `dvc exp run` does)
 	$(BIN)/python -m stages.common
