@@ -19,6 +19,7 @@ for _key, _value in {
     "RAY_DATA_LOG_LEVEL": "ERROR",
     "RAY_LOGGER_LEVEL": "error",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",  # the 2 s default caps training at 1 epoch/2 s
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }.items():
@@ -32,6 +33,7 @@ import ray.train.torch  # noqa: E402
 import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from ray.data import ExecutionOptions  # noqa: E402
 from ray.data.collate_fn import NumpyBatchCollateFn  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -168,12 +170,16 @@ def resolve_use_gpu(use_gpu: bool | str) -> bool:
 
 
 def init_ray(address: str | None, num_workers: int) -> None:
-    """Join the cluster at `address`, or start a local Ray with a CPU per worker (at least)."""
+    """Join the cluster at `address`, or start a private local Ray.
+
+    The local Ray gets a logical CPU more than the workers take: with none spare, Ray
+    Data's tasks wait forever for a CPU.
+    """
     if ray.is_initialized():
         return
     local = {"num_cpus": max(num_workers + 1, os.cpu_count() or 1)} if address is None else {}
     ray.init(
-        address=address,
+        address=address or "local",
         include_dashboard=False,
         logging_level=logging.ERROR,
         configure_logging=True,
@@ -233,7 +239,10 @@ def fit(
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             ),
             datasets=build_datasets(splits, features, target, classes),
-            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+            dataset_config=ray.train.DataConfig(
+                datasets_to_split=["train"],  # every worker scores all of val
+                execution_options=ExecutionOptions(preserve_order=True),
+            ),
         )
         result = trainer.fit()
         with result.checkpoint.as_directory() as ckpt:
