@@ -169,6 +169,31 @@ def resolve_use_gpu(use_gpu: bool | str) -> bool:
     raise StageError(f"train.use_gpu: expected auto, true or false, got {use_gpu!r}")
 
 
+def check_config(
+    model_cfg: dict[str, Any], train_cfg: dict[str, Any], n_features: int, n_classes: int
+) -> None:
+    """Fail before Ray starts, naming the key, when the model or optimizer config is bad."""
+    for key in ("epochs", "batch_size", "num_workers", "checkpoint_every"):
+        value = train_cfg[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise StageError(f"train.{key}: expected an integer >= 1, got {value!r}")
+    lr = train_cfg["lr"]
+    if not isinstance(lr, int | float) or isinstance(lr, bool) or lr <= 0:
+        raise StageError(f"train.lr: expected a number > 0, got {lr!r}")
+    scaler = Standardize(torch.zeros(n_features), torch.ones(n_features))
+    for key, build in (
+        ("model", lambda: build_classifier(model_cfg, n_features, n_classes, scaler)),
+        (
+            "train.optimizer",
+            lambda: instantiate(train_cfg["optimizer"])(nn.Linear(1, 1).parameters(), lr=lr),
+        ),
+    ):
+        try:
+            build()
+        except Exception as err:  # any error building it means the config is wrong
+            raise StageError(f"{key}: cannot build it: {' '.join(str(err).split())}") from None
+
+
 def init_ray(address: str | None, num_workers: int) -> None:
     """Join the cluster at `address`, or start a private local Ray.
 
@@ -205,6 +230,7 @@ def fit(
     """
     features = [f["name"] for f in schema["features"]]
     target, classes = schema["target"]["name"], schema["classes"]
+    check_config(model_cfg, train_cfg, len(features), len(classes))
     scaler = fit_standardize(features_array(splits["train"], features))
     num_workers = int(train_cfg["num_workers"])
     init_ray(address, num_workers)

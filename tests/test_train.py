@@ -38,3 +38,23 @@ def test_use_gpu_values() -> None:
     assert resolve_use_gpu("auto") is torch.cuda.is_available()
     with pytest.raises(StageError, match="train.use_gpu"):
         resolve_use_gpu("sometimes")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"train": {"lr": "abc"}}, r"train.lr: expected a number > 0, got 'abc'"),
+        ({"train": {"epochs": 0}}, r"train.epochs: expected an integer >= 1, got 0"),
+        ({"model": {"hidden_sizes": "wide"}}, r"model: cannot build it"),
+        ({"model": {"_target_": "stages.model.Nope"}}, r"model: cannot build it"),
+        ({"train": {"optimizer": {"_target_": "torch.optim.Nope"}}}, "train.optimizer: cannot"),
+    ],
+)
+def test_bad_config_fails_before_ray_starts(cfg, override: dict, message: str) -> None:
+    from omegaconf import OmegaConf
+
+    from stages.train import check_config
+
+    merged = OmegaConf.to_container(OmegaConf.merge(cfg, override), resolve=True)
+    with pytest.raises(StageError, match=message):
+        check_config(merged["model"], merged["train"], 64, 10)
