@@ -93,26 +93,32 @@ def test_pipeline_outputs_metrics_and_experiments(repo: Path, env: dict) -> None
     assert loss.count('"val_loss"') >= 6  # one value per epoch
 
 
-def test_failed_stage_reports_one_line_and_keeps_outputs(repo: Path, env: dict) -> None:
-    model = (repo / "models/compressed/model.pt2").read_bytes()
-    proc = sh(
-        [sys.executable, "-m", "stages.compress", "compress.max_accuracy_drop=-100"],
-        repo,
-        env,
-        check=False,
-    )
+@pytest.mark.parametrize(
+    ("stage", "override", "message", "kept"),
+    [
+        (
+            "compress",
+            "compress.max_accuracy_drop=-100",
+            "compressed accuracy",
+            "models/compressed/model.pt2",
+        ),
+        (
+            "profile",
+            "profile.constraints.feature_range=[0,8]",
+            "profile.constraints failed on the train split",
+            "reports/profile/train.bin",
+        ),
+    ],
+)
+def test_failed_stage_reports_one_line_and_keeps_outputs(
+    repo: Path, env: dict, stage: str, override: str, message: str, kept: str
+) -> None:
+    before = (repo / kept).read_bytes()
+    proc = sh([sys.executable, "-m", f"stages.{stage}", override], repo, env, check=False)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: compressed accuracy")
-    assert (repo / "models/compressed/model.pt2").read_bytes() == model
-    proc = sh(
-        [sys.executable, "-m", "stages.profile", "profile.constraints.feature_range=[0,8]"],
-        repo,
-        env,
-        check=False,
-    )
-    assert proc.returncode == 1
-    assert "profile.constraints failed on the train split" in proc.stderr
-    assert (repo / "reports/profile/train.bin").is_file()
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
+    assert (repo / kept).read_bytes() == before
 
 
 def free_port() -> int:
