@@ -121,6 +121,27 @@ def test_failed_stage_reports_one_line_and_keeps_outputs(
     assert (repo / kept).read_bytes() == before
 
 
+def test_queued_sweep_runs_every_value(repo: Path, env: dict) -> None:
+    sweep = ["-S", "experiment=smoke", "-S", "train.lr=0.002,0.02"]
+    sh(["dvc", "exp", "run", "--queue", *sweep], repo, env)
+    sh(["dvc", "queue", "start"], repo, env)
+    for _ in range(600):  # a guard against a hung queue, not a speed check
+        status = sh(["dvc", "queue", "status"], repo, env).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(2)
+    assert status.count("Success") == 2, status
+    exps = json.loads(sh(["dvc", "exp", "show", "--json"], repo, env).stdout)
+    runs = {
+        exp["revs"][0]["data"]["params"]["params.yaml"]["data"]["train"]["lr"]: exp["revs"][0]
+        for commit in exps
+        for exp in commit.get("experiments") or []
+    }
+    assert {0.002, 0.02} <= set(runs)
+    for lr in (0.002, 0.02):
+        assert runs[lr]["data"]["metrics"]["metrics/eval.json"]["data"]["accuracy"] > 0.3
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
