@@ -18,7 +18,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
 PARAMS = Path("params.yaml")
 
-log = logging.getLogger("stages")
 UMASK = os.umask(0)
 os.umask(UMASK)
 
