@@ -76,11 +76,11 @@ class Classifier:
         """Label and class probabilities for each record (raw feature values)."""
         x = torch.tensor([[getattr(r, f) for f in FEATURES] for r in records])
         with torch.inference_mode():
-            probs = torch.softmax(self.model(x), dim=1).tolist()
+            probs = torch.softmax(self.model(x), dim=1)
         return [
             Prediction(
-                label=CLASSES[max(range(len(p)), key=p.__getitem__)],
+                label=CLASSES[best],
                 probabilities={str(c): v for c, v in zip(CLASSES, p, strict=True)},
             )
-            for p in probs
+            for best, p in zip(probs.argmax(1).tolist(), probs.tolist(), strict=True)
         ]

@@ -89,7 +89,6 @@ def quantize_int8_static(
     from neural_compressor.torch.export import export
     from neural_compressor.torch.quantization import convert, prepare
 
-    quiet_inc()
     calib = torch.from_numpy(np.ascontiguousarray(calib_x, dtype=np.float32))
     prepared = prepare(
         export(model, (calib[:batch_size],), dynamic_shapes=batch_dim()), quant_config
@@ -155,6 +154,7 @@ def compress(
     """
     if cfg.method not in METHODS:
         raise StageError(f"compress.method: unknown method {cfg.method!r} ({', '.join(METHODS)})")
+    quiet_inc()  # before anything imports INC (instantiating the quant config does)
     model, meta = load_fp32(fp32_dir)
     x, y = test
     with atomic_dir(out_dir) as tmp:
@@ -202,7 +202,6 @@ def main(cfg: DictConfig) -> None:
         features_array(test, meta["features"]),
         label_indices(test[meta["target"]], meta["classes"]),
     )
-    quiet_inc()
     result = compress(FP32_DIR, val_x, test_xy, cfg.compress, OUT_DIR)
     write_json(METRICS, result)
     log.info(

@@ -232,7 +232,7 @@ def fit(
     target, classes = schema["target"]["name"], schema["classes"]
     check_config(model_cfg, train_cfg, len(features), len(classes))
     scaler = fit_standardize(features_array(splits["train"], features))
-    num_workers = int(train_cfg["num_workers"])
+    num_workers = train_cfg["num_workers"]
     init_ray(address, num_workers)
     use_gpu = resolve_use_gpu(train_cfg["use_gpu"])
     log.info(
