@@ -15,39 +15,22 @@ from typing import Any
 os.environ.setdefault("WHYLOGS_NO_ANALYTICS", "1")  # before the first whylogs import
 
 import pandas as pd  # noqa: E402
-import whylogs as why  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from whylogs.core import DatasetProfileView  # noqa: E402
 from whylogs.core.constraints import ConstraintsBuilder  # noqa: E402
 from whylogs.core.constraints.factories import (  # noqa: E402
     frequent_strings_in_reference_set,
     is_in_range,
     no_missing_values,
 )
-from whylogs.core.metrics.metrics import MetricConfig  # noqa: E402
-from whylogs.core.schema import DatasetSchema  # noqa: E402
-from whylogs.viz.drift.column_drift_algorithms import ChiSquare, calculate_drift_scores  # noqa: E402
 
 from stages.common import StageError, atomic_dir, read_json, run, write_atomic, write_json  # noqa: E402
+from stages.drift import DatasetProfileView, drift_scores, drifted, profile_frame  # noqa: E402
 from stages.ingest import OUT_DIR as DATA_DIR  # noqa: E402
 from stages.ingest import SPLITS, load_split  # noqa: E402
 
 log = logging.getLogger("stages.profile")
-logging.getLogger("whylogs").setLevel(logging.WARNING)  # INFO logs a line per column read
 OUT_DIR = Path("reports/profile")
 METRICS = Path("metrics/profile.json")
-# Large enough to keep the numeric sketches exact on moderate splits, so drift is reproducible.
-KLL_K = 4096
-
-
-def profile_split(df: pd.DataFrame) -> DatasetProfileView:
-    schema = DatasetSchema(default_configs=MetricConfig(kll_k_large=KLL_K))
-    return why.log(pandas=df, schema=schema).view()
-
-
-def load_profile(path: Path) -> DatasetProfileView:
-    """A profile saved as `.bin` (read-only files, such as DVC cache links, work too)."""
-    return DatasetProfileView.deserialize(Path(path).read_bytes())
 
 
 def check_constraints(
@@ -99,24 +82,6 @@ def check_constraints(
     return report
 
 
-def drift_scores(
-    view: DatasetProfileView, reference: DatasetProfileView, target: str
-) -> dict[str, Any]:
-    """Per-column drift of `view` against `reference`: KS for features, Chi-square for the
-    target; each with p-value, statistic and category (NO_DRIFT, POSSIBLE_DRIFT, DRIFT)."""
-    scores = calculate_drift_scores(
-        target_view=view,
-        reference_view=reference,
-        drift_map={target: ChiSquare()},
-        with_thresholds=True,
-    )
-    return json.loads(json.dumps(scores, default=float))
-
-
-def drifted(scores: dict[str, Any]) -> list[str]:
-    return sorted(c for c, s in scores.items() if s and s["drift_category"] == "DRIFT")
-
-
 def render_html(constraints: list[dict[str, Any]], drift: dict[str, dict[str, Any]]) -> str:
     """One self-contained page (no scripts, no network): constraints and drift per column."""
     esc = html.escape
@@ -159,7 +124,7 @@ def profile(
     views = {}
     for name, df in splits.items():
         log.info("profiling %s: %d rows x %d columns", name, *df.shape)
-        views[name] = profile_split(df)
+        views[name] = profile_frame(df)
     constraints = OmegaConf.to_container(cfg.constraints, resolve=True)
     report = check_constraints(views["train"], constraints, target, classes)
     failed = [r for r in report if not r["passed"]]

@@ -7,8 +7,9 @@ import pytest
 from omegaconf import DictConfig
 
 from stages.common import StageError
+from stages.drift import load_profile
 from stages.ingest import SPLITS
-from stages.profile import load_profile, profile
+from stages.profile import profile
 
 
 @pytest.fixture(scope="module")
