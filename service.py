@@ -1,28 +1,45 @@
-"""The BentoML service: POST /predict (batched), GET /metadata, health and /metrics.
+"""The BentoML service: typed, batched /predict and /predict_proba, /metadata, /drift,
+health, readiness and Prometheus /metrics.
 
-The model, its preprocessing and its schema come from the BentoML model store (the bento
-pins the exact tag); batching and naming come from the `serve` section of params.yaml.
+The model, its schema and the training reference profile come from the BentoML model store
+(the bento pins the exact tag); limits, batching and monitoring come from the `serve`
+section of params.yaml. Bearer-token auth is on when FULLSTACK_ML_API_TOKEN is set.
 """
 
+import hmac
 import json
 import os
+import threading
+import time
+from collections import Counter
+from functools import cache
+from operator import attrgetter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any
 
+import anyio
 import bentoml
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 with bentoml.importing():
+    import numpy as np
+    import pandas as pd
     import torch
 
+    from stages.drift import CATEGORIES, drift_scores, load_profile, profile_frame
     from stages.export import load_program
 
 SERVE: dict[str, Any] = yaml.safe_load(Path(__file__).with_name("params.yaml").read_text())["serve"]
+if SERVE["max_records"] > SERVE["max_batch_size"]:
+    raise ValueError("params.yaml: serve.max_records must not exceed serve.max_batch_size")
+TOKEN_ENV = "FULLSTACK_ML_API_TOKEN"  # the bearer token; never in params or the bento
+OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})  # no auth, ever
 # The bento pins its model with the `model_tag` argument; run from source, MODEL_TAG or latest.
 MODEL_TAG = (
     getattr(bentoml.use_arguments(), "model_tag", None)
@@ -33,6 +50,55 @@ STORED = bentoml.models.get(MODEL_TAG)
 SCHEMA: dict[str, Any] = json.loads(Path(STORED.path_of("schema.json")).read_text())
 FEATURES: list[str] = [f["name"] for f in SCHEMA["features"]]
 CLASSES: list[Any] = SCHEMA["classes"]
+feature_values = attrgetter(*FEATURES)
+
+
+@cache
+def metrics() -> SimpleNamespace:
+    """The project's Prometheus metrics, created in the worker (after BentoML has set up
+    prometheus_client's multiprocess directory)."""
+    from prometheus_client import Counter, Gauge, Histogram
+
+    buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if b < SERVE["max_records"]]
+    return SimpleNamespace(
+        predictions=Counter("fullstack_ml_predictions", "Predictions per class", ["label"]),
+        records=Histogram(
+            "fullstack_ml_records_per_request",
+            "Records per accepted prediction request",
+            buckets=[*buckets, SERVE["max_records"]],
+        ),
+        failures=Counter(
+            "fullstack_ml_validation_failures", "Rejected requests by reason", ["reason"]
+        ),
+        pvalue=Gauge(
+            "fullstack_ml_drift_pvalue",
+            "Drift p-value of the serving window against train",
+            ["feature"],
+            multiprocess_mode="mostrecent",
+        ),
+        category=Gauge(
+            "fullstack_ml_drift_category",
+            "Drift category: 0 no drift, 1 possible drift, 2 drift",
+            ["feature"],
+            multiprocess_mode="mostrecent",
+        ),
+        window=Gauge(
+            "fullstack_ml_drift_window_records",
+            "Records in the drift window",
+            multiprocess_mode="mostrecent",
+        ),
+    )
+
+
+def one_or_many(value: Any) -> Any:
+    """A single record (a JSON object) is a list of one."""
+    return [value] if isinstance(value, dict) else value
+
+
+def observe_records(records: list[Any]) -> list[Any]:
+    metrics().records.observe(len(records))
+    return records
+
 
 # Any finite JSON number; strings, booleans, NaN and infinities are 400s naming the field.
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
@@ -42,45 +108,225 @@ Record = create_model(
 
 
 class PredictRequest(BaseModel):
+    """`records`: one record, or a list of 1 to `serve.max_records` records."""
+
     model_config = ConfigDict(extra="forbid")
-    records: Annotated[list[Record], Field(min_length=1)]  # type: ignore[valid-type]
+    records: Annotated[
+        list[Record],  # type: ignore[valid-type]
+        BeforeValidator(one_or_many, json_schema_input_type=Record | list[Record]),  # type: ignore[valid-type]
+        Field(min_length=1, max_length=SERVE["max_records"]),
+        AfterValidator(observe_records),
+    ]
 
 
-class Prediction(BaseModel):
+class Label(BaseModel):
     label: int | str
+
+
+class LabelProbabilities(Label):
     probabilities: dict[str, float]  # class label -> probability
+
+
+class DriftMonitor:
+    """The latest `window` records served, profiled with whylogs and scored against the
+    training profile with the profile stage's algorithm (KS per feature)."""
+
+    def __init__(self, features: list[str], window: int, min_records: int) -> None:
+        self.features, self.min_records = features, min_records
+        self.buffer = np.zeros((window, len(features)), dtype=np.float32)
+        self.seen = 0
+        self.scored_at = -1  # `seen` when last scored
+        self.lock = threading.Lock()
+        self.reference: Any = None
+
+    def add(self, rows: np.ndarray) -> None:
+        window = len(self.buffer)
+        with self.lock:
+            kept = rows[-window:]
+            start = self.seen + len(rows) - len(kept)
+            self.buffer[(start + np.arange(len(kept))) % window] = kept
+            self.seen += len(rows)
+
+    def score(self) -> dict[str, Any]:
+        """Per-feature drift of the window; also sets the drift gauges."""
+        with self.lock:
+            seen, rows = self.seen, self.buffer[: min(self.seen, len(self.buffer))].copy()
+        result: dict[str, Any] = {"records_seen": seen, "window_records": len(rows)}
+        metrics().window.set(len(rows))
+        if len(rows) < self.min_records:
+            return {**result, "status": "insufficient_data", "min_records": self.min_records}
+        view = profile_frame(pd.DataFrame(rows, columns=self.features))
+        scores = drift_scores(view, self.reference)
+        for feature, s in scores.items():
+            metrics().pvalue.labels(feature=feature).set(s["pvalue"])
+            metrics().category.labels(feature=feature).set(CATEGORIES.index(s["drift_category"]))
+        self.scored_at = seen
+        drifted = sorted(f for f, s in scores.items() if s["drift_category"] == "DRIFT")
+        return {**result, "status": "ok", "drifted": drifted, "features": scores}
+
+    def refresh_forever(self, every_s: float) -> None:
+        while True:
+            time.sleep(every_s)
+            if self.seen != self.scored_at:
+                self.score()
+
+
+MONITOR = DriftMonitor(FEATURES, SERVE["drift"]["window_records"], SERVE["drift"]["min_records"])
 
 
 async def metadata(_: Request) -> JSONResponse:
     return JSONResponse({"model_tag": str(STORED.tag), "schema": SCHEMA, **STORED.info.metadata})
 
 
-# @bentoml.api routes are POST; GET /metadata comes from a small mounted Starlette app.
-@bentoml.asgi_app(Starlette(routes=[Route("/metadata", metadata, methods=["GET"])]), path="/")
+async def drift(_: Request) -> JSONResponse:
+    return JSONResponse(await anyio.to_thread.run_sync(MONITOR.score))
+
+
+def error_body(kind: str, loc: list[str], msg: str) -> bytes:
+    """The shape of BentoML's own 400 bodies: an error line and pydantic-style details."""
+    detail = [{"type": kind, "loc": loc, "msg": msg}]
+    return json.dumps({"error": msg, "detail": detail}).encode()
+
+
+class Gate:
+    """ASGI middleware in front of every route: bearer-token auth (health, readiness and
+    metrics stay open), the request body limit (413) and validation failures by reason."""
+
+    def __init__(self, app: Any, max_body_bytes: int) -> None:
+        self.app, self.max_body = app, max_body_bytes
+        token = os.environ.get(TOKEN_ENV, "")
+        self.expected = f"Bearer {token}".encode() if token else None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        given = headers.get(b"authorization", b"")
+        if self.expected and not hmac.compare_digest(given, self.expected):
+            body = error_body("unauthorized", ["header", "authorization"], "bearer token required")
+            return await respond(send, 401, body, [(b"www-authenticate", b"Bearer")])
+        length = headers.get(b"content-length", b"")
+        if (int(length) if length.isdigit() else 0) > self.max_body or not length:
+            body, too_large = await read_body(receive, self.max_body)
+            if too_large:
+                metrics().failures.labels(reason="body_too_large").inc()
+                msg = f"request body larger than {self.max_body} bytes (serve.max_body_bytes)"
+                return await respond(send, 413, error_body("body_too_large", ["body"], msg))
+            receive = replay(body)
+        status = 0
+
+        async def counting_send(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif status == 400 and message["type"] == "http.response.body":
+                count_failures(message.get("body", b""))
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def count_failures(body: bytes) -> None:
+    """Count a 400 by the pydantic error types in its detail (`json_invalid`, `missing`...)."""
+    try:
+        detail = json.loads(body).get("detail")
+        reasons = {d["type"] for d in detail} if isinstance(detail, list) else {"invalid"}
+    except (ValueError, AttributeError, KeyError, TypeError):
+        reasons = {"invalid"}
+    for reason in reasons:
+        metrics().failures.labels(reason=reason).inc()
+
+
+async def read_body(receive: Any, limit: int) -> tuple[bytes, bool]:
+    """The whole request body, or (what was read, True) once it passes `limit`; a body far
+    past the limit is not read to its end."""
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        more = message.get("more_body", False)
+        if size > limit and (not more or size > 16 * limit):
+            return b"", True
+    return b"".join(chunks), size > limit
+
+
+def replay(body: bytes) -> Any:
+    sent = False
+
+    async def receive() -> dict:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+async def respond(send: Any, status: int, body: bytes, headers: list | None = None) -> None:
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": head + (headers or [])})
+    await send({"type": "http.response.body", "body": body})
+
+
+BATCHING = {
+    "batchable": True,
+    "max_batch_size": SERVE["max_batch_size"],
+    "max_latency_ms": SERVE["max_latency_ms"],
+    "input_spec": PredictRequest,
+}
+
+
+# @bentoml.api routes are POST; the GET routes come from a small mounted Starlette app.
+@bentoml.asgi_app(
+    Starlette(routes=[Route("/metadata", metadata), Route("/drift", drift)]), path="/"
+)
 @bentoml.service(
-    name=SERVE["service_name"], workers=SERVE["workers"], traffic={"timeout": SERVE["timeout"]}
+    name=SERVE["service_name"],
+    workers=SERVE["workers"],
+    threads=SERVE["threads"],
+    traffic={"timeout": SERVE["timeout"]},
 )
 class Classifier:
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
         self.model = load_program(self.model_ref.path_of("model.pt2"))
+        MONITOR.reference = load_profile(self.model_ref.path_of("reference_profile.bin"))
+        refresh = threading.Thread(
+            target=MONITOR.refresh_forever, args=(SERVE["drift"]["refresh_s"],), daemon=True
+        )
+        refresh.start()
 
-    @bentoml.api(
-        batchable=True,
-        max_batch_size=SERVE["max_batch_size"],
-        max_latency_ms=SERVE["max_latency_ms"],
-        input_spec=PredictRequest,
-    )
-    def predict(self, records: list[Record]) -> list[Prediction]:  # type: ignore[valid-type]
-        """Label and class probabilities for each record (raw feature values)."""
-        x = torch.tensor([[getattr(r, f) for f in FEATURES] for r in records])
+    def probabilities(self, records: list[Any]) -> torch.Tensor:
+        rows = np.array([feature_values(r) for r in records], dtype=np.float32)
+        rows = rows.reshape(len(records), len(FEATURES))
+        MONITOR.add(rows)
         with torch.inference_mode():
-            probs = torch.softmax(self.model(x), dim=1)
+            probs = torch.softmax(self.model(torch.from_numpy(rows)), dim=1)
+        for index, n in Counter(probs.argmax(1).tolist()).items():
+            metrics().predictions.labels(label=str(CLASSES[index])).inc(n)
+        return probs
+
+    @bentoml.api(**BATCHING)
+    def predict(self, records: list[Record]) -> list[Label]:  # type: ignore[valid-type]
+        """The predicted label of each record (raw feature values)."""
+        best = self.probabilities(records).argmax(1).tolist()
+        return [Label(label=CLASSES[i]) for i in best]
+
+    @bentoml.api(**BATCHING)
+    def predict_proba(self, records: list[Record]) -> list[LabelProbabilities]:  # type: ignore[valid-type]
+        """The predicted label and the probability of every class, for each record."""
+        probs = self.probabilities(records)
         return [
-            Prediction(
-                label=CLASSES[best],
-                probabilities={str(c): v for c, v in zip(CLASSES, p, strict=True)},
+            LabelProbabilities(
+                label=CLASSES[best], probabilities=dict(zip(map(str, CLASSES), p, strict=True))
             )
             for best, p in zip(probs.argmax(1).tolist(), probs.tolist(), strict=True)
         ]
+
+
+Classifier.add_asgi_middleware(Gate, max_body_bytes=SERVE["max_body_bytes"])
