@@ -1,0 +1,338 @@
+"""The bento served for real (`bentoml serve` over HTTP): typed API, client errors, metrics,
+drift, auth, load with faults, graceful shutdown."""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import bentoml
+import pandas as pd
+import psutil
+import pytest
+import requests
+from omegaconf import DictConfig
+
+from stages.compress import compress
+from stages.drift import profile_frame
+from stages.export import load_program
+from stages.model import features_array, label_indices, load_fp32, predict_logits
+from stages.validate import Server, serve_bento
+
+pytestmark = pytest.mark.slow
+TOKEN = "test-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def bento(fp32_dir: Path, curated: Path, cfg: DictConfig, tmp_path_factory) -> Path:
+    """The session's model compressed and packaged into a bento file (own model store)."""
+    work = tmp_path_factory.mktemp("service")
+    _, meta = load_fp32(fp32_dir)
+    val, test = (pd.read_parquet(curated / f"{s}.parquet") for s in ("val", "test"))
+    test_xy = (features_array(test, meta["features"]), label_indices(test.target, meta["classes"]))
+    compress(fp32_dir, features_array(val, meta["features"]), test_xy, cfg.compress, work / "int8")
+    train = pd.read_parquet(curated / "train.parquet")
+    (work / "train.bin").write_bytes(profile_frame(train).serialize())
+    files = {
+        "model.pt2": work / "int8/model.pt2",
+        "model.json": work / "int8/model.json",
+        "schema.json": curated / "schema.json",
+        "reference_profile.bin": work / "train.bin",
+    }
+    script = (
+        "import sys; from pathlib import Path; from stages.common import compose;"
+        "from stages.package import package;"
+        f"package({ {k: str(v) for k, v in files.items()} }, {{'git_commit': 'test'}},"
+        f" compose([]).serve, Path({str(work / 'dist')!r}))"
+    )
+    env = {**os.environ, "BENTOML_HOME": str(work / "store")}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True)
+    return work / "dist/fullstack_ml.bento"
+
+
+@pytest.fixture(scope="module")
+def server(bento: Path) -> Iterator[Server]:
+    with serve_bento(bento, env={"FULLSTACK_ML_API_TOKEN": ""}) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def test_split(curated: Path) -> pd.DataFrame:
+    return pd.read_parquet(curated / "test.parquet")
+
+
+@pytest.fixture(scope="module")
+def expected(bento: Path, test_split: pd.DataFrame) -> list[int]:
+    """In-process labels of the compressed model on the test split."""
+    model = load_program(bento.parent.parent / "int8/model.pt2")
+    features = [c for c in test_split.columns if c != "target"]
+    return predict_logits(model, features_array(test_split, features)).argmax(1).tolist()
+
+
+def records(df: pd.DataFrame) -> list[dict]:
+    return df.drop(columns="target").to_dict("records")
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one Prometheus sample in /metrics text (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{want}}} " if labels else f"{name} "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_openapi_shows_the_training_schema(server: Server, test_split: pd.DataFrame) -> None:
+    spec = requests.get(f"{server.url}/docs.json", timeout=10).json()
+    assert {"/predict", "/predict_proba"} <= set(spec["paths"])
+    record = spec["components"]["schemas"]["Record"]
+    features = [c for c in test_split.columns if c != "target"]
+    assert list(record["properties"]) == features
+    assert record["properties"][features[0]]["type"] == "number"
+    assert record["additionalProperties"] is False
+
+
+def test_one_record_or_a_list_and_probabilities(
+    server: Server, test_split: pd.DataFrame, expected: list[int]
+) -> None:
+    rows = records(test_split)
+    one = requests.post(f"{server.url}/predict", json={"records": rows[0]}, timeout=30)
+    assert one.status_code == 200, one.text
+    assert one.json() == [{"label": expected[0]}]
+    many = requests.post(f"{server.url}/predict", json={"records": rows[:50]}, timeout=30)
+    assert [p["label"] for p in many.json()] == expected[:50]
+    proba = requests.post(f"{server.url}/predict_proba", json={"records": rows[:5]}, timeout=30)
+    for p, label in zip(proba.json(), expected[:5], strict=True):
+        assert p["label"] == label and abs(sum(p["probabilities"].values()) - 1) < 1e-4
+        assert max(p["probabilities"], key=p["probabilities"].get) == str(label)
+
+
+def bad_request(kind: str, record: dict, max_records: int) -> tuple[bytes, str]:
+    """A body of the given kind of error and the field (or reason) its answer must name."""
+    first = next(iter(record))
+    if kind == "malformed":
+        return b'{"records": [', "json_invalid"
+    if kind == "wrong_type":
+        return json.dumps({"records": {**record, first: "seven"}}).encode(), first
+    if kind == "missing":
+        return json.dumps({"records": [{first: 1.0}]}).encode(), list(record)[1]
+    if kind == "unknown":
+        return json.dumps({"records": [{**record, "bogus": 1.0}]}).encode(), "bogus"
+    if kind == "nan":
+        return json.dumps({"records": [{**record, first: float("nan")}]}).encode(), first
+    if kind == "infinity":
+        return json.dumps({"records": [{**record, first: float("inf")}]}).encode(), first
+    if kind == "empty":
+        return b'{"records": []}', "records"
+    if kind == "too_many":
+        return json.dumps({"records": [record] * (max_records + 1)}).encode(), "records"
+    if kind == "no_records":
+        return b"{}", "records"
+    if kind == "oversized":
+        return b'{"records": [' + b" " * 1_100_000 + b"]}", "body_too_large"
+    raise ValueError(kind)
+
+
+BAD = [
+    "malformed",
+    "wrong_type",
+    "missing",
+    "unknown",
+    "nan",
+    "infinity",
+    "empty",
+    "too_many",
+    "no_records",
+    "oversized",
+]
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_client_errors_are_4xx_naming_the_field(
+    server: Server, test_split: pd.DataFrame, cfg: DictConfig, kind: str
+) -> None:
+    body, field = bad_request(kind, records(test_split)[0], cfg.serve.max_records)
+    r = requests.post(
+        f"{server.url}/predict",
+        data=body,
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert r.status_code == (413 if kind == "oversized" else 400), r.text
+    assert field in json.dumps(r.json()["detail"])
+
+
+def test_oversized_chunked_body_is_413(server: Server) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"records": ['
+        for _ in range(20):
+            yield b" " * 100_000
+        yield b"]}"
+
+    r = requests.post(f"{server.url}/predict", data=chunks(), timeout=30)
+    assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]
+
+
+def test_metrics_count_predictions_records_and_failures(
+    server: Server, test_split: pd.DataFrame, expected: list[int]
+) -> None:
+    before = requests.get(f"{server.url}/metrics", timeout=10).text
+    rows = records(test_split)
+    requests.post(f"{server.url}/predict", json={"records": rows[:10]}, timeout=30)
+    requests.post(f"{server.url}/predict", json={"records": []}, timeout=30)
+    requests.post(f"{server.url}/predict", data=b"{", timeout=30)
+    after = requests.get(f"{server.url}/metrics", timeout=10).text
+
+    def delta(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    for label in set(expected[:10]):
+        n = expected[:10].count(label)
+        assert delta("fullstack_ml_predictions_total", label=str(label)) == n
+    assert delta("fullstack_ml_records_per_request_count") == 1
+    assert delta("fullstack_ml_records_per_request_sum") == 10
+    assert delta("fullstack_ml_validation_failures_total", reason="too_short") == 1
+    assert delta("fullstack_ml_validation_failures_total", reason="json_invalid") == 1
+    assert "bentoml_service_request_total" in after
+
+
+def test_drift_window_against_the_training_profile(bento: Path, curated: Path) -> None:
+    """Training rows show no drift; shifted rows that fill the window drift, in /drift and
+    in the gauges (a server of its own: the window holds what was served)."""
+    train = pd.read_parquet(curated / "train.parquet")
+    with serve_bento(bento) as server:
+        empty = requests.get(f"{server.url}/drift", timeout=30).json()
+        assert empty["status"] == "insufficient_data" and empty["window_records"] == 0
+        for start in range(0, len(train), 200):
+            chunk = records(train.iloc[start : start + 200])
+            assert requests.post(f"{server.url}/predict", json={"records": chunk}).ok
+        same = requests.get(f"{server.url}/drift", timeout=30).json()
+        assert same["status"] == "ok" and same["window_records"] == len(train)
+        assert same["drifted"] == []
+        feature = next(iter(same["features"]))
+        assert same["features"][feature]["drift_category"] == "NO_DRIFT"
+        shifted = (train.drop(columns="target").iloc[:200] + 8).clip(upper=16)
+        for _ in range(10):  # 2000 records: the whole window
+            assert requests.post(
+                f"{server.url}/predict", json={"records": shifted.to_dict("records")}
+            ).ok
+        moved = requests.get(f"{server.url}/drift", timeout=30).json()
+        assert moved["window_records"] == 2000 and len(moved["drifted"]) > 32
+        text = requests.get(f"{server.url}/metrics", timeout=10).text
+        drifted = moved["drifted"][0]
+        assert metric(text, "fullstack_ml_drift_category", feature=drifted) == 2
+        assert metric(text, "fullstack_ml_drift_pvalue", feature=drifted) < 0.05
+        assert metric(text, "fullstack_ml_drift_window_records") == 2000
+
+
+def test_bearer_token_guards_every_route_but_health_and_metrics(
+    bento: Path, test_split: pd.DataFrame
+) -> None:
+    body = {"records": records(test_split)[:2]}
+    with serve_bento(bento, env={"FULLSTACK_ML_API_TOKEN": TOKEN}) as server:
+        for path in ("/healthz", "/livez", "/readyz", "/metrics"):
+            assert requests.get(f"{server.url}{path}", timeout=10).status_code == 200, path
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+            r = requests.post(f"{server.url}/predict", json=body, headers=headers, timeout=10)
+            assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+            assert "authorization" in json.dumps(r.json()["detail"])
+        for path in ("/metadata", "/drift", "/docs.json"):
+            assert requests.get(f"{server.url}{path}", timeout=10).status_code == 401, path
+        good = {"Authorization": f"Bearer {TOKEN}"}
+        r = requests.post(f"{server.url}/predict", json=body, headers=good, timeout=10)
+        assert r.status_code == 200 and len(r.json()) == 2
+        assert requests.get(f"{server.url}/metadata", headers=good, timeout=10).ok
+        with bentoml.SyncHTTPClient(server.url, token=TOKEN) as client:  # as the README shows
+            assert len(client.predict(records=body["records"])) == 2
+            one = client.predict_proba(records=body["records"][0])
+            assert len(one) == 1 and len(one[0]["probabilities"]) == 10
+
+
+def server_rss(server: Server) -> int:
+    """Resident memory of the server's whole process tree, in bytes."""
+    root = psutil.Process(server.proc.pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+
+
+def test_mixed_load_no_5xx_every_answer_matches_memory_returns(
+    server: Server, test_split: pd.DataFrame, expected: list[int], cfg: DictConfig
+) -> None:
+    """3000 requests on 32 concurrent connections, valid and every kind of invalid."""
+    rows = records(test_split)
+    rng = random.Random(0)
+    kinds = [k for k in BAD if k != "oversized"] * 3 + ["oversized"]
+
+    def make(i: int) -> tuple[str, bytes, int, object]:
+        if i % 3:  # two in three valid: one record, or a slice of the test split
+            start, n = rng.randrange(len(rows)), rng.choice([1, 1, 1, 7, 64])
+            chosen = [(start + k) % len(rows) for k in range(n)]
+            body = {"records": rows[chosen[0]] if n == 1 else [rows[k] for k in chosen]}
+            path = rng.choice(["/predict", "/predict_proba"])
+            return path, json.dumps(body).encode(), 200, [expected[k] for k in chosen]
+        kind = rng.choice(kinds)
+        body, field = bad_request(kind, rows[rng.randrange(len(rows))], cfg.serve.max_records)
+        return "/predict", body, 413 if kind == "oversized" else 400, field
+
+    def send(job: tuple[str, bytes, int, object], session: requests.Session) -> str | None:
+        path, body, status, want = job
+        try:
+            r = session.post(f"{server.url}{path}", data=body, timeout=60)
+        except requests.RequestException as err:
+            return f"{path}: {type(err).__name__}: {err}"
+        if r.status_code != status:
+            return f"{path}: {r.status_code} != {status}: {r.text[:200]}"
+        answer = r.json()
+        if status == 200 and [p["label"] for p in answer] != want:
+            return f"{path}: labels {answer} != {want}"
+        if status != 200 and str(want) not in json.dumps(answer["detail"]):
+            return f"{path}: {want!r} not named in {answer}"
+        return None
+
+    sessions: dict[int, requests.Session] = {}
+
+    def worker(job: tuple[str, bytes, int, object]) -> str | None:
+        session = sessions.setdefault(threading.get_ident(), requests.Session())
+        return send(job, session)
+
+    jobs = [make(i) for i in range(3000)]
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(worker, jobs[:300]))  # warm-up: batch sizes, allocator, drift window
+        rss_warm = server_rss(server)
+        problems = [p for p in pool.map(worker, jobs) if p]
+    assert problems == [], f"{len(problems)} bad answers, first: {problems[:3]}"
+    time.sleep(2)
+    rss_after = server_rss(server)
+    assert rss_after < rss_warm * 1.25, (rss_warm, rss_after)
+
+
+def test_graceful_shutdown_finishes_the_request_in_flight(
+    bento: Path, test_split: pd.DataFrame
+) -> None:
+    """SIGTERM while a request is half sent: the server still answers it, then exits."""
+    body = json.dumps({"records": records(test_split)[:3]}).encode()
+    with serve_bento(bento) as server:
+        conn = socket.create_connection(("127.0.0.1", server.port))
+        head = "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        conn.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body[:10])
+        time.sleep(2)  # the server has the request's head: it is in flight
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        time.sleep(2)
+        conn.sendall(body[10:])
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+            if b"\r\n\r\n" in answer and answer.rstrip().endswith(b"]"):
+                break
+        conn.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+        assert server.proc.wait(timeout=60) is not None
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", server.port), timeout=5)
