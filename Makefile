@@ -1,15 +1,16 @@
-# make repro | make test | make serve  -- each sets up .venv first (only when pyproject.toml changed).
+# make repro | make test | make serve | make container  -- each sets up .venv first (only when pyproject.toml changed).
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 3000
+IMAGE ?= fullstack-ml:latest
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export RAY_USAGE_STATS_ENABLED := 0
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: install repro test test-fast serve params lint format clean
+.PHONY: install repro test test-fast serve container params lint format clean
 
 install: $(STAMP)
 
@@ -32,6 +33,9 @@ serve: $(STAMP)  ## serve the bento that `make repro` built (dist/*.bento)
 	@ls dist/*.bento >/dev/null 2>&1 || { echo "error: no dist/*.bento; run make repro first"; exit 1; }
 	rm -rf build/bento && mkdir -p build/bento && tar -xJf dist/*.bento -C build/bento
 	$(BIN)/bentoml serve $(CURDIR)/build/bento --host $(HOST) --port $(PORT)
+
+container: $(STAMP)  ## OCI image of the bento in dist/ with podman (offline base image): $(IMAGE)
+	bash deploy/container.sh $(IMAGE)
 
 params: $(STAMP)  ## recompose params.yaml from conf/ (what `dvc exp run` does)
 	$(BIN)/python -m stages.common

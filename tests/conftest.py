@@ -1,6 +1,8 @@
 """Shared fixtures: the real config, shrunk, and small curated splits in tmp_path."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,36 @@ def fp32_dir(cfg: DictConfig, curated: Path, tmp_path_factory: pytest.TempPathFa
     history = train(compose([*SMALL, "train.epochs=10"]), curated, out)
     assert len(history) == 10
     return out
+
+
+@pytest.fixture(scope="session")
+def bento(fp32_dir: Path, curated: Path, cfg: DictConfig, tmp_path_factory) -> Path:
+    """The session's model compressed and packaged into a bento file (own model store)."""
+    import pandas as pd
+
+    from stages.compress import compress
+    from stages.drift import profile_frame
+    from stages.model import features_array, label_indices, load_fp32
+
+    work = tmp_path_factory.mktemp("service")
+    _, meta = load_fp32(fp32_dir)
+    val, test = (pd.read_parquet(curated / f"{s}.parquet") for s in ("val", "test"))
+    test_xy = (features_array(test, meta["features"]), label_indices(test.target, meta["classes"]))
+    compress(fp32_dir, features_array(val, meta["features"]), test_xy, cfg.compress, work / "int8")
+    train = pd.read_parquet(curated / "train.parquet")
+    (work / "train.bin").write_bytes(profile_frame(train).serialize())
+    files = {
+        "model.pt2": work / "int8/model.pt2",
+        "model.json": work / "int8/model.json",
+        "schema.json": curated / "schema.json",
+        "reference_profile.bin": work / "train.bin",
+    }
+    script = (
+        "import sys; from pathlib import Path; from stages.common import compose;"
+        "from stages.package import package;"
+        f"package({ {k: str(v) for k, v in files.items()} }, {{'git_commit': 'test'}},"
+        f" compose([]).serve, Path({str(work / 'dist')!r}))"
+    )
+    env = {**os.environ, "BENTOML_HOME": str(work / "store")}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True)
+    return work / "dist/fullstack_ml.bento"

@@ -1,0 +1,111 @@
+"""The bento as an OCI image: `deploy/container.sh` (what `make container` runs) builds it with
+podman, and the container answers POST /predict over HTTP as a non-root user."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tarfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from stages.common import ROOT
+
+pytestmark = pytest.mark.slow
+IMAGE = "localhost/fullstack-ml:test"
+UNUSABLE = 3  # deploy/container.sh: this machine cannot build or run containers
+ENV = {"CONTAINERS_CONF": str(ROOT / "deploy/containers.conf"), **os.environ}  # as container.sh
+TOKEN = "container-test-token"  # a throwaway; the service reads FULLSTACK_ML_API_TOKEN
+
+
+def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["podman", *args], env=ENV, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        pytest.fail(f"podman {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def image(bento: Path) -> str:
+    for tool in ("podman", "runc"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not found on PATH (apt-get install podman runc debootstrap)")
+    build = subprocess.run(
+        ["bash", ROOT / "deploy/container.sh", IMAGE, bento],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    if build.returncode == UNUSABLE:
+        pytest.skip(f"deploy/container.sh: {build.stderr.strip().splitlines()[-1]}")
+    assert build.returncode == 0, (
+        f"deploy/container.sh failed:\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}"
+    )
+    return IMAGE
+
+
+def log_errors(name: str) -> str:
+    """The container log's error lines (the root cause is rarely in a traceback's tail)."""
+    lines = podman("logs", name, check=False).stderr.splitlines()
+    errors = [line for line in lines if "Error" in line and not line.startswith(" ")]
+    return "\n".join(errors[-10:] or lines[-30:])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def container(image: str) -> Iterator[tuple[str, str]]:
+    """The image run detached on a free loopback port, with a bearer token set; removed after."""
+    name, port = f"fullstack-ml-test-{uuid.uuid4().hex[:8]}", free_port()
+    podman("run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:3000",
+           "-e", f"FULLSTACK_ML_API_TOKEN={TOKEN}", image)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(180):  # bounded: one try a second while the server starts
+            state = podman("inspect", "--format", "{{.State.Status}}", name).stdout.strip()
+            if state != "running":
+                pytest.fail(f"container {state}:\n{log_errors(name)}")
+            try:
+                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:  # not listening yet
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail(f"never ready:\n{log_errors(name)}")
+        yield name, url
+    finally:
+        podman("rm", "--force", "--time", "5", name, check=False)
+
+
+def test_runs_as_non_root(image: str, container: tuple[str, str]) -> None:
+    user = podman("image", "inspect", "--format", "{{.Config.User}}", image).stdout.strip()
+    assert user not in ("", "root", "0")
+    assert podman("exec", container[0], "id", "-u").stdout.strip() != "0"
+
+
+def test_predict_one_label_per_record(bento: Path, container: tuple[str, str]) -> None:
+    with tarfile.open(bento) as tar:
+        files = {os.path.normpath(m.name): m for m in tar.getmembers()}
+        info = yaml.safe_load(tar.extractfile(files["bento.yaml"]))
+        name, version = info["services"][0]["models"][0]["tag"].split(":")
+        schema = json.load(tar.extractfile(files[f"models/{name}/{version}/schema.json"]))
+    features = [f["name"] for f in schema["features"]]
+    body = {"records": [{f: float(i) for f in features} for i in range(3)]}
+    url = f"{container[1]}/predict"
+    assert requests.post(url, json=body, timeout=60).status_code == 401  # the token got in
+    reply = requests.post(url, json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    assert len(reply.json()) == len(body["records"])
+    assert all(p["label"] in schema["classes"] for p in reply.json())
