@@ -6,11 +6,13 @@ Only whylogs and pandas: the service imports this module inside the bento.
 import json
 import logging
 import os
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("WHYLOGS_NO_ANALYTICS", "1")  # before the first whylogs import
 
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import whylogs as why  # noqa: E402
 from whylogs.core import DatasetProfileView  # noqa: E402
@@ -48,6 +50,18 @@ def drift_scores(
     )
     present = set(view.get_columns())
     return {c: s for c, s in json.loads(json.dumps(scores, default=float)).items() if c in present}
+
+
+@cache
+def cached_profile(path: str) -> DatasetProfileView:
+    return load_profile(Path(path))
+
+
+def window_drift(rows: np.ndarray, columns: list[str], reference: str) -> dict[str, Any]:
+    """Drift scores of `rows` (named `columns`) against the profile in the file `reference`;
+    the service calls it in a helper process."""
+    view = profile_frame(pd.DataFrame(rows, columns=columns))
+    return drift_scores(view, cached_profile(reference))
 
 
 def drifted(scores: dict[str, Any]) -> list[str]:
