@@ -35,7 +35,7 @@ with bentoml.importing():
     import numpy as np
     import torch
 
-    from stages.drift import CATEGORIES, cached_profile, window_drift
+    from stages.drift import CATEGORIES, cached_profile, drifted, window_drift
     from stages.export import load_program
 
 SERVE: dict[str, Any] = yaml.safe_load(Path(__file__).with_name("params.yaml").read_text())["serve"]
@@ -173,8 +173,7 @@ class DriftMonitor:
             metrics().pvalue.labels(feature=feature).set(s["pvalue"])
             metrics().category.labels(feature=feature).set(CATEGORIES.index(s["drift_category"]))
         self.scored_at = seen
-        drifted = sorted(f for f, s in scores.items() if s["drift_category"] == "DRIFT")
-        return {**result, "status": "ok", "drifted": drifted, "features": scores}
+        return {**result, "status": "ok", "drifted": drifted(scores), "features": scores}
 
     @cached_property
     def scorer(self) -> ProcessPoolExecutor:
