@@ -4,7 +4,6 @@ podman, and the container answers POST /predict over HTTP as a non-root user."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tarfile
 import time
@@ -17,6 +16,7 @@ import requests
 import yaml
 
 from stages.common import ROOT
+from stages.validate import free_port
 
 pytestmark = pytest.mark.slow
 IMAGE = "localhost/fullstack-ml:test"
@@ -56,12 +56,6 @@ def log_errors(name: str) -> str:
     lines = podman("logs", name, check=False).stderr.splitlines()
     errors = [line for line in lines if "Error" in line and not line.startswith(" ")]
     return "\n".join(errors[-10:] or lines[-30:])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
