@@ -24,6 +24,7 @@ from typing import Annotated, Any
 import anyio
 import bentoml
 import yaml
+from bentoml.exceptions import InvalidArgument
 from bentoml.validators import ContentType
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model
 from starlette.applications import Starlette
@@ -37,6 +38,7 @@ with bentoml.importing():
 
     from stages.drift import CATEGORIES, cached_profile, drifted, window_drift
     from stages.export import load_program
+    from stages.preprocess import Preprocessor
 
 SERVE: dict[str, Any] = yaml.safe_load(Path(__file__).with_name("params.yaml").read_text())["serve"]
 if SERVE["max_records"] > SERVE["max_batch_size"]:
@@ -51,9 +53,14 @@ MODEL_TAG = (
 )
 STORED = bentoml.models.get(MODEL_TAG)
 SCHEMA: dict[str, Any] = json.loads(Path(STORED.path_of("schema.json")).read_text())
-FEATURES: list[str] = [f["name"] for f in SCHEMA["features"]]
-CLASSES: list[Any] = SCHEMA["classes"]
-feature_values = attrgetter(*FEATURES)
+META: dict[str, Any] = json.loads(Path(STORED.path_of("model.json")).read_text())
+PRE = Preprocessor.from_dict(META["preprocessing"])  # fitted on train, saved with the model
+FEATURES: list[str] = META["features"]
+CLASSES: list[Any] = META["classes"]
+CLASSIFY = META["task"] == "classification"
+feature_values = (
+    attrgetter(*FEATURES) if len(FEATURES) > 1 else lambda r: (getattr(r, FEATURES[0]),)
+)
 
 
 @cache
@@ -103,10 +110,16 @@ def observe_records(records: list[Any]) -> list[Any]:
     return records
 
 
-# Any finite JSON number; strings, booleans, NaN and infinities are 400s naming the field.
+# Numeric features: any finite JSON number or null (missing: imputed as in training);
+# strings, booleans, NaN and infinities are 400s naming the field. Categorical features: a
+# string or null (a value unseen in training counts as unknown). Every feature is required.
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Category = Annotated[str, Field(strict=True)]
 Record = create_model(
-    "Record", __config__=ConfigDict(extra="forbid"), **{name: (Number, ...) for name in FEATURES}
+    "Record",
+    __config__=ConfigDict(extra="forbid"),
+    **{name: (Number | None, ...) for name in PRE.numeric},
+    **{name: (Category | None, ...) for name in PRE.categorical},
 )
 
 
@@ -131,12 +144,16 @@ class Label(BaseModel):
     label: int | str
 
 
+class Value(BaseModel):
+    value: float  # a regression model's prediction
+
+
 class LabelProbabilities(Label):
     probabilities: dict[str, float]  # class label -> probability
 
 
 # Declared, the media type spares BentoML a JSON schema build for every response.
-Labels = Annotated[list[Label], ContentType("application/json")]
+Predictions = Annotated[list[Label if CLASSIFY else Value], ContentType("application/json")]
 LabelsProbabilities = Annotated[list[LabelProbabilities], ContentType("application/json")]
 
 
@@ -188,7 +205,8 @@ class DriftMonitor:
                 self.score()
 
 
-MONITOR = DriftMonitor(FEATURES, SERVE["drift"]["window_records"], SERVE["drift"]["min_records"])
+# Numeric features only: the window is a float matrix (categorical drift: not yet monitored).
+MONITOR = DriftMonitor(PRE.numeric, SERVE["drift"]["window_records"], SERVE["drift"]["min_records"])
 
 
 async def metadata(_: Request) -> JSONResponse:
@@ -330,25 +348,35 @@ class Classifier:
         gc.freeze()
         gc.set_threshold(50_000, 20, 20)
 
-    def probabilities(self, records: list[Any]) -> torch.Tensor:
-        rows = np.array([feature_values(r) for r in records], dtype=np.float32)
-        rows = rows.reshape(len(records), len(FEATURES))
-        MONITOR.add(rows)
+    def outputs(self, records: list[Any]) -> torch.Tensor:
+        """The model's outputs on raw records, encoded by the training preprocessing."""
+        columns = dict(zip(FEATURES, zip(*map(feature_values, records), strict=True), strict=True))
+        if PRE.numeric:
+            MONITOR.add(np.array([columns[f] for f in PRE.numeric], dtype=np.float32).T)
         with torch.inference_mode():
-            probs = torch.softmax(self.model(torch.from_numpy(rows)), dim=1)
+            return self.model(torch.from_numpy(PRE.encode(columns)))
+
+    def probabilities(self, records: list[Any]) -> torch.Tensor:
+        probs = torch.softmax(self.outputs(records), dim=1)
         for index, n in Counter(probs.argmax(1).tolist()).items():
             metrics().predictions.labels(label=str(CLASSES[index])).inc(n)
         return probs
 
     @bentoml.api(**BATCHING)
-    def predict(self, records: list[Record]) -> Labels:  # type: ignore[valid-type]
-        """The predicted label of each record (raw feature values)."""
+    def predict(self, records: list[Record]) -> Predictions:  # type: ignore[valid-type]
+        """The predicted label (or value, for a regression model) of each record."""
+        if not CLASSIFY:
+            values = (self.outputs(records)[:, 0] * PRE.target_std + PRE.target_mean).tolist()
+            metrics().predictions.labels(label="value").inc(len(values))
+            return [Value(value=v) for v in values]
         best = self.probabilities(records).argmax(1).tolist()
         return [Label(label=CLASSES[i]) for i in best]
 
     @bentoml.api(**BATCHING)
     def predict_proba(self, records: list[Record]) -> LabelsProbabilities:  # type: ignore[valid-type]
         """The predicted label and the probability of every class, for each record."""
+        if not CLASSIFY:
+            raise InvalidArgument("a regression model has no class probabilities: use /predict")
         probs = self.probabilities(records)
         return [
             LabelProbabilities(

@@ -57,7 +57,7 @@ def build(model: str, epochs: int, records: int, work: Path) -> Built:
     from stages.common import compose
     from stages.compress import compress
     from stages.ingest import SPLITS, ingest, load_split
-    from stages.model import features_array, label_indices
+    from stages.model import encode_split, load_fp32
     from stages.package import git_commit, package
     from stages.profile import profile
     from stages.train import train
@@ -69,11 +69,9 @@ def build(model: str, epochs: int, records: int, work: Path) -> Built:
         splits = {name: load_split(name, data) for name in SPLITS}
         profile(splits, schema, cfg.profile, work / "profile")
         train(cfg, data, fp32)
-        features = [f["name"] for f in schema["features"]]
-        test_x = features_array(splits["test"], features)
-        labels = label_indices(splits["test"][schema["target"]["name"]], schema["classes"])
-        val_x = features_array(splits["val"], features)
-        compress(fp32, val_x, (test_x, labels), cfg.compress, out)
+        _, meta = load_fp32(fp32)
+        val_x, _ = encode_split(splits["val"], meta)
+        compress(fp32, val_x, encode_split(splits["test"], meta), cfg.compress, out)
         shutil.copyfile(data / "schema.json", out / "schema.json")
         shutil.copyfile(work / "profile" / "train.bin", out / "reference_profile.bin")
     names = ("model.pt2", "model.json", "schema.json", "reference_profile.bin")

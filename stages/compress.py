@@ -22,7 +22,7 @@ from torch import nn
 from stages.common import StageError, atomic_dir, run, write_json
 from stages.export import batch_dim, load_program, save_program
 from stages.ingest import load_split
-from stages.model import features_array, label_indices, load_fp32, predict_logits
+from stages.model import SCORE_NAME, decode, encode_split, load_fp32, predict_logits, score
 
 log = logging.getLogger("stages.compress")
 FP32_DIR = Path("models/fp32")
@@ -116,26 +116,28 @@ def median_latency_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
 
 
 def measure(
-    model: nn.Module, path: Path, x: np.ndarray, y: np.ndarray, repeats: int
+    model: nn.Module, path: Path, x: np.ndarray, y: np.ndarray, meta: dict, repeats: int
 ) -> dict[str, float]:
-    """Serialized size, accuracy on (x, y) and latency at batch 1 and 256 of `model`."""
+    """Serialized size, score on (x, y) (accuracy, or R^2 for regression) and latency at
+    batch 1 and 256 of `model`."""
     xt = torch.from_numpy(x)
     batch = xt[np.arange(256) % len(xt)]
+    predicted = decode(predict_logits(model, x), meta)
     return {
         "size_bytes": path.stat().st_size,
-        "accuracy": float((predict_logits(model, x).argmax(1) == y).mean()),
+        SCORE_NAME[meta["task"]]: score(y, predicted, meta["task"]),
         "latency_ms_batch1": median_latency_ms(model, xt[:1], repeats),
         "latency_ms_batch256": median_latency_ms(model, batch, repeats),
     }
 
 
-def check_budget(fp32_acc: float, int8_acc: float, max_drop: float) -> float:
-    """The accuracy drop in points; StageError when it exceeds `max_drop`."""
-    drop = (fp32_acc - int8_acc) * 100
+def check_budget(fp32: float, int8: float, max_drop: float, name: str = "accuracy") -> float:
+    """The drop of the score `name` in points; StageError when it exceeds `max_drop`."""
+    drop = (fp32 - int8) * 100
     if drop > max_drop:
         raise StageError(
-            f"compressed accuracy {int8_acc:.4f} is {drop:.2f} points below FP32 "
-            f"{fp32_acc:.4f}, over the budget compress.max_accuracy_drop={max_drop}"
+            f"compressed {name} {int8:.4f} is {drop:.2f} points below FP32 "
+            f"{fp32:.4f}, over the budget compress.max_accuracy_drop={max_drop}"
         )
     return drop
 
@@ -175,12 +177,13 @@ def compress(
         fp32_file = tmp / "fp32.pt2"  # the same format, for a fair size comparison
         save_program(model, fp32_file, example)
         log.info("measuring FP32 and INT8 on %d test rows", len(x))
-        fp32 = measure(model, fp32_file, x, y, cfg.latency_repeats)
+        fp32 = measure(model, fp32_file, x, y, meta, cfg.latency_repeats)
         int8 = measure(
-            load_program(tmp / "model.pt2"), tmp / "model.pt2", x, y, cfg.latency_repeats
+            load_program(tmp / "model.pt2"), tmp / "model.pt2", x, y, meta, cfg.latency_repeats
         )
         fp32_file.unlink()
-        drop = check_budget(fp32["accuracy"], int8["accuracy"], cfg.max_accuracy_drop)
+        name = SCORE_NAME[meta["task"]]
+        drop = check_budget(fp32[name], int8[name], cfg.max_accuracy_drop, name)
         write_json(tmp / "model.json", {**meta, "compression": cfg.method})
     return {
         "method": cfg.method,
@@ -196,19 +199,20 @@ def compress(
 def main(cfg: DictConfig) -> None:
     torch.manual_seed(cfg.seed)
     _, meta = load_fp32(FP32_DIR)
-    val, test = load_split("val"), load_split("test")
-    val_x = features_array(val, meta["features"])
-    test_xy = (
-        features_array(test, meta["features"]),
-        label_indices(test[meta["target"]], meta["classes"]),
-    )
+    try:
+        val_x, _ = encode_split(load_split("val"), meta)
+        test_xy = encode_split(load_split("test"), meta)
+    except (KeyError, ValueError) as err:
+        raise StageError(f"curated splits do not match the model: {err}") from None
     result = compress(FP32_DIR, val_x, test_xy, cfg.compress, OUT_DIR)
     write_json(METRICS, result)
+    name = SCORE_NAME[meta["task"]]
     log.info(
-        "INT8 size %.2fx FP32, accuracy %.4f -> %.4f, latency b1 %.2fx b256 %.2fx -> %s",
+        "INT8 size %.2fx FP32, %s %.4f -> %.4f, latency b1 %.2fx b256 %.2fx -> %s",
         result["size_ratio"],
-        result["fp32"]["accuracy"],
-        result["int8"]["accuracy"],
+        name,
+        result["fp32"][name],
+        result["int8"][name],
         result["latency_ratio_batch1"],
         result["latency_ratio_batch256"],
         OUT_DIR,

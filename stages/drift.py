@@ -3,9 +3,10 @@
 Only whylogs and pandas: the service imports this module inside the bento.
 """
 
-import json
 import logging
+import math
 import os
+from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import whylogs as why  # noqa: E402
 from whylogs.core import DatasetProfileView  # noqa: E402
 from whylogs.core.metrics.metrics import MetricConfig  # noqa: E402
 from whylogs.core.schema import DatasetSchema  # noqa: E402
-from whylogs.viz.drift.column_drift_algorithms import ChiSquare, calculate_drift_scores  # noqa: E402
+from whylogs.viz.drift.column_drift_algorithms import KS, ChiSquare  # noqa: E402
 
 logging.getLogger("whylogs").setLevel(logging.WARNING)  # INFO logs a line per column read
 # Large enough to keep the numeric sketches exact on moderate splits, so drift is reproducible.
@@ -27,6 +28,7 @@ CATEGORIES = ("NO_DRIFT", "POSSIBLE_DRIFT", "DRIFT")  # drift_category, in order
 
 
 def profile_frame(df: pd.DataFrame) -> DatasetProfileView:
+    """The whylogs profile of an in-memory frame (profiles of parts merge with `.merge`)."""
     schema = DatasetSchema(default_configs=MetricConfig(kll_k_large=KLL_K))
     return why.log(pandas=df, schema=schema).view()
 
@@ -37,19 +39,48 @@ def load_profile(path: Path) -> DatasetProfileView:
 
 
 def drift_scores(
-    view: DatasetProfileView, reference: DatasetProfileView, target: str | None = None
+    view: DatasetProfileView,
+    reference: DatasetProfileView,
+    target: str | None = None,
+    categorical: Iterable[str] = (),
 ) -> dict[str, Any]:
-    """Per-column drift of `view` against `reference`: KS for numeric columns, Chi-square for
-    the target; each with p-value, statistic and category (NO_DRIFT, POSSIBLE_DRIFT, DRIFT).
-    Columns of `reference` missing from `view` are left out."""
-    scores = calculate_drift_scores(
-        target_view=view,
-        reference_view=reference,
-        drift_map={target: ChiSquare()} if target else None,
-        with_thresholds=True,
-    )
-    present = set(view.get_columns())
-    return {c: s for c, s in json.loads(json.dumps(scores, default=float)).items() if c in present}
+    """Per-column drift of `view` against `reference`: Chi-square on the frequent items for
+    `target` and the `categorical` columns, KS for the other columns (Chi-square for string
+    columns, which have no numeric distribution); each with p-value, statistic and category
+    (NO_DRIFT, POSSIBLE_DRIFT, DRIFT). A column that cannot be scored (no values on one side,
+    say) scores None. Columns of `reference` missing from `view` are left out."""
+    chi_square = {*categorical, *([target] if target else [])}
+    scores: dict[str, Any] = {}
+    for name, column in view.get_columns().items():
+        ref = reference.get_column(name)
+        if ref is None:
+            continue
+        algorithms = [ChiSquare()] if name in chi_square else [KS(), ChiSquare()]
+        score = None
+        for algorithm in algorithms:
+            try:
+                score = algorithm.calculate(column, ref, with_thresholds=True)
+            except (ArithmeticError, ValueError, TypeError):  # degenerate sketches
+                score = None
+            if score is not None:
+                break
+        scores[name] = json_safe(score.to_dict()) if score is not None else None
+        if scores[name] is not None and scores[name].get("pvalue") is None:
+            scores[name] = None
+    return scores
+
+
+def json_safe(value: Any) -> Any:
+    """`value` as plain JSON: numpy scalars as Python numbers, NaN and infinities as None."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 @cache

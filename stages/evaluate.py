@@ -1,7 +1,8 @@
 """evaluate: score the FP32 model on the test split.
 
-Writes `metrics/eval.json` (accuracy, macro F1, per-class metrics) and
-`plots/confusion.csv` (actual vs predicted label per test row, a DVC confusion plot).
+Writes `metrics/eval.json` (classification: accuracy, macro F1, per-class metrics;
+regression: RMSE, MAE, R^2) and `plots/confusion.csv` (actual vs predicted per test row: a
+DVC confusion plot for classes).
 """
 
 import logging
@@ -11,11 +12,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
-from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+from sklearn.metrics import (
+    accuracy_score,
+    f1_score,
+    mean_absolute_error,
+    precision_recall_fscore_support,
+    r2_score,
+    root_mean_squared_error,
+)
 
 from stages.common import StageError, run, write_atomic, write_json
 from stages.ingest import load_split
-from stages.model import features_array, label_indices, load_fp32, predict_logits
+from stages.model import decode, encode_split, load_fp32, predict_logits
 
 log = logging.getLogger("stages.evaluate")
 MODEL_DIR = Path("models/fp32")
@@ -42,16 +50,25 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
     }
 
 
+def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    return {
+        "rmse": float(root_mean_squared_error(y_true, y_pred)),
+        "mae": float(mean_absolute_error(y_true, y_pred)),
+        "r2": float(r2_score(y_true, y_pred)),
+    }
+
+
 def evaluate(model_dir: Path, test: pd.DataFrame) -> tuple[dict[str, Any], pd.DataFrame]:
     """Metrics of the saved FP32 model on `test`, and the actual/predicted table."""
     model, meta = load_fp32(model_dir)
-    classes = meta["classes"]
     try:
-        y = label_indices(test[meta["target"]], classes)
-        x = features_array(test, meta["features"])
+        x, y = encode_split(test, meta)
     except (KeyError, ValueError) as err:
         raise StageError(f"test split does not match the model: {err}") from None
-    pred = predict_logits(model, x).argmax(axis=1)
+    pred = decode(predict_logits(model, x), meta)
+    if meta["task"] == "regression":
+        return regression_metrics(y, pred), pd.DataFrame({"actual": y, "predicted": pred})
+    classes = meta["classes"]
     confusion = pd.DataFrame(
         {"actual": [str(classes[i]) for i in y], "predicted": [str(classes[i]) for i in pred]}
     )
@@ -64,13 +81,8 @@ def main(cfg: DictConfig) -> None:
     metrics, confusion = evaluate(MODEL_DIR, test)
     write_json(METRICS, metrics)
     write_atomic(CONFUSION, confusion.to_csv(index=False))
-    log.info(
-        "accuracy %.4f, macro F1 %.4f -> %s, %s",
-        metrics["accuracy"],
-        metrics["macro_f1"],
-        METRICS,
-        CONFUSION,
-    )
+    shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+    log.info("%s -> %s, %s", shown, METRICS, CONFUSION)
 
 
 if __name__ == "__main__":

@@ -11,18 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-
-class Standardize(nn.Module):
-    """Feature standardisation fitted on the train split; part of the model so every
-    consumer (evaluate, compress, the service) applies exactly the same transform."""
-
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("mean", mean.float())
-        self.register_buffer("std", std.float())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+from stages.preprocess import Preprocessor
 
 
 class MLP(nn.Module):
@@ -49,44 +38,64 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-def fit_standardize(x: np.ndarray) -> Standardize:
-    """Standardisation fitted on `x` (rows x features); constant columns keep scale 1."""
-    mean = x.mean(axis=0)
-    std = x.std(axis=0)
-    std[std < 1e-8] = 1.0
-    return Standardize(torch.from_numpy(mean), torch.from_numpy(std))
+def num_outputs(meta: dict[str, Any]) -> int:
+    """Logits per class, or one value for regression."""
+    return len(meta["classes"]) if meta["task"] == "classification" else 1
 
 
-def build_classifier(
-    model_cfg: DictConfig | dict, in_features: int, num_classes: int, scaler: Standardize
-) -> nn.Sequential:
-    """The network from `conf/model/` (via `_target_`) behind the fitted preprocessing."""
-    net = instantiate(model_cfg, in_features=in_features, num_classes=num_classes)
-    return nn.Sequential(scaler, net)
+def build_network(model_cfg: DictConfig | dict, in_features: int, outputs: int) -> nn.Module:
+    """The network from `conf/model/` (via `_target_`) on `in_features` encoded inputs."""
+    return instantiate(model_cfg, in_features=in_features, num_classes=outputs)
 
 
-def save_fp32(model: nn.Sequential, out_dir: Path, meta: dict[str, Any]) -> None:
-    """Write `model.pt` (state dict) and `model.json` (architecture config and metadata)."""
+def save_fp32(model: nn.Module, out_dir: Path, meta: dict[str, Any]) -> None:
+    """Write `model.pt` (state dict) and `model.json` (architecture, preprocessing, metadata)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out_dir / "model.pt")
     (out_dir / "model.json").write_text(json.dumps(meta, indent=2))
 
 
-def load_fp32(model_dir: Path) -> tuple[nn.Sequential, dict[str, Any]]:
+def load_fp32(model_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
     """The FP32 model saved by `save_fp32`, in eval mode, with its metadata."""
     meta = json.loads((model_dir / "model.json").read_text())
-    n_features = len(meta["features"])
-    scaler = Standardize(torch.zeros(n_features), torch.ones(n_features))
-    model = build_classifier(
-        OmegaConf.create(meta["model"]), n_features, len(meta["classes"]), scaler
-    )
+    width = preprocessor(meta).width
+    model = build_network(OmegaConf.create(meta["model"]), width, num_outputs(meta))
     model.load_state_dict(torch.load(model_dir / "model.pt", weights_only=True))
     return model.eval(), meta
 
 
-def features_array(df: pd.DataFrame, features: list[str]) -> np.ndarray:
-    """The feature columns of `df`, in model order, as float32."""
-    return df[features].to_numpy(dtype=np.float32, copy=True)
+def preprocessor(meta: dict[str, Any]) -> Preprocessor:
+    return Preprocessor.from_dict(meta["preprocessing"])
+
+
+def truth(target: pd.Series, meta: dict[str, Any]) -> np.ndarray:
+    """Class indices (int64), or regression values (float64): what `decode` predicts.
+
+    Raises:
+        ValueError: a label outside the model's classes, naming it.
+    """
+    if meta["task"] == "classification":
+        return label_indices(target, meta["classes"])
+    return target.to_numpy(dtype="float64")
+
+
+def encode_targets(target: pd.Series, meta: dict[str, Any]) -> np.ndarray:
+    """Training targets: class indices, or the standardised regression target (float32)."""
+    y = truth(target, meta)
+    if meta["task"] == "classification":
+        return y
+    pre = preprocessor(meta)
+    return ((y - pre.target_mean) / pre.target_std).astype(np.float32)
+
+
+def encode_split(df: pd.DataFrame, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """A split's encoded features and its `truth`.
+
+    Raises:
+        KeyError: a feature or the target missing from `df`.
+        ValueError: a label outside the model's classes.
+    """
+    return preprocessor(meta).encode_frame(df), truth(df[meta["target"]], meta)
 
 
 def label_indices(labels: pd.Series, classes: list[Any]) -> np.ndarray:
@@ -96,6 +105,25 @@ def label_indices(labels: pd.Series, classes: list[Any]) -> np.ndarray:
     if unknown:
         raise ValueError(f"labels {sorted(map(str, unknown))} are not among the classes")
     return labels.map(index).to_numpy(dtype=np.int64)
+
+
+def decode(outputs: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+    """Model outputs to class indices, or to regression values in the target's units."""
+    if meta["task"] == "classification":
+        return outputs.argmax(axis=1)
+    pre = preprocessor(meta)
+    return outputs[:, 0] * pre.target_std + pre.target_mean
+
+
+def score(truth: np.ndarray, predicted: np.ndarray, task: str) -> float:
+    """Accuracy (classification, class indices), or R^2 (regression values)."""
+    if task == "classification":
+        return float((truth == predicted).mean())
+    sst = float(((truth - truth.mean()) ** 2).sum()) or 1.0
+    return 1.0 - float(((truth - predicted) ** 2).sum()) / sst
+
+
+SCORE_NAME = {"classification": "accuracy", "regression": "r2"}
 
 
 @torch.inference_mode()

@@ -41,45 +41,84 @@ from stages.common import StageError, atomic_dir, read_json, run, write_atomic, 
 from stages.ingest import OUT_DIR as DATA_DIR  # noqa: E402
 from stages.ingest import load_split  # noqa: E402
 from stages.model import (  # noqa: E402
-    Standardize,
-    build_classifier,
-    features_array,
-    fit_standardize,
-    label_indices,
+    SCORE_NAME,
+    build_network,
+    encode_targets,
+    num_outputs,
+    preprocessor,
     save_fp32,
 )
+from stages.preprocess import fit_preprocessor  # noqa: E402
 
 log = logging.getLogger("stages.train")
 MODEL_DIR = Path("models/fp32")
 CURVES = Path("plots/train.csv")
 METRICS = Path("metrics/train.json")
 LABEL = "label_index"
+SHUFFLE_ROWS = 200_000  # the local shuffle buffer's size, at most: memory stays bounded
+SAMPLE_ROWS = 200_000  # a streamed train split's preprocessing is fitted on its first rows
 
 
 class ToTensors(NumpyBatchCollateFn):
-    """A Ray Data batch as (features [B, F] float32, class indices [B] int64)."""
+    """A Ray Data batch as (encoded features [B, F] float32, targets [B])."""
 
-    def __init__(self, features: list[str]) -> None:
-        self.features = features
+    def __init__(self, width: int) -> None:
+        self.columns = [f"x{i}" for i in range(width)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = np.stack([batch[f] for f in self.features], axis=1).astype(np.float32)
-        return torch.from_numpy(x), torch.from_numpy(batch[LABEL].astype(np.int64))
+        x = np.stack([batch[c] for c in self.columns], axis=1).astype(np.float32)
+        return torch.from_numpy(x), torch.from_numpy(np.array(batch[LABEL]))
+
+
+class Encode:
+    """A batch of raw split rows to the encoded features (x0..xN) and the training target."""
+
+    def __init__(self, meta: dict[str, Any], split: str) -> None:
+        self.meta, self.split = meta, split
+        self.pre = preprocessor(meta)
+
+    def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
+        try:
+            x = self.pre.encode_frame(df)
+            y = encode_targets(df[self.meta["target"]], self.meta)
+        except (KeyError, ValueError) as err:
+            raise StageError(f"{self.split} split: {err}") from None
+        table = pd.DataFrame(x, columns=[f"x{i}" for i in range(x.shape[1])])
+        table[LABEL] = y
+        return table
 
 
 def build_datasets(
-    splits: dict[str, pd.DataFrame], features: list[str], target: str, classes: list[Any]
+    splits: dict[str, pd.DataFrame | Path], meta: dict[str, Any]
 ) -> dict[str, ray.data.Dataset]:
-    """Ray datasets of float32 features and the class index, one per split."""
+    """Ray datasets of the encoded features and the training target, per split: a frame is
+    encoded here; a folder of Parquet parts (data.engine=ray) is streamed and encoded in
+    Ray Data tasks."""
     out = {}
-    for name, df in splits.items():
-        table = pd.DataFrame(features_array(df, features), columns=features)
-        try:
-            table[LABEL] = label_indices(df[target], classes)
-        except ValueError as err:
-            raise StageError(f"{name} split, column {target!r}: {err}") from None
-        out[name] = ray.data.from_pandas(table)
+    for name, split in splits.items():
+        if isinstance(split, pd.DataFrame):
+            out[name] = ray.data.from_pandas(Encode(meta, name)(split))
+        else:
+            data = ray.data.read_parquet(str(split))
+            out[name] = data.map_batches(Encode(meta, name), batch_format="pandas")
     return out
+
+
+def read_splits(
+    data_dir: Path, fit_rows: int
+) -> tuple[dict[str, pd.DataFrame | Path], pd.DataFrame]:
+    """The train and val splits (frames, or the folders Ray Data streams) and the train rows
+    the preprocessing is fitted on (all of a frame, the first `fit_rows` of a folder)."""
+    import pyarrow.dataset
+
+    splits: dict[str, pd.DataFrame | Path] = {}
+    for name in ("train", "val"):
+        path = data_dir / f"{name}.parquet"
+        splits[name] = path if path.is_dir() else load_split(name, data_dir)
+    train = splits["train"]
+    if isinstance(train, Path):
+        return splits, pyarrow.dataset.dataset(train).head(fit_rows).to_pandas()
+    return splits, train
 
 
 def seed_everything(seed: int) -> None:
@@ -88,26 +127,44 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def epoch_metrics(sums: torch.Tensor, task: str) -> tuple[float, float]:
+    """Mean loss and the score (accuracy, or R^2) from summed loss, hits or squared error,
+    rows, sum of targets and sum of squared targets."""
+    loss, hits, n, sum_y, sum_y2 = sums.tolist()
+    if task == "classification":
+        return loss / n, hits / n
+    return loss / n, 1.0 - hits / max(sum_y2 - sum_y**2 / n, 1e-12)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: trains on its shard, reports metrics and a checkpoint per epoch."""
     logging.getLogger().setLevel(logging.WARNING)  # Ray Train logs every report at INFO
     rank = ray.train.get_context().get_world_rank()
+    task, score = config["task"], SCORE_NAME[config["task"]]
     seed_everything(config["seed"])  # the same initial weights on every worker
-    model = build_classifier(
-        config["model"], len(config["features"]), len(config["classes"]), config["scaler"]
-    )
+    model = build_network(config["model"], config["width"], config["outputs"])
     model = ray.train.torch.prepare_model(model)  # device placement, DDP with >1 worker
     torch.manual_seed(config["seed"] + rank)  # distinct dropout per worker
     optimizer = instantiate(config["optimizer"])(model.parameters(), lr=config["lr"])
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    collate = ToTensors(config["features"])
+    classify = task == "classification"
+    loss_fn = nn.CrossEntropyLoss(reduction="sum") if classify else nn.MSELoss(reduction="sum")
+    collate = ToTensors(config["width"])
     device = ray.train.torch.get_device()
+
+    def batch_sums(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        if not classify:
+            logits = logits[:, 0]
+        loss = loss_fn(logits, y)
+        hits = (logits.argmax(1) == y).sum() if classify else loss.detach()
+        yf = y.double()
+        return loss, [loss.item(), hits.item(), len(y), yf.sum().item(), (yf**2).sum().item()]
+
     train_shard = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("val")
     history: list[dict[str, float]] = []
     for epoch in range(1, config["epochs"] + 1):
         model.train()
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, rows
+        sums = torch.zeros(5, dtype=torch.float64, device=device)
         for x, y in train_shard.iter_torch_batches(
             batch_size=config["batch_size"],
             collate_fn=collate,
@@ -115,35 +172,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             local_shuffle_seed=config["seed"] + 1000 * epoch + rank,
         ):
             optimizer.zero_grad()
-            logits = model(x)
-            loss = loss_fn(logits, y)
+            loss, batch = batch_sums(model(x), y)
             (loss / len(y)).backward()
             optimizer.step()
-            batch = [loss.item(), (logits.argmax(1) == y).sum().item(), len(y)]
             sums += torch.tensor(batch, dtype=torch.float64, device=device)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
         model.eval()
-        val_sums = torch.zeros(3, dtype=torch.float64)  # every worker scores all of val
+        val_sums = torch.zeros(5, dtype=torch.float64)  # every worker scores all of val
         with torch.no_grad():
             for x, y in val_data.iter_torch_batches(batch_size=1024, collate_fn=collate):
-                logits = model(x)
-                val_sums += torch.tensor(
-                    [loss_fn(logits, y).item(), (logits.argmax(1) == y).sum().item(), len(y)]
-                )
+                val_sums += torch.tensor(batch_sums(model(x), y)[1], dtype=torch.float64)
+        train_loss, train_score = epoch_metrics(sums.cpu(), task)
+        val_loss, val_score = epoch_metrics(val_sums, task)
         metrics = {
             "epoch": epoch,
-            "train_loss": float(sums[0] / sums[2]),
-            "train_accuracy": float(sums[1] / sums[2]),
-            "val_loss": float(val_sums[0] / val_sums[2]),
-            "val_accuracy": float(val_sums[1] / val_sums[2]),
+            "train_loss": train_loss,
+            f"train_{score}": train_score,
+            "val_loss": val_loss,
+            f"val_{score}": val_score,
         }
         history.append(metrics)
         if rank == 0:
             print(  # reaches the driver's console through Ray's log forwarding
-                f"epoch {epoch}/{config['epochs']}: train loss {metrics['train_loss']:.4f}"
-                f" acc {metrics['train_accuracy']:.4f}, val loss {metrics['val_loss']:.4f}"
-                f" acc {metrics['val_accuracy']:.4f}",
+                f"epoch {epoch}/{config['epochs']}: train loss {train_loss:.4f}"
+                f" {score} {train_score:.4f}, val loss {val_loss:.4f} {score} {val_score:.4f}",
                 flush=True,
             )
         with tempfile.TemporaryDirectory() as tmp:
@@ -170,19 +223,18 @@ def resolve_use_gpu(use_gpu: bool | str) -> bool:
 
 
 def check_config(
-    model_cfg: dict[str, Any], train_cfg: dict[str, Any], n_features: int, n_classes: int
+    model_cfg: dict[str, Any], train_cfg: dict[str, Any], width: int, outputs: int
 ) -> None:
     """Fail before Ray starts, naming the key, when the model or optimizer config is bad."""
-    for key in ("epochs", "batch_size", "num_workers", "checkpoint_every"):
+    for key in ("epochs", "batch_size", "num_workers", "checkpoint_every", "max_categories"):
         value = train_cfg[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise StageError(f"train.{key}: expected an integer >= 1, got {value!r}")
     lr = train_cfg["lr"]
     if not isinstance(lr, int | float) or isinstance(lr, bool) or lr <= 0:
         raise StageError(f"train.lr: expected a number > 0, got {lr!r}")
-    scaler = Standardize(torch.zeros(n_features), torch.ones(n_features))
     for key, build in (
-        ("model", lambda: build_classifier(model_cfg, n_features, n_classes, scaler)),
+        ("model", lambda: build_network(model_cfg, width, outputs)),
         (
             "train.optimizer",
             lambda: instantiate(train_cfg["optimizer"])(nn.Linear(1, 1).parameters(), lr=lr),
@@ -216,28 +268,30 @@ def init_ray(address: str | None, num_workers: int) -> None:
 
 
 def fit(
-    splits: dict[str, pd.DataFrame],
-    schema: dict[str, Any],
-    model_cfg: dict[str, Any],
+    splits: dict[str, pd.DataFrame | Path],
+    meta: dict[str, Any],
     train_cfg: dict[str, Any],
     seed: int,
     address: str | None = None,
-) -> tuple[nn.Sequential, list[dict[str, float]]]:
-    """Train on `splits` ("train", "val") with Ray Train.
+    train_rows: int | None = None,
+) -> tuple[nn.Module, list[dict[str, float]]]:
+    """Train the network in `meta` on `splits` ("train", "val") with Ray Train.
 
     Returns:
         The model from the final checkpoint (eval mode) and the per-epoch history.
     """
-    features = [f["name"] for f in schema["features"]]
-    target, classes = schema["target"]["name"], schema["classes"]
-    check_config(model_cfg, train_cfg, len(features), len(classes))
-    scaler = fit_standardize(features_array(splits["train"], features))
+    width, outputs = preprocessor(meta).width, num_outputs(meta)
+    check_config(meta["model"], train_cfg, width, outputs)
+    if train_rows is None:
+        train_rows = len(splits["train"])
     num_workers = train_cfg["num_workers"]
     init_ray(address, num_workers)
     use_gpu = resolve_use_gpu(train_cfg["use_gpu"])
     log.info(
-        "training %s for %d epochs on %d %s worker(s)",
-        model_cfg["_target_"],
+        "training %s (%s, %d inputs) for %d epochs on %d %s worker(s)",
+        meta["model"]["_target_"],
+        meta["task"],
+        width,
         train_cfg["epochs"],
         num_workers,
         "GPU" if use_gpu else "CPU",
@@ -246,16 +300,16 @@ def fit(
         trainer = ray.train.torch.TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
-                "model": model_cfg,
+                "model": meta["model"],
                 "optimizer": train_cfg["optimizer"],
-                "scaler": scaler,
-                "features": features,
-                "classes": classes,
+                "task": meta["task"],
+                "width": width,
+                "outputs": outputs,
                 "epochs": train_cfg["epochs"],
                 "batch_size": train_cfg["batch_size"],
                 "lr": train_cfg["lr"],
                 "seed": seed,
-                "shuffle_buffer": len(splits["train"]),
+                "shuffle_buffer": min(train_rows, SHUFFLE_ROWS),
                 "checkpoint_every": train_cfg["checkpoint_every"],
             },
             scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
@@ -264,7 +318,7 @@ def fit(
                 storage_path=storage,
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             ),
-            datasets=build_datasets(splits, features, target, classes),
+            datasets=build_datasets(splits, meta),
             dataset_config=ray.train.DataConfig(
                 datasets_to_split=["train"],  # every worker scores all of val
                 execution_options=ExecutionOptions(preserve_order=True),
@@ -273,32 +327,55 @@ def fit(
         result = trainer.fit()
         with result.checkpoint.as_directory() as ckpt:
             state = torch.load(Path(ckpt) / "checkpoint.pt", weights_only=True)
-    n = len(features)
-    model = build_classifier(model_cfg, n, len(classes), Standardize(torch.zeros(n), torch.ones(n)))
+    model = build_network(meta["model"], width, outputs)
     model.load_state_dict(state["state_dict"])
     return model.eval(), state["history"]
+
+
+def model_meta(
+    schema: dict[str, Any],
+    train: pd.DataFrame,
+    model_cfg: dict[str, Any],
+    train_cfg: dict[str, Any],
+) -> dict[str, Any]:
+    """What `models/fp32/model.json` holds: the architecture, the task, the feature and
+    target names, the classes and the preprocessing fitted on `train`."""
+    features = schema["features"]
+    task = schema.get("task", "classification")
+    target = schema["target"]["name"]
+    try:
+        pre = fit_preprocessor(
+            train,
+            [f["name"] for f in features if f.get("kind", "numeric") == "numeric"],
+            [f["name"] for f in features if f.get("kind") == "categorical"],
+            train_cfg["max_categories"],
+            train[target] if task == "regression" else None,
+        )
+    except (KeyError, ValueError, TypeError) as err:
+        raise StageError(f"train split does not match schema.json: {err}") from None
+    return {
+        "model": model_cfg,
+        "task": task,
+        "features": [f["name"] for f in features],
+        "target": target,
+        "classes": schema["classes"] if task == "classification" else [],
+        "preprocessing": pre.to_dict(),
+        "train": {k: v for k, v in train_cfg.items() if k != "optimizer"},
+    }
 
 
 def train(cfg: DictConfig, data_dir: Path, model_dir: Path) -> list[dict[str, float]]:
     """Train on the curated splits in `data_dir` and save the model to `model_dir`."""
     schema = read_json(data_dir / "schema.json")
-    splits = {name: load_split(name, data_dir) for name in ("train", "val")}
+    splits, fit_on = read_splits(data_dir, SAMPLE_ROWS)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     train_cfg = OmegaConf.to_container(cfg.train, resolve=True)
+    meta = model_meta(schema, fit_on, model_cfg, train_cfg)
+    rows = schema["rows"]["train"]
     try:
-        model, history = fit(splits, schema, model_cfg, train_cfg, cfg.seed, cfg.cluster.address)
+        model, history = fit(splits, meta, train_cfg, cfg.seed, cfg.cluster.address, rows)
     finally:
         ray.shutdown()
-    meta = {
-        "model": model_cfg,
-        "features": [f["name"] for f in schema["features"]],
-        "target": schema["target"]["name"],
-        "classes": schema["classes"],
-        "preprocessing": {
-            "standardize": {"mean": model[0].mean.tolist(), "std": model[0].std.tolist()}
-        },
-        "train": {k: v for k, v in train_cfg.items() if k != "optimizer"},
-    }
     with atomic_dir(model_dir) as tmp:
         save_fp32(model, tmp, meta)
     return history
@@ -308,9 +385,11 @@ def main(cfg: DictConfig) -> None:
     history = train(cfg, DATA_DIR, MODEL_DIR)
     write_atomic(CURVES, pd.DataFrame(history).to_csv(index=False))
     write_json(METRICS, history[-1])
+    score = next(k for k in history[-1] if k.startswith("val_") and k != "val_loss")
     log.info(
-        "val accuracy %.4f after %d epochs -> %s, %s",
-        history[-1]["val_accuracy"],
+        "%s %.4f after %d epochs -> %s, %s",
+        score,
+        history[-1][score],
         len(history),
         MODEL_DIR,
         CURVES,

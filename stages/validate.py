@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 from stages.common import StageError, read_json, run, write_json
 from stages.export import load_program
 from stages.ingest import load_split
-from stages.model import features_array, predict_logits
+from stages.model import decode, encode_split, predict_logits
 
 log = logging.getLogger("stages.validate")
 BENTO_DIR = Path("dist")
@@ -124,24 +124,35 @@ def request(
     return response.status, response.read()
 
 
+def raw_records(df: pd.DataFrame, features: list[str]) -> list[dict[str, Any]]:
+    """Rows as JSON-ready records of raw feature values, missing values as None."""
+    part = df[features].astype(object)
+    return part.where(part.notna(), None).to_dict("records")
+
+
 def check_answers(port: int, test: pd.DataFrame, model_file: Path, batch: int = 64) -> int:
-    """Served labels on every test row equal the compressed model's, in process."""
+    """Served answers on every test row (raw values in) equal the compressed model's in
+    process: the same label, or the same value to 1e-4 for regression."""
     meta = json.loads(model_file.with_name("model.json").read_text())
-    features, classes = meta["features"], meta["classes"]
-    expected = predict_logits(load_program(model_file), features_array(test, features)).argmax(1)
-    records = test[features].to_dict("records")
+    x, _ = encode_split(test, meta)
+    expected = decode(predict_logits(load_program(model_file), x), meta)
+    classify = meta["task"] == "classification"
+    records = raw_records(test, meta["features"])
     for start in range(0, len(records), batch):
         body = json.dumps({"records": records[start : start + batch]}).encode()
         status, answer = request(port, "POST", "/predict", body)
         if status != 200:
             raise StageError(f"/predict answered {status} on test rows {start}+: {answer[:200]!r}")
-        served = [p["label"] for p in json.loads(answer)]
-        want = [classes[i] for i in expected[start : start + batch]]
-        for i, (got, exp) in enumerate(zip(served, want, strict=True)):
-            if got != exp:
-                raise StageError(
-                    f"served label {got!r} != in-process {exp!r} on test row {start + i}"
-                )
+        want = expected[start : start + batch]
+        for i, (got, exp) in enumerate(zip(json.loads(answer), want, strict=True)):
+            exp = meta["classes"][exp] if classify else float(exp)
+            same = (
+                got["label"] == exp
+                if classify
+                else abs(got["value"] - exp) <= 1e-4 * max(1, abs(exp))
+            )
+            if not same:
+                raise StageError(f"served {got} != in-process {exp!r} on test row {start + i}")
     return len(records)
 
 
@@ -213,7 +224,7 @@ def validate(
         checked = check_answers(port, test, model_file)
         log.info("served answers equal the in-process model on %d test rows", checked)
         features = json.loads(model_file.with_name("model.json").read_text())["features"]
-        bodies = [json.dumps({"records": r}).encode() for r in test[features].to_dict("records")]
+        bodies = [json.dumps({"records": r}).encode() for r in raw_records(test, features)]
         load(port, bodies, slo.concurrency, 1.0)  # warm-up
         result = load(port, bodies, slo.concurrency, slo.duration_s)
     result["answers_checked"] = checked

@@ -55,13 +55,13 @@ def bento(fp32_dir: Path, curated: Path, cfg: DictConfig, tmp_path_factory) -> P
 
     from stages.compress import compress
     from stages.drift import profile_frame
-    from stages.model import features_array, label_indices, load_fp32
+    from stages.model import encode_split, load_fp32
 
     work = tmp_path_factory.mktemp("service")
     _, meta = load_fp32(fp32_dir)
     val, test = (pd.read_parquet(curated / f"{s}.parquet") for s in ("val", "test"))
-    test_xy = (features_array(test, meta["features"]), label_indices(test.target, meta["classes"]))
-    compress(fp32_dir, features_array(val, meta["features"]), test_xy, cfg.compress, work / "int8")
+    val_x, _ = encode_split(val, meta)
+    compress(fp32_dir, val_x, encode_split(test, meta), cfg.compress, work / "int8")
     train = pd.read_parquet(curated / "train.parquet")
     (work / "train.bin").write_bytes(profile_frame(train).serialize())
     files = {

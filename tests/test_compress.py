@@ -8,7 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 from stages.common import StageError
 from stages.compress import compress
 from stages.export import load_program
-from stages.model import features_array, label_indices, load_fp32, predict_logits
+from stages.model import encode_split, load_fp32, predict_logits
 
 
 @pytest.fixture(scope="module")
@@ -16,11 +16,7 @@ def data(fp32_dir: Path, curated: Path) -> tuple:
     _, meta = load_fp32(fp32_dir)
     val = pd.read_parquet(curated / "val.parquet")
     test = pd.read_parquet(curated / "test.parquet")
-    x = features_array(test, meta["features"])
-    return features_array(val, meta["features"]), (
-        x,
-        label_indices(test["target"], meta["classes"]),
-    )
+    return encode_split(val, meta)[0], encode_split(test, meta)
 
 
 def with_budget(cfg: DictConfig, max_drop: float) -> DictConfig:

@@ -1,19 +1,40 @@
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import DictConfig
 
-from stages.common import StageError
+from stages.common import StageError, compose
 from stages.ingest import ingest, split_table
 
 
-def file_cfg(path: Path, target: str = "label", **split: float) -> OmegaConf:
-    sizes = {"val_size": 0.2, "test_size": 0.2, "stratify": True, **split}
-    return OmegaConf.create(
-        {"source": "file", "path": str(path), "format": "auto", "target": target, "split": sizes}
+def file_cfg(path: Path, *overrides: str) -> DictConfig:
+    """conf/data/file.yaml pointed at `path`, with small splits."""
+    base = ["data=file", f"data.path={path}", "data.split.val_size=0.2", "data.split.test_size=0.2"]
+    return compose([*base, *overrides]).data
+
+
+def mixed_frame(n: int = 400, seed: int = 0) -> pd.DataFrame:
+    """Numbers with gaps, a text category with gaps, a boolean, a time, groups, labels."""
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame(
+        {
+            "age": rng.normal(40, 10, n).round(1),
+            "city": rng.choice(["paris", "rome", "oslo"], n),
+            "member": rng.choice([True, False], n),
+            "day": pd.date_range("2026-01-01", periods=n, freq="h"),
+            "shop": rng.integers(0, 20, n),
+            "spend": rng.gamma(2.0, 30.0, n).round(2),
+        }
     )
+    df.loc[rng.random(n) < 0.1, "age"] = np.nan
+    df.loc[rng.random(n) < 0.05, "city"] = None
+    df["label"] = np.where(df.spend > 60, "high", "low")
+    return df
 
 
 def test_digits_splits_are_typed_stratified_and_complete(curated: Path) -> None:
@@ -21,6 +42,8 @@ def test_digits_splits_are_typed_stratified_and_complete(curated: Path) -> None:
     schema = json.loads((curated / "schema.json").read_text())
     assert sum(len(p) for p in parts.values()) == 1797
     assert len(schema["features"]) == 64 and schema["classes"] == list(range(10))
+    assert schema["task"] == "classification" and schema["columns"]["pixel_3_3"] == "number"
+    assert {f["kind"] for f in schema["features"]} == {"numeric"}
     assert schema["target"] == {"name": "target", "dtype": "int64"}
     for part in parts.values():
         assert list(part.columns) == [f["name"] for f in schema["features"]] + ["target"]
@@ -30,42 +53,143 @@ def test_digits_splits_are_typed_stratified_and_complete(curated: Path) -> None:
         assert set(shares.index) == set(range(10)) and shares.max() < 0.13
 
 
-def test_split_is_seeded() -> None:
-    df = pd.DataFrame({"x": range(100), "y": [0, 1] * 50})
-    a = split_table(df, "y", 0.2, 0.2, True, seed=1)
-    b = split_table(df, "y", 0.2, 0.2, True, seed=1)
-    c = split_table(df, "y", 0.2, 0.2, True, seed=2)
-    assert a["test"].equals(b["test"]) and not a["test"].equals(c["test"])
+def test_mixed_types_are_inferred_and_kept_raw(tmp_path: Path) -> None:
+    src = tmp_path / "shop.parquet"
+    mixed_frame().to_parquet(src)
+    schema = ingest(file_cfg(src, "data.split.column=day"), 0, tmp_path / "out")
+    kinds = {f["name"]: f["kind"] for f in schema["features"]}
+    assert kinds == {
+        "age": "numeric",
+        "city": "categorical",
+        "member": "categorical",
+        "shop": "numeric",
+        "spend": "numeric",
+    }
+    assert schema["task"] == "classification" and schema["classes"] == ["high", "low"]
+    city = next(f for f in schema["features"] if f["name"] == "city")
+    assert city["categories"] == ["oslo", "paris", "rome"] and city["nullable"]
+    train = pd.read_parquet(tmp_path / "out/train.parquet")
+    assert train.age.isna().any() and train.city.isna().any()  # imputation happens in train
+    assert set(train.member.unique()) == {"True", "False"}
+    assert "day" in train.columns  # the split column is kept, but it is not a feature
 
 
-def test_csv_with_string_labels(tmp_path: Path) -> None:
-    src = tmp_path / "flowers.csv"
-    rows = [{"a": i * 0.5, "b": i % 7, "label": "yes" if i % 3 else "no"} for i in range(60)]
-    pd.DataFrame(rows).to_csv(src, index=False)
-    schema = ingest(file_cfg(src), 0, tmp_path / "out")
-    assert schema["classes"] == ["no", "yes"]
-    assert schema["target"]["dtype"] == "object"
-    assert pd.read_parquet(tmp_path / "out" / "train.parquet")["label"].isin(["no", "yes"]).all()
+def test_regression_is_inferred_from_a_numeric_target(tmp_path: Path) -> None:
+    src = tmp_path / "shop.csv"
+    mixed_frame().drop(columns="label").to_csv(src, index=False)
+    schema = ingest(
+        file_cfg(src, "data.target=spend", "data.split.strategy=stratified"), 0, tmp_path / "o"
+    )
+    assert schema["task"] == "regression" and schema["classes"] == []
+    assert schema["columns"]["day"] == "datetime"  # parsed from the CSV's ISO timestamps
+    cfg = file_cfg(
+        src, "data.target=spend", "data.task=classification", "data.columns={day: datetime}"
+    )
+    with pytest.raises(StageError, match="data.split: cannot split"):
+        ingest(cfg, 0, tmp_path / "o")  # 60%+ of the amounts occur once: not classes
 
 
-def test_parquet_source(tmp_path: Path) -> None:
-    src = tmp_path / "t.parquet"
-    pd.DataFrame({"a": range(40), "label": [1, 2] * 20}).to_parquet(src)
-    assert ingest(file_cfg(src), 0, tmp_path / "out")["rows"]["train"] == 24
+def test_declared_schema_fails_or_drops_unparseable_values(tmp_path: Path) -> None:
+    src = tmp_path / "t.csv"
+    df = mixed_frame(100)
+    df["shop"] = df["shop"].astype(str)
+    df.loc[[3, 7], "shop"] = "n/a?"
+    df.to_csv(src, index=False)
+    declare = "data.columns={shop: integer, day: datetime}"
+    with pytest.raises(
+        StageError, match=r"column 'shop': 2 values are not integer \(first: 'n/a\?'\)"
+    ):
+        ingest(file_cfg(src, declare), 0, tmp_path / "out")
+    schema = ingest(file_cfg(src, declare, "data.bad_rows=drop"), 0, tmp_path / "out")
+    assert schema["dropped_rows"] == 2 and sum(schema["rows"].values()) == 98
+    assert schema["columns"]["day"] == "datetime"
+    with pytest.raises(StageError, match="column 'price' declared in data.columns is missing"):
+        ingest(file_cfg(src, "data.columns={price: number}"), 0, tmp_path / "out")
+    with pytest.raises(StageError, match=r"data.columns.shop: unknown type 'int'"):
+        ingest(file_cfg(src, "data.columns={shop: int}"), 0, tmp_path / "out")
 
 
 @pytest.mark.parametrize(
-    ("content", "target", "message"),
+    ("change", "overrides", "message"),
     [
-        (None, "label", "file not found"),
-        ("", "label", "cannot read as csv"),
-        ("a,b\n1,2\n", "label", "target column 'label' not found"),
-        ("a,label\nx,1\ny,2\n", "label", "feature column 'a' is object, not numeric"),
-        ("a,label\n", "label", "no data rows"),
+        (lambda d: pd.concat([d, d.head(40)]), [], r"40 duplicate rows \(9\.1%\) exceed"),
+        (lambda d: d.assign(grade=d.label.map({"high": 1, "low": 0})), [], "'grade' is a copy"),
+        (lambda d: d.assign(label=None), ["data.bad_rows=fail"], "has 400 missing values"),
+        (lambda d: d, ["data.features=[age,nope]"], r"feature column 'nope' \(data.features\)"),
+        (lambda d: d, ["data.categorical=[age,label]"], "'label' is not a feature column"),
+        (lambda d: d, ["data.features=[age,day]"], "'day' is datetime"),
+        (lambda d: d, ["data.target=nope"], "target column 'nope' not found"),
+        (lambda d: d, ["data.split.strategy=group"], r"data.split.column: None"),
+        (lambda d: d, ["data.split.strategy=alphabetical"], "not random | stratified"),
+        (lambda d: d, ["data.task=regression"], "'label' is object, not numeric"),
+    ],
+)
+def test_quality_gates_and_config_errors_name_the_problem(
+    tmp_path: Path, change, overrides: list[str], message: str
+) -> None:
+    src = tmp_path / "t.parquet"
+    change(mixed_frame()).to_parquet(src)
+    with pytest.raises(StageError, match=message):
+        ingest(file_cfg(src, *overrides), 0, tmp_path / "out")
+
+
+def test_unknown_categories_in_val_fail_past_the_threshold(tmp_path: Path) -> None:
+    df = mixed_frame(300)
+    df["city"] = [f"c{i}" for i in range(300)]  # every value unique: all unseen in train
+    src = tmp_path / "t.parquet"
+    df.to_parquet(src)
+    with pytest.raises(StageError, match=r"split, column 'city': 100\.0% of values are categories"):
+        ingest(file_cfg(src), 0, tmp_path / "out")
+    ingest(file_cfg(src, "data.quality.max_unknown_categories=1.0"), 0, tmp_path / "out")
+
+
+SPLIT = {"val_size": 0.2, "test_size": 0.2, "column": None}
+
+
+def test_random_and_stratified_splits_are_seeded() -> None:
+    df = pd.DataFrame({"x": range(100), "y": [0, 1, 1, 1] * 25})
+    strat = {**SPLIT, "strategy": "stratified"}
+    a = split_table(df, "y", strat, 1, "classification")
+    assert a["test"].equals(split_table(df, "y", strat, 1, "classification")["test"])
+    assert not a["test"].equals(split_table(df, "y", strat, 2, "classification")["test"])
+    assert all(p.y.mean() == 0.75 for p in a.values())  # class shares kept exactly
+    rand = split_table(df, "y", {**SPLIT, "strategy": "random"}, 1, "classification")
+    assert sorted(pd.concat(rand.values()).x) == list(range(100))
+
+
+def test_time_split_puts_the_newest_rows_in_test() -> None:
+    df = pd.DataFrame({"t": pd.date_range("2026-01-01", periods=50, freq="D"), "y": 0})
+    df = df.sample(frac=1, random_state=0)  # shuffled on disk
+    parts = split_table(df, "y", {**SPLIT, "strategy": "time", "column": "t"}, 0, "regression")
+    assert (
+        parts["train"].t.max()
+        < parts["val"].t.min()
+        <= parts["val"].t.max()
+        < parts["test"].t.min()
+    )
+    assert [len(p) for p in parts.values()] == [30, 10, 10]
+
+
+def test_group_split_keeps_each_group_in_one_split() -> None:
+    df = pd.DataFrame({"g": np.repeat(np.arange(40), 5), "y": np.arange(200) % 2})
+    parts = split_table(df, "y", {**SPLIT, "strategy": "group", "column": "g"}, 3, "classification")
+    groups = [set(p.g) for p in parts.values()]
+    assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
+    assert sum(len(p) for p in parts.values()) == 200
+    assert 25 <= len(parts["test"]) <= 45  # whole groups: about test_size of the rows
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "not found"),
+        ("", "empty file"),
+        ("a,label\n", "no data rows"),
+        ("a,label\n1,x\n2,y,3\n", "line 3: expected 2 fields, found 3"),
     ],
 )
 def test_bad_file_fails_and_keeps_previous_output(
-    tmp_path: Path, curated: Path, content: str | None, target: str, message: str
+    tmp_path: Path, curated: Path, content: str | None, message: str
 ) -> None:
     src = tmp_path / "bad.csv"
     if content is not None:
@@ -74,7 +198,7 @@ def test_bad_file_fails_and_keeps_previous_output(
     out.mkdir()
     (out / "train.parquet").write_bytes((curated / "train.parquet").read_bytes())
     with pytest.raises(StageError, match=message) as err:
-        ingest(file_cfg(src, target), 0, out)
+        ingest(file_cfg(src), 0, out)
     assert str(src) in str(err.value)
     assert sorted(p.name for p in out.iterdir()) == ["train.parquet"]
     assert not list(tmp_path.glob(".out.tmp-*")), "temporary output left behind"
@@ -88,9 +212,6 @@ def test_unsplittable_data_names_the_split(tmp_path: Path) -> None:
 
 
 def test_stage_cli_reports_one_line_and_exit_status(tmp_path: Path, in_repo_root: Path) -> None:
-    import subprocess
-    import sys
-
     missing = tmp_path / "missing.csv"
     proc = subprocess.run(
         [sys.executable, "-m", "stages.ingest", "data=file", f"data.path={missing}"],
@@ -98,4 +219,5 @@ def test_stage_cli_reports_one_line_and_exit_status(tmp_path: Path, in_repo_root
         text=True,
     )
     assert proc.returncode == 1
-    assert proc.stderr.strip() == f"error: {missing}: file not found (data.path)"
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {missing}") and "not found" in lines[0]

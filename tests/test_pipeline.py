@@ -162,7 +162,7 @@ def server(repo: Path) -> Iterator[str]:
 
 def test_served_predictions_match_the_compressed_model(repo: Path, server: str) -> None:
     from stages.export import load_program
-    from stages.model import features_array, predict_logits
+    from stages.model import encode_split, predict_logits
 
     test = pd.read_parquet(repo / "data/curated/test.parquet")
     features = [c for c in test.columns if c != "target"]
@@ -171,7 +171,8 @@ def test_served_predictions_match_the_compressed_model(repo: Path, server: str) 
     assert r.status_code == 200, r.text
     served = r.json()
     model = load_program(repo / "models/compressed/model.pt2")
-    expected = predict_logits(model, features_array(test.head(20), features)).argmax(1)
+    meta = json.loads((repo / "models/compressed/model.json").read_text())
+    expected = predict_logits(model, encode_split(test.head(20), meta)[0]).argmax(1)
     assert [p["label"] for p in served] == expected.tolist()
     r = requests.post(f"{server}/predict_proba", json={"records": records}, timeout=30)
     assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in r.json())

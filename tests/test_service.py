@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import bentoml
+import numpy as np
 import pandas as pd
 import psutil
 import pytest
@@ -20,8 +21,8 @@ import requests
 from omegaconf import DictConfig
 
 from stages.export import load_program
-from stages.model import features_array, predict_logits
-from stages.validate import Server, serve_bento
+from stages.model import encode_split, predict_logits
+from stages.validate import Server, raw_records, serve_bento
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-token-0123456789"
@@ -42,8 +43,8 @@ def test_split(curated: Path) -> pd.DataFrame:
 def expected(bento: Path, test_split: pd.DataFrame) -> list[int]:
     """In-process labels of the compressed model on the test split."""
     model = load_program(bento.parent.parent / "int8/model.pt2")
-    features = [c for c in test_split.columns if c != "target"]
-    return predict_logits(model, features_array(test_split, features)).argmax(1).tolist()
+    meta = json.loads((bento.parent.parent / "int8/model.json").read_text())
+    return predict_logits(model, encode_split(test_split, meta)[0]).argmax(1).tolist()
 
 
 def records(df: pd.DataFrame) -> list[dict]:
@@ -65,7 +66,8 @@ def test_openapi_shows_the_training_schema(server: Server, test_split: pd.DataFr
     record = spec["components"]["schemas"]["Record"]
     features = [c for c in test_split.columns if c != "target"]
     assert list(record["properties"]) == features
-    assert record["properties"][features[0]]["type"] == "number"
+    types = record["properties"][features[0]]["anyOf"]  # a number, or null: imputed
+    assert [t["type"] for t in types] == ["number", "null"]
     assert record["additionalProperties"] is False
 
 
@@ -82,6 +84,23 @@ def test_one_record_or_a_list_and_probabilities(
     for p, label in zip(proba.json(), expected[:5], strict=True):
         assert p["label"] == label and abs(sum(p["probabilities"].values()) - 1) < 1e-4
         assert max(p["probabilities"], key=p["probabilities"].get) == str(label)
+
+
+def test_null_features_are_imputed_as_in_process(
+    server: Server, bento: Path, test_split: pd.DataFrame
+) -> None:
+    """Train/serve parity on raw values with gaps: null in, the train-median imputation."""
+    rows = test_split.head(40).copy()
+    features = [c for c in rows.columns if c != "target"]
+    rows.loc[rows.index[::2], features[20:40]] = np.nan  # half the rows lose 20 features
+    meta = json.loads((bento.parent.parent / "int8/model.json").read_text())
+    model = load_program(bento.parent.parent / "int8/model.pt2")
+    want = predict_logits(model, encode_split(rows, meta)[0]).argmax(1).tolist()
+    body = {"records": raw_records(rows, features)}
+    assert body["records"][0][features[20]] is None
+    served = requests.post(f"{server.url}/predict", json=body, timeout=30)
+    assert served.status_code == 200, served.text
+    assert [p["label"] for p in served.json()] == want
 
 
 def bad_request(kind: str, record: dict, max_records: int) -> tuple[bytes, str]:

@@ -1,36 +1,44 @@
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from stages.common import StageError
-from stages.model import features_array, load_fp32, predict_logits
-from stages.train import build_datasets, resolve_use_gpu
+from stages.model import encode_split, load_fp32, predict_logits
+from stages.train import build_datasets, model_meta, resolve_use_gpu
 
 
 def test_trained_model_learns_and_keeps_its_preprocessing(fp32_dir: Path, curated: Path) -> None:
     model, meta = load_fp32(fp32_dir)
     train = pd.read_parquet(curated / "train.parquet")
     val = pd.read_parquet(curated / "val.parquet")
-    # the standardisation fitted on train travels inside the model
-    scaler = model[0]
-    x = features_array(train, meta["features"])
-    assert np.allclose(scaler.mean.numpy(), x.mean(axis=0), atol=1e-4)
-    assert meta["preprocessing"]["standardize"]["mean"] == pytest.approx(scaler.mean.tolist())
-    pred = predict_logits(model, features_array(val, meta["features"])).argmax(1)
-    labels = np.array([meta["classes"].index(v) for v in val[meta["target"]]])
+    # the standardisation fitted on train is saved with the model
+    x = train[meta["features"]].to_numpy()
+    assert meta["preprocessing"]["mean"] == pytest.approx(x.mean(axis=0).tolist())
+    val_x, labels = encode_split(val, meta)
+    assert abs(val_x.mean()) < 0.2  # standardised with train's statistics
+    pred = predict_logits(model, val_x).argmax(1)
     assert (pred == labels).mean() > 0.85  # 10 classes: chance is 0.1
     saved = json.loads((fp32_dir / "model.json").read_text())
     assert saved["model"]["_target_"] == "stages.model.MLP" and saved["train"]["epochs"] == 10
+    assert saved["task"] == "classification"
 
 
-def test_unknown_label_in_val_names_the_split_and_column() -> None:
+def test_unknown_label_in_val_names_the_split_and_column(cfg) -> None:
+    from omegaconf import OmegaConf
+
     train = pd.DataFrame({"a": [1.0, 2.0], "y": [0, 1]})
-    with pytest.raises(StageError, match=r"val split, column 'y': labels \['7'\]"):
-        build_datasets({"train": train, "val": train.assign(y=[0, 7])}, ["a"], "y", [0, 1])
+    schema = {
+        "task": "classification",
+        "features": [{"name": "a", "kind": "numeric"}],
+        "target": {"name": "y"},
+        "classes": [0, 1],
+    }
+    meta = model_meta(schema, train, {}, OmegaConf.to_container(cfg.train))
+    with pytest.raises(StageError, match=r"val split: labels \['7'\]"):
+        build_datasets({"train": train, "val": train.assign(y=[0, 7])}, meta)
 
 
 def test_use_gpu_values() -> None:

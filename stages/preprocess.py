@@ -1,0 +1,91 @@
+"""The preprocessing fitted on the train split and saved with the model: raw feature values
+(numbers with gaps, category strings) to the float32 matrix the network takes.
+
+Numeric features: missing values imputed with the train median, then standardised.
+Categorical features: one-hot over the train vocabulary (the most frequent
+`max_categories` values), with slot 0 for unknown or missing values.
+Depends on numpy and pandas alone: the BentoML service applies it too.
+"""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass
+class Preprocessor:
+    numeric: list[str]
+    categorical: list[str]
+    median: list[float] = field(default_factory=list)
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    vocab: dict[str, list[str]] = field(default_factory=dict)
+    target_mean: float = 0.0  # regression targets are standardised for training
+    target_std: float = 1.0
+
+    @property
+    def width(self) -> int:
+        """Columns of the encoded matrix."""
+        return len(self.numeric) + sum(len(self.vocab[c]) + 1 for c in self.categorical)
+
+    def encode(self, columns: Mapping[str, Sequence[Any] | pd.Series]) -> np.ndarray:
+        """Encode raw feature columns (feature -> values; None/NaN is missing) to float32."""
+        rows = len(columns[(self.numeric or self.categorical)[0]])
+        out = np.zeros((rows, self.width), dtype=np.float32)
+        if self.numeric:
+            x = np.stack([as_float(columns[c]) for c in self.numeric], axis=1)
+            x = np.where(np.isnan(x), np.asarray(self.median), x)
+            out[:, : len(self.numeric)] = (x - np.asarray(self.mean)) / np.asarray(self.std)
+        offset = len(self.numeric)
+        for name in self.categorical:
+            codes = pd.Categorical(columns[name], categories=self.vocab[name]).codes + 1
+            out[np.arange(rows), offset + codes] = 1.0
+            offset += len(self.vocab[name]) + 1
+        return out
+
+    def encode_frame(self, df: pd.DataFrame) -> np.ndarray:
+        return self.encode({c: df[c] for c in (*self.numeric, *self.categorical)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Preprocessor":
+        return cls(**data)
+
+
+def as_float(values: Sequence[Any] | pd.Series) -> np.ndarray:
+    """Values as float64 with NaN for missing (None, pandas NA)."""
+    if isinstance(values, pd.Series):
+        return values.to_numpy(dtype="float64", na_value=np.nan)
+    return np.array(values, dtype="float64")
+
+
+def fit_preprocessor(
+    train: pd.DataFrame,
+    numeric: list[str],
+    categorical: list[str],
+    max_categories: int = 50,
+    target: pd.Series | None = None,
+) -> Preprocessor:
+    """Fit on the train split only; `target` (a regression target) is standardised too."""
+    pre = Preprocessor(list(numeric), list(categorical))
+    if numeric:
+        x = np.stack([as_float(train[c]) for c in numeric], axis=1)
+        median = np.nanmedian(x, axis=0) if len(x) else np.zeros(len(numeric))
+        median = np.nan_to_num(median)  # a column with no values at all imputes 0
+        x = np.where(np.isnan(x), median, x)
+        std = x.std(axis=0)
+        std[std < 1e-8] = 1.0
+        pre.median, pre.mean, pre.std = median.tolist(), x.mean(axis=0).tolist(), std.tolist()
+    for name in categorical:
+        counts = train[name].dropna().astype(str).value_counts(sort=False)
+        top = counts.sort_index().sort_values(ascending=False, kind="stable")[:max_categories]
+        pre.vocab[name] = sorted(top.index.tolist())
+    if target is not None:
+        y = target.to_numpy(dtype="float64")
+        pre.target_mean, pre.target_std = float(y.mean()), float(y.std()) or 1.0
+    return pre
