@@ -377,7 +377,12 @@ def ray_source(data_cfg: DictConfig, seed: int) -> tuple[Any, str]:
     suffix = Path(files[0]).suffix.lower() if files else ""
     kind = fmt if fmt != "auto" else {".csv": "csv", ".jsonl": "jsonl"}.get(suffix, "parquet")
     if local and files and all(Path(f).exists() for f in files) and data_cfg.bad_rows == "fail":
-        read = {"csv": ray.data.read_csv, "parquet": ray.data.read_parquet}.get(kind)
+        import pyarrow.csv
+
+        csv = partial(  # empty fields are missing values, as in stages.sources
+            ray.data.read_csv, convert_options=pyarrow.csv.ConvertOptions(strings_can_be_null=True)
+        )
+        read = {"csv": csv, "parquet": ray.data.read_parquet}.get(kind)
         if kind == "jsonl":
             read = partial(ray.data.read_json, lines=True)
         if read is not None:
@@ -487,11 +492,29 @@ def ingest_ray(
 
     if data_cfg.bad_rows not in ("fail", "drop"):
         raise StageError(f"data.bad_rows: {data_cfg.bad_rows!r} is not fail | drop")
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR)
+    if ray.is_initialized():
+        return ray_pass(data_cfg, seed, out_dir)
+    ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR)
+    try:
+        return ray_pass(data_cfg, seed, out_dir)
+    finally:
+        ray.shutdown()
+
+
+def ray_pass(data_cfg: DictConfig, seed: int, out_dir: Path) -> dict[str, Any]:
+    """`ingest_ray` on a running Ray."""
+    import ray.data
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds, source = ray_source(data_cfg, seed)
-    sample = ds.schema().base_schema.empty_table().to_pandas()  # numpy dtypes, as pandas reads
+    schema = ds.schema().base_schema  # pyarrow (files) or pandas (a frame handed to Ray)
+    if hasattr(schema, "empty_table"):
+        sample = schema.empty_table().to_pandas()  # numpy dtypes, as pandas reads
+    else:
+        sample = pd.DataFrame(
+            {n: pd.Series(dtype=t) for n, t in zip(schema.names, schema.types, strict=True)}
+        )
     sample.columns = [str(c) for c in sample.columns]
     declared = OmegaConf.to_container(data_cfg.columns) if data_cfg.columns else None
     sample, types, _ = apply_types(sample, declared, source, data_cfg.bad_rows)
@@ -603,15 +626,12 @@ def ingest_ray(
 
 
 def stage_error(err: BaseException) -> BaseException:
-    """The StageError behind an error from a Ray task, or the error itself."""
-    seen = err
-    while seen is not None:
-        if isinstance(seen, StageError):
-            return StageError(
-                str(seen).strip().splitlines()[-1].removeprefix("stages.common.StageError: ")
-            )
-        cause = getattr(seen, "cause", None)
-        seen = cause if isinstance(cause, BaseException) else seen.__cause__
+    """The StageError raised in a Ray task, from the error that reaches the driver (which
+    carries the task's traceback as text), or the error itself."""
+    prefix = f"{StageError.__module__}.{StageError.__name__}: "
+    for line in str(err).splitlines():
+        if line.strip().startswith(prefix):
+            return StageError(line.strip().removeprefix(prefix))
     return err
 
 

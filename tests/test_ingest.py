@@ -221,3 +221,46 @@ def test_stage_cli_reports_one_line_and_exit_status(tmp_path: Path, in_repo_root
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {missing}") and "not found" in lines[0]
+
+
+def test_ray_engine_streams_the_same_rows_into_part_folders(tmp_path: Path) -> None:
+    src = tmp_path / "shop.csv"
+    mixed_frame(3000).to_csv(src, index=False)
+    by_group = ["data.split.strategy=group", "data.split.column=shop"]
+    pandas = ingest(file_cfg(src, *by_group), 0, tmp_path / "pandas")
+    ray = ingest(file_cfg(src, *by_group, "data.engine=ray"), 0, tmp_path / "ray")
+    assert (tmp_path / "ray/train.parquet").is_dir()  # partitioned: Parquet parts
+    for key in ("task", "classes", "columns"):
+        assert ray[key] == pandas[key], key
+    assert [(f["name"], f["kind"]) for f in ray["features"]] == [
+        (f["name"], f["kind"]) for f in pandas["features"]
+    ]
+    parts = {s: pd.read_parquet(tmp_path / f"ray/{s}.parquet") for s in ("train", "val", "test")}
+    assert {s: len(p) for s, p in parts.items()} == ray["rows"]
+    groups = [set(p.shop) for p in parts.values()]
+    assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
+
+    def rows(frames: list[pd.DataFrame]) -> pd.DataFrame:
+        whole = pd.concat(frames)
+        return whole.sort_values(list(whole.columns)).reset_index(drop=True)
+
+    expected = [pd.read_parquet(tmp_path / f"pandas/{s}.parquet") for s in parts]
+    pd.testing.assert_frame_equal(rows(list(parts.values())), rows(expected), check_dtype=False)
+
+
+def test_ray_engine_fails_with_the_same_one_line_errors(tmp_path: Path) -> None:
+    df = mixed_frame(500)
+    df["shop"] = df["shop"].astype(str)
+    df.loc[7, "shop"] = "n/a?"
+    src = tmp_path / "t.csv"
+    df.assign(copy=df.label).to_csv(src, index=False)
+    out = tmp_path / "out"
+    cases = [
+        (["data.columns={shop: integer}"], r"column 'shop': 1 values are not integer"),
+        (["data.bad_rows=drop"], "feature 'copy' is a copy of the target 'label'"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(StageError, match=message) as err:
+            ingest(file_cfg(src, "data.engine=ray", *overrides), 0, out)
+        assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+        assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
