@@ -70,37 +70,35 @@ class ToTensors(NumpyBatchCollateFn):
         return torch.from_numpy(x), torch.from_numpy(np.array(batch[LABEL]))
 
 
-class Encode:
-    """A batch of raw split rows to the encoded features (x0..xN) and the training target."""
-
-    def __init__(self, meta: dict[str, Any], split: str) -> None:
-        self.meta, self.split = meta, split
-        self.pre = preprocessor(meta)
-
-    def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
-        try:
-            x = self.pre.encode_frame(df)
-            y = encode_targets(df[self.meta["target"]], self.meta)
-        except (KeyError, ValueError) as err:
-            raise StageError(f"{self.split} split: {err}") from None
-        table = pd.DataFrame(x, columns=[f"x{i}" for i in range(x.shape[1])])
-        table[LABEL] = y
-        return table
+def encode_batch(df: pd.DataFrame, meta: dict[str, Any], split: str) -> pd.DataFrame:
+    """Raw split rows as the encoded features (x0..xN) and the training target."""
+    try:
+        x = preprocessor(meta).encode_frame(df)
+        y = encode_targets(df[meta["target"]], meta)
+    except (KeyError, ValueError) as err:
+        raise StageError(f"{split} split: {err}") from None
+    table = pd.DataFrame(x, columns=[f"x{i}" for i in range(x.shape[1])])
+    table[LABEL] = y
+    return table
 
 
 def build_datasets(
     splits: dict[str, pd.DataFrame | Path], meta: dict[str, Any]
 ) -> dict[str, ray.data.Dataset]:
     """Ray datasets of the encoded features and the training target, per split: a frame is
-    encoded here; a folder of Parquet parts (data.engine=ray) is streamed and encoded in
-    Ray Data tasks."""
+    encoded here; a folder of Parquet parts (data.engine=ray) is read and encoded by Ray
+    Data tasks, never whole in this process."""
     out = {}
     for name, split in splits.items():
         if isinstance(split, pd.DataFrame):
-            out[name] = ray.data.from_pandas(Encode(meta, name)(split))
-        else:
+            out[name] = ray.data.from_pandas(encode_batch(split, meta, name))
+        else:  # a function, not a class: tasks, not an actor pool holding a CPU
             data = ray.data.read_parquet(str(split))
-            out[name] = data.map_batches(Encode(meta, name), batch_format="pandas")
+            kwargs = {"meta": meta, "split": name}
+            encoded = data.map_batches(encode_batch, fn_kwargs=kwargs, batch_format="pandas")
+            # Read and encoded once, in parallel blocks, into Ray's object store (which spills
+            # to disk): re-running the read every epoch cost about 15 s per epoch here.
+            out[name] = encoded.materialize()
     return out
 
 
