@@ -35,10 +35,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "BENTOML_HOME": str(home)}
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory, env: dict) -> Path:
+def make_repo(tmp_path_factory: pytest.TempPathFactory, env: dict, overrides: list[str]) -> Path:
     """A git repo holding the project's files (committed or not, as git would see them),
-    with the pipeline run once through `dvc exp run` and shrunk overrides."""
+    with the pipeline run once through `dvc exp run` with `overrides`."""
     files = sh(["git", "ls-files", "-co", "--exclude-standard"], ROOT, env).stdout.split()
     repo = tmp_path_factory.mktemp("repo")
     for name in files:
@@ -48,8 +47,14 @@ def repo(tmp_path_factory: pytest.TempPathFactory, env: dict) -> Path:
     sh(["git", "init", "-q"], repo, env)
     sh(["git", "add", "-A"], repo, env)
     sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], repo, env)
-    sh(["dvc", "exp", "run", *[a for o in SHRUNK for a in ("-S", o)]], repo, env)
+    sh(["dvc", "exp", "run", *[a for o in overrides for a in ("-S", o)]], repo, env)
     return repo
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, env: dict) -> Path:
+    """The default pipeline (digits), shrunk."""
+    return make_repo(tmp_path_factory, env, SHRUNK)
 
 
 def test_pipeline_outputs_metrics_and_experiments(repo: Path, env: dict) -> None:
@@ -179,3 +184,71 @@ def test_served_predictions_match_the_compressed_model(repo: Path, server: str) 
     meta = requests.get(f"{server}/metadata", timeout=10).json()
     assert meta["metrics"]["eval"]["accuracy"] > 0.85 and len(meta["git_commit"]) == 40
     assert requests.get(f"{server}/metrics", timeout=10).status_code == 200
+
+
+# A regression target, categorical features and missing values, from the synthetic source.
+MIXED = [
+    "data=synthetic",
+    "data.synthetic.rows=3000",
+    "data.synthetic.classes=0",
+    "data.synthetic.missing_rate=0.05",
+    "profile=basic",  # digits' pixel range does not apply
+    "compress.max_accuracy_drop=5",  # R^2 points; parity, not the budget, is tested here
+]
+
+
+def test_mixed_types_regression_served_like_in_process(
+    tmp_path_factory: pytest.TempPathFactory, env: dict
+) -> None:
+    """Train/serve parity on raw values: the validate stage sends every test row (numbers
+    with gaps as null, category strings) to the served bento and compares each value with
+    the compressed model's in process; here the same for a record with unseen values."""
+    from stages.export import load_program
+    from stages.model import decode, encode_split, predict_logits
+    from stages.validate import raw_records
+
+    repo = make_repo(tmp_path_factory, env, [*SHRUNK, *MIXED])
+    schema = json.loads((repo / "data/curated/schema.json").read_text())
+    assert schema["task"] == "regression"
+    assert {f["kind"] for f in schema["features"]} == {"numeric", "categorical"}
+    validate = json.loads((repo / "metrics/validate.json").read_text())
+    assert validate["answers_checked"] == schema["rows"]["test"]
+    assert json.loads((repo / "metrics/eval.json").read_text())["r2"] > 0.8
+    meta = json.loads((repo / "models/compressed/model.json").read_text())
+    test = pd.read_parquet(repo / "data/curated/test.parquet").head(8)
+    test.loc[test.index[:4], "cat_0"] = "never-seen"
+    test.loc[test.index[2:6], "num_3"] = None
+    model = load_program(repo / "models/compressed/model.pt2")
+    want = decode(predict_logits(model, encode_split(test, meta)[0]), meta)
+    info = json.loads((repo / "dist/bento.json").read_text())
+    with serve_bento(repo / "dist" / info["file"]) as server:
+        body = {"records": raw_records(test, meta["features"])}
+        served = requests.post(f"{server.url}/predict", json=body, timeout=30)
+        proba = requests.post(f"{server.url}/predict_proba", json=body, timeout=30)
+    assert served.status_code == 200, served.text
+    assert [p["value"] for p in served.json()] == pytest.approx(want.tolist(), rel=1e-4)
+    assert proba.status_code == 400 and "regression" in proba.text
+
+
+def test_failed_ingest_under_dvc_leaves_nothing_valid_and_checkout_restores(
+    repo: Path, env: dict
+) -> None:
+    """`dvc repro` deletes a stage's outputs before running it: a failed ingest leaves no
+    split behind, and `dvc checkout` brings the last good one back from the cache."""
+    import yaml
+
+    before = (repo / "data/curated/train.parquet").read_bytes()
+    text = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(text)
+    params["data"]["split"]["strategy"] = "alphabetical"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        proc = sh(["dvc", "repro", "ingest"], repo, env, check=False)
+        assert proc.returncode != 0
+        assert "data.split.strategy: 'alphabetical' is not" in proc.stderr + proc.stdout
+        assert not list((repo / "data").glob("curated/*.parquet"))
+    finally:
+        (repo / "params.yaml").write_text(text)
+    sh(["dvc", "checkout", "data/curated"], repo, env)
+    assert (repo / "data/curated/train.parquet").read_bytes() == before
+    assert "Running stage" not in sh(["dvc", "repro"], repo, env).stdout
