@@ -88,6 +88,21 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def bounded_ray_data(object_store_bytes: int = 1 << 30) -> None:
+    """Ray Data quiet (no progress bars, its log at ERROR) and with at most
+    `object_store_bytes` of blocks in flight: reading runs ahead of slow tasks (whylogs
+    profiling) only that far, so memory does not grow with the data."""
+    import ray.data
+    from ray.data import ExecutionResources
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.execution_options.resource_limits = ExecutionResources(
+        object_store_memory=object_store_bytes
+    )
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file and a rename."""
     path = Path(path)

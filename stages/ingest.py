@@ -5,6 +5,7 @@ types, feature kinds, task, classes, train vocabularies and ranges, row counts).
 Fails, leaving the previous output untouched, on a bad source or a failed quality gate.
 """
 
+import io
 import json
 import logging
 import os
@@ -14,10 +15,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from omegaconf import DictConfig, OmegaConf
 from sklearn.model_selection import train_test_split
 
-from stages.common import StageError, atomic_dir, run, write_json
+from stages.common import StageError, atomic_dir, bounded_ray_data, run, write_json
 
 log = logging.getLogger("stages.ingest")
 OUT_DIR = Path("data/curated")
@@ -372,9 +374,14 @@ def ingest(
 # -- data.engine=ray: one streaming pass over the source on Ray Data --------------------------
 
 
-def ray_source(data_cfg: DictConfig, seed: int) -> tuple[Any, str]:
-    """The source as a Ray dataset: local files are read in parallel blocks; other sources
-    are read whole (read_source), then handed to Ray."""
+def ray_source(data_cfg: DictConfig, seed: int) -> tuple[Any, str, pd.DataFrame]:
+    """The source as a Ray dataset of raw blocks, its name and an empty frame of its columns.
+
+    Local CSV files are cut into byte ranges of about BLOCK_BYTES that tasks read in
+    parallel (Ray's CSV reader reads a file whole); Parquet and JSON lines go through Ray's
+    readers. Other sources, and bad_rows=drop, are read whole (read_source), then handed
+    to Ray.
+    """
     import glob
 
     import ray.data
@@ -385,22 +392,69 @@ def ray_source(data_cfg: DictConfig, seed: int) -> tuple[Any, str]:
     suffix = Path(files[0]).suffix.lower() if files else ""
     kind = fmt if fmt != "auto" else {".csv": "csv", ".jsonl": "jsonl"}.get(suffix, "parquet")
     if local and files and all(Path(f).exists() for f in files) and data_cfg.bad_rows == "fail":
-        import pyarrow.csv
-
-        csv = partial(  # empty fields are missing values, as in stages.sources
-            ray.data.read_csv, convert_options=pyarrow.csv.ConvertOptions(strings_can_be_null=True)
-        )
-        read = {"csv": csv, "parquet": ray.data.read_parquet}.get(kind)
-        if kind == "jsonl":
-            read = partial(ray.data.read_json, lines=True)
-        if read is not None:  # blocks of about BLOCK_BYTES: each writes one part per split
-            size = sum(f.stat().st_size for p in files for f in [Path(p), *Path(p).rglob("*")])
-            blocks = max(2 * (os.cpu_count() or 1), size // BLOCK_BYTES)
-            return read(files, override_num_blocks=int(blocks)), path
+        if kind == "csv":
+            ranges = csv_ranges(files, BLOCK_BYTES)
+            try:  # the types of the first rows (about 1 MiB, whole lines)
+                first = ranges[0]
+                end = min(first["end"], first["start"] + (1 << 20))
+                with open(first["path"], "rb") as f:
+                    f.seek(end)
+                    end += len(f.readline()) if end < first["end"] else 0
+                head = read_csv_range({**first, "end": end})
+            except (pa.ArrowInvalid, IndexError) as err:
+                raise StageError(f"{path}: cannot read as csv: {err}") from None
+            ds = ray.data.from_items(ranges, override_num_blocks=len(ranges))
+            return ds.map_batches(read_csv_ranges, batch_size=1), path, frame_of(head.schema)
+        read = {"parquet": ray.data.read_parquet, "jsonl": partial(ray.data.read_json, lines=True)}
+        if kind in read:
+            ds = read[kind](files)
+            return ds, path, frame_of(ds.schema().base_schema)
     from stages.sources import read_source
 
     table = read_source(data_cfg, seed)
-    return ray.data.from_pandas(table.frame), table.name
+    return ray.data.from_pandas(table.frame), table.name, table.frame.iloc[:0]
+
+
+def frame_of(schema: pa.Schema) -> pd.DataFrame:
+    """An empty frame of `schema`, with the dtypes pandas gives a table read from it."""
+    return schema.empty_table().to_pandas()
+
+
+def csv_ranges(files: list[str], size: int) -> list[dict[str, Any]]:
+    """Byte ranges of about `size` bytes ending at a line end, each with its file's header
+    line (a field holding a line break would be cut: read such files with engine=pandas)."""
+    ranges = []
+    for name in files:
+        total = os.path.getsize(name)
+        with open(name, "rb") as f:
+            header = f.readline()
+            start = f.tell()
+            while start < total:
+                f.seek(min(start + size, total))
+                f.readline()
+                end = min(f.tell(), total)
+                ranges.append({"path": name, "header": header, "start": start, "end": end})
+                start = end
+    return ranges
+
+
+def read_csv_range(item: dict[str, Any]) -> pa.Table:
+    """One range of a CSV file; empty fields are missing values, as in stages.sources."""
+    import pyarrow.csv
+
+    with open(item["path"], "rb") as f:
+        f.seek(item["start"])
+        data = f.read(item["end"] - item["start"])
+    options = pyarrow.csv.ConvertOptions(strings_can_be_null=True)
+    return pyarrow.csv.read_csv(io.BytesIO(item["header"] + data), convert_options=options)
+
+
+def read_csv_ranges(items: dict[str, np.ndarray]) -> pa.Table:
+    rows = [dict(zip(items, values, strict=True)) for values in zip(*items.values(), strict=True)]
+    try:
+        return pa.concat_tables([read_csv_range(r) for r in rows])
+    except pa.ArrowInvalid as err:
+        raise StageError(f"{rows[0]['path']}: cannot read as csv: {err}") from None
 
 
 def assign_splits(
@@ -513,18 +567,8 @@ def ingest_ray(
 
 def ray_pass(data_cfg: DictConfig, seed: int, out_dir: Path) -> dict[str, Any]:
     """`ingest_ray` on a running Ray."""
-    import ray.data
-
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    ds, source = ray_source(data_cfg, seed)
-    schema = ds.schema().base_schema  # pyarrow (files) or pandas (a frame handed to Ray)
-    if hasattr(schema, "empty_table"):
-        sample = schema.empty_table().to_pandas()  # numpy dtypes, as pandas reads
-    else:
-        sample = pd.DataFrame(
-            {n: pd.Series(dtype=t) for n, t in zip(schema.names, schema.types, strict=True)}
-        )
+    bounded_ray_data()
+    ds, source, sample = ray_source(data_cfg, seed)
     sample.columns = [str(c) for c in sample.columns]
     declared = OmegaConf.to_container(data_cfg.columns) if data_cfg.columns else None
     sample, types, _ = apply_types(sample, declared, source, data_cfg.bad_rows)

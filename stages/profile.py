@@ -36,7 +36,15 @@ from whylogs.core.constraints.factories import (  # noqa: E402
     no_missing_values,
 )
 
-from stages.common import StageError, atomic_dir, read_json, run, write_atomic, write_json  # noqa: E402
+from stages.common import (  # noqa: E402
+    StageError,
+    atomic_dir,
+    bounded_ray_data,
+    read_json,
+    run,
+    write_atomic,
+    write_json,
+)
 from stages.drift import DatasetProfileView, drift_scores, drifted, json_safe, profile_frame  # noqa: E402
 from stages.ingest import OUT_DIR as DATA_DIR  # noqa: E402
 from stages.ingest import SPLITS  # noqa: E402
@@ -270,6 +278,7 @@ def ray_running() -> Iterator[None]:
     import ray.data
 
     if ray.is_initialized():
+        bounded_ray_data()
         yield
         return
     ray.init(
@@ -279,8 +288,7 @@ def ray_running() -> Iterator[None]:
         configure_logging=True,
     )
     try:
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        bounded_ray_data()
         yield
     finally:
         ray.shutdown()

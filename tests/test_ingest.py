@@ -223,9 +223,12 @@ def test_stage_cli_reports_one_line_and_exit_status(tmp_path: Path, in_repo_root
     assert len(lines) == 1 and lines[0].startswith(f"error: {missing}") and "not found" in lines[0]
 
 
-def test_ray_engine_streams_the_same_rows_into_part_folders(tmp_path: Path) -> None:
+def test_ray_engine_streams_the_same_rows_into_part_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     src = tmp_path / "shop.csv"
     mixed_frame(3000).to_csv(src, index=False)
+    monkeypatch.setattr("stages.ingest.BLOCK_BYTES", 20_000)  # cut the CSV into ~10 ranges
     by_group = ["data.split.strategy=group", "data.split.column=shop"]
     pandas = ingest(file_cfg(src, *by_group), 0, tmp_path / "pandas")
     ray = ingest(file_cfg(src, *by_group, "data.engine=ray"), 0, tmp_path / "ray")
