@@ -44,6 +44,7 @@ from stages.model import (  # noqa: E402
     SCORE_NAME,
     build_network,
     encode_targets,
+    label_indices,
     num_outputs,
     preprocessor,
     save_fp32,
@@ -144,10 +145,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)  # device placement, DDP with >1 worker
     torch.manual_seed(config["seed"] + rank)  # distinct dropout per worker
     optimizer = instantiate(config["optimizer"])(model.parameters(), lr=config["lr"])
+    schedule = config["lr_schedule"]
+    scheduler = instantiate(schedule)(optimizer) if schedule else None
     classify = task == "classification"
-    loss_fn = nn.CrossEntropyLoss(reduction="sum") if classify else nn.MSELoss(reduction="sum")
-    collate = ToTensors(config["width"])
     device = ray.train.torch.get_device()
+    weights = config["class_weights"]
+    weight = torch.tensor(weights, dtype=torch.float32, device=device) if weights else None
+    loss_fn = (
+        nn.CrossEntropyLoss(weight=weight, reduction="sum")
+        if classify
+        else nn.MSELoss(reduction="sum")
+    )
+    collate = ToTensors(config["width"])
 
     def batch_sums(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
         if not classify:
@@ -160,6 +169,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("val")
     history: list[dict[str, float]] = []
+    stop = config["early_stopping"]
+    best_state: dict[str, torch.Tensor] = {}
     for epoch in range(1, config["epochs"] + 1):
         model.train()
         sums = torch.zeros(5, dtype=torch.float64, device=device)
@@ -189,8 +200,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             f"train_{score}": train_score,
             "val_loss": val_loss,
             f"val_{score}": val_score,
+            "lr": optimizer.param_groups[0]["lr"],
         }
         history.append(metrics)
+        if scheduler is not None:
+            scheduler.step()
+        net = model.module if hasattr(model, "module") else model
+        best = best_epoch(history, stop)
+        if best == epoch:  # kept in memory; checkpoints carry the best weights, not the last
+            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        stopping = stop["patience"] is not None and epoch - best >= stop["patience"]
         if rank == 0:
             print(  # reaches the driver's console through Ray's log forwarding
                 f"epoch {epoch}/{config['epochs']}: train loss {train_loss:.4f}"
@@ -199,16 +218,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
-            last = epoch == config["epochs"]
+            last = epoch == config["epochs"] or stopping
             if rank == 0 and (last or epoch % config["checkpoint_every"] == 0):
-                net = model.module if hasattr(model, "module") else model
-                state = {k: v.cpu() for k, v in net.state_dict().items()}
                 torch.save(
-                    {"state_dict": state, "history": history},
+                    {"state_dict": best_state, "best_epoch": best, "history": history},
                     Path(tmp) / "checkpoint.pt",
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)  # every worker must report
+        if stopping:  # every worker scores all of val: all stop at the same epoch
+            if rank == 0:
+                print(f"early stop: no {stop['metric']} gain since epoch {best}", flush=True)
+            break
+
+
+def best_epoch(history: list[dict[str, float]], stop: dict[str, Any]) -> int:
+    """The epoch (1-based) whose `stop.metric` is best (`stop.mode` min or max), counting
+    only gains over `stop.min_delta`."""
+    sign = 1.0 if stop["mode"] == "min" else -1.0
+    best, at = float("inf"), 0
+    for entry in history:
+        value = sign * entry[stop["metric"]]
+        if value < best - stop["min_delta"]:
+            best, at = value, entry["epoch"]
+    return at
+
+
+def class_weights(labels: np.ndarray, n_classes: int) -> list[float]:
+    """Loss weights inversely proportional to each class's frequency (scikit-learn's
+    "balanced"): n / (classes * count); an absent class gets weight 1."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    weights = np.where(counts > 0, len(labels) / (n_classes * np.maximum(counts, 1)), 1.0)
+    return weights.tolist()
 
 
 def resolve_use_gpu(use_gpu: bool | str) -> bool:
@@ -228,6 +269,16 @@ def check_config(
         value = train_cfg[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise StageError(f"train.{key}: expected an integer >= 1, got {value!r}")
+    stop = train_cfg["early_stopping"]
+    if stop["mode"] not in ("min", "max"):
+        raise StageError(f"train.early_stopping.mode: expected min or max, got {stop['mode']!r}")
+    patience = stop["patience"]
+    if patience is not None and (not isinstance(patience, int) or patience < 1):
+        raise StageError(f"train.early_stopping.patience: expected null or >= 1, got {patience!r}")
+    if train_cfg["class_weights"] not in (None, "balanced"):
+        raise StageError(
+            f"train.class_weights: expected null or balanced, got {train_cfg['class_weights']!r}"
+        )
     lr = train_cfg["lr"]
     if not isinstance(lr, int | float) or isinstance(lr, bool) or lr <= 0:
         raise StageError(f"train.lr: expected a number > 0, got {lr!r}")
@@ -236,6 +287,15 @@ def check_config(
         (
             "train.optimizer",
             lambda: instantiate(train_cfg["optimizer"])(nn.Linear(1, 1).parameters(), lr=lr),
+        ),
+        (
+            "train.lr_schedule",
+            lambda: (
+                train_cfg["lr_schedule"]
+                and instantiate(train_cfg["lr_schedule"])(
+                    torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=lr)
+                )
+            ),
         ),
     ):
         try:
@@ -280,6 +340,13 @@ def fit(
     """
     width, outputs = preprocessor(meta).width, num_outputs(meta)
     check_config(meta["model"], train_cfg, width, outputs)
+    score = SCORE_NAME[meta["task"]]
+    metrics = ("train_loss", "val_loss", f"train_{score}", f"val_{score}")
+    if train_cfg["early_stopping"]["metric"] not in metrics:
+        raise StageError(
+            f"train.early_stopping.metric: {train_cfg['early_stopping']['metric']!r} is not"
+            f" one of {', '.join(metrics)}"
+        )
     if train_rows is None:
         train_rows = len(splits["train"])
     num_workers = train_cfg["num_workers"]
@@ -309,6 +376,9 @@ def fit(
                 "seed": seed,
                 "shuffle_buffer": min(train_rows, SHUFFLE_ROWS),
                 "checkpoint_every": train_cfg["checkpoint_every"],
+                "early_stopping": train_cfg["early_stopping"],
+                "lr_schedule": train_cfg["lr_schedule"],
+                "class_weights": meta.get("class_weights"),
             },
             scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
             run_config=ray.train.RunConfig(
@@ -326,7 +396,13 @@ def fit(
         with result.checkpoint.as_directory() as ckpt:
             state = torch.load(Path(ckpt) / "checkpoint.pt", weights_only=True)
     model = build_network(meta["model"], width, outputs)
-    model.load_state_dict(state["state_dict"])
+    model.load_state_dict(state["state_dict"])  # the best epoch's weights
+    log.info(
+        "kept epoch %d of %d (best %s)",
+        state["best_epoch"],
+        len(state["history"]),
+        train_cfg["early_stopping"]["metric"],
+    )
     return model.eval(), state["history"]
 
 
@@ -351,7 +427,14 @@ def model_meta(
         )
     except (KeyError, ValueError, TypeError) as err:
         raise StageError(f"train split does not match schema.json: {err}") from None
+    weights = None
+    if train_cfg["class_weights"] == "balanced":
+        if task != "classification":
+            raise StageError("train.class_weights: balanced needs a classification target")
+        labels = label_indices(train[target], schema["classes"])
+        weights = class_weights(labels, len(schema["classes"]))
     return {
+        "class_weights": weights,
         "model": model_cfg,
         "task": task,
         "features": [f["name"] for f in features],
@@ -382,7 +465,8 @@ def train(cfg: DictConfig, data_dir: Path, model_dir: Path) -> list[dict[str, fl
 def main(cfg: DictConfig) -> None:
     history = train(cfg, DATA_DIR, MODEL_DIR)
     write_atomic(CURVES, pd.DataFrame(history).to_csv(index=False))
-    write_json(METRICS, history[-1])
+    best = best_epoch(history, OmegaConf.to_container(cfg.train.early_stopping))
+    write_json(METRICS, {**history[best - 1], "best_epoch": best, "epochs_run": len(history)})
     score = next(k for k in history[-1] if k.startswith("val_") and k != "val_loss")
     log.info(
         "%s %.4f after %d epochs -> %s, %s",

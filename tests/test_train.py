@@ -57,6 +57,10 @@ def test_use_gpu_values() -> None:
         ({"model": {"hidden_sizes": "wide"}}, r"model: cannot build it"),
         ({"model": {"_target_": "stages.model.Nope"}}, r"model: cannot build it"),
         ({"train": {"optimizer": {"_target_": "torch.optim.Nope"}}}, "train.optimizer: cannot"),
+        ({"train": {"early_stopping": {"mode": "up"}}}, "train.early_stopping.mode: expected"),
+        ({"train": {"early_stopping": {"patience": 0}}}, "train.early_stopping.patience"),
+        ({"train": {"class_weights": "equal"}}, "train.class_weights: expected null or balanced"),
+        ({"train": {"lr_schedule": {"_target_": "torch.Nope"}}}, "train.lr_schedule: cannot"),
     ],
 )
 def test_bad_config_fails_before_ray_starts(cfg, override: dict, message: str) -> None:
@@ -95,3 +99,51 @@ def test_streams_part_folders_and_learns_categories_with_gaps(tmp_path: Path, cf
     x, y = encode_split(test, meta)
     accuracy = (predict_logits(model, x).argmax(1) == y).mean()
     assert accuracy > 0.8 and history[-1]["val_accuracy"] > 0.8  # majority class: about 0.6
+
+
+def test_balanced_class_weights() -> None:
+    from stages.train import class_weights
+
+    weights = class_weights(np.array([0, 0, 0, 1]), 3)
+    assert weights == pytest.approx([4 / 9, 4 / 3, 1.0])  # n / (classes * count); absent: 1
+
+
+def test_seeded_one_worker_runs_give_identical_weights(curated: Path, tmp_path: Path) -> None:
+    from stages.common import compose
+    from stages.train import train
+
+    run = compose(["train.epochs=2", "train.num_workers=1"])
+    train(run, curated, tmp_path / "a")
+    train(run, curated, tmp_path / "b")
+    a, b = (torch.load(tmp_path / f"{r}/model.pt", weights_only=True) for r in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_early_stopping_keeps_the_best_epoch_and_the_schedule_steps(
+    curated: Path, tmp_path: Path
+) -> None:
+    """No later epoch beats epoch 1 by a whole accuracy point: training stops after
+    `patience` more epochs and keeps epoch 1's weights, not the last."""
+    from stages.common import compose
+    from stages.train import train
+
+    run = compose(
+        [
+            "train.epochs=20",
+            "train.num_workers=1",
+            "train.early_stopping.metric=val_accuracy",
+            "train.early_stopping.mode=max",
+            "train.early_stopping.min_delta=1.0",
+            "train.early_stopping.patience=2",
+            "train.lr_schedule={_target_: torch.optim.lr_scheduler.StepLR, _partial_: true,"
+            " step_size: 1, gamma: 0.5}",
+        ]
+    )
+    history = train(run, curated, tmp_path / "m")
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert [h["lr"] for h in history] == pytest.approx([1e-3, 5e-4, 2.5e-4])
+    model, meta = load_fp32(tmp_path / "m")
+    x, y = encode_split(pd.read_parquet(curated / "val.parquet"), meta)
+    kept = (predict_logits(model, x).argmax(1) == y).mean()
+    assert kept == pytest.approx(history[0]["val_accuracy"])
+    assert history[2]["val_accuracy"] != history[0]["val_accuracy"]  # the last differs
