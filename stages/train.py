@@ -27,6 +27,7 @@ for _key, _value in {
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
 import ray.train  # noqa: E402
 import ray.train.torch  # noqa: E402
@@ -35,6 +36,7 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from ray.data import ExecutionOptions  # noqa: E402
 from ray.data.collate_fn import NumpyBatchCollateFn  # noqa: E402
+from ray.data.extensions import ArrowTensorArray  # noqa: E402
 from torch import nn  # noqa: E402
 
 from stages.common import StageError, atomic_dir, read_json, run, write_atomic, write_json  # noqa: E402
@@ -56,6 +58,7 @@ MODEL_DIR = Path("models/fp32")
 CURVES = Path("plots/train.csv")
 METRICS = Path("metrics/train.json")
 LABEL = "label_index"
+FEATURES = "features"
 SHUFFLE_ROWS = 200_000  # the local shuffle buffer's size, at most: memory stays bounded
 SAMPLE_ROWS = 200_000  # a streamed train split's preprocessing is fitted on its first rows
 
@@ -63,24 +66,19 @@ SAMPLE_ROWS = 200_000  # a streamed train split's preprocessing is fitted on its
 class ToTensors(NumpyBatchCollateFn):
     """A Ray Data batch as (encoded features [B, F] float32, targets [B])."""
 
-    def __init__(self, width: int) -> None:
-        self.columns = [f"x{i}" for i in range(width)]
-
     def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = np.stack([batch[c] for c in self.columns], axis=1).astype(np.float32)
-        return torch.from_numpy(x), torch.from_numpy(np.array(batch[LABEL]))
+        return torch.from_numpy(np.array(batch[FEATURES])), torch.from_numpy(np.array(batch[LABEL]))
 
 
-def encode_batch(df: pd.DataFrame, meta: dict[str, Any], split: str) -> pd.DataFrame:
-    """Raw split rows as the encoded features (x0..xN) and the training target."""
+def encode_batch(df: pd.DataFrame, meta: dict[str, Any], split: str) -> pa.Table:
+    """Raw split rows as the encoded features (one tensor column: a batch of it is one
+    array, not one per feature) and the training target."""
     try:
         x = preprocessor(meta).encode_frame(df)
         y = encode_targets(df[meta["target"]], meta)
     except (KeyError, ValueError) as err:
         raise StageError(f"{split} split: {err}") from None
-    table = pd.DataFrame(x, columns=[f"x{i}" for i in range(x.shape[1])])
-    table[LABEL] = y
-    return table
+    return pa.table({FEATURES: ArrowTensorArray.from_numpy(x), LABEL: y})
 
 
 def build_datasets(
@@ -92,7 +90,7 @@ def build_datasets(
     out = {}
     for name, split in splits.items():
         if isinstance(split, pd.DataFrame):
-            out[name] = ray.data.from_pandas(encode_batch(split, meta, name))
+            out[name] = ray.data.from_arrow(encode_batch(split, meta, name))
         else:  # a function, not a class: tasks, not an actor pool holding a CPU
             data = ray.data.read_parquet(str(split))
             kwargs = {"meta": meta, "split": name}
@@ -156,7 +154,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if classify
         else nn.MSELoss(reduction="sum")
     )
-    collate = ToTensors(config["width"])
+    collate = ToTensors()
 
     def batch_sums(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
         if not classify:
@@ -172,6 +170,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     stop = config["early_stopping"]
     best_state: dict[str, torch.Tensor] = {}
     for epoch in range(1, config["epochs"] + 1):
+        began = time.perf_counter()
         model.train()
         sums = torch.zeros(5, dtype=torch.float64, device=device)
         for x, y in train_shard.iter_torch_batches(
@@ -201,6 +200,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "val_loss": val_loss,
             f"val_{score}": val_score,
             "lr": optimizer.param_groups[0]["lr"],
+            "epoch_s": time.perf_counter() - began,  # training and validation
         }
         history.append(metrics)
         if scheduler is not None:

@@ -1,0 +1,164 @@
+"""Training benchmark: the train stage on Ray Train against a plain PyTorch loop.
+
+The same model (conf/model/), data (the synthetic source, ingested and encoded by the
+stages), batch size, optimizer, epochs and validation pass each epoch:
+  (a) the train stage's `fit` on Ray Train (`TorchTrainer`, Ray Data shards), with 1 and
+      2 CPU workers;
+  (b) a single-process PyTorch loop over the same encoded arrays, shuffled each epoch, with
+      1 torch thread (what one Ray worker gets: Ray sets OMP_NUM_THREADS to its CPUs) and
+      with torch's default threads.
+Each run is a fresh process, one at a time. Prints wall time split into start-up (process
+start to the first epoch, Ray's start and dataset building included) and the median
+epoch, samples/s, and the per-epoch ratio (a)/(b, 1 thread). Target: <= 1.15 at 1 worker.
+
+    python -m bench.train --rows 200000 --epochs 5 --workers 1,2
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BIN = Path(sys.executable)
+TARGET = 1.15
+
+
+def overrides(rows: int, epochs: int) -> list[str]:
+    return [
+        "data=synthetic",
+        f"data.synthetic.rows={rows}",
+        f"train.epochs={epochs}",
+        "train.early_stopping.patience=null",  # every epoch runs
+    ]
+
+
+def child_ray(cfg: Any, data: Path, workers: int) -> dict[str, Any]:
+    """The train stage's `fit` with `workers` Ray Train workers."""
+    from omegaconf import OmegaConf
+
+    from stages.common import read_json
+    from stages.train import fit, model_meta, read_splits
+
+    schema = read_json(data / "schema.json")
+    splits, fit_on = read_splits(data, 200_000)
+    train_cfg = {**OmegaConf.to_container(cfg.train, resolve=True), "num_workers": workers}
+    meta = model_meta(schema, fit_on, OmegaConf.to_container(cfg.model), train_cfg)
+    _, history = fit(splits, meta, train_cfg, cfg.seed, None, schema["rows"]["train"])
+    return {"epochs": [h["epoch_s"] for h in history], "rows": schema["rows"]["train"]}
+
+
+def child_torch(cfg: Any, data: Path, threads: int | None) -> dict[str, Any]:
+    """A plain PyTorch loop: what a user would write without Ray."""
+    import numpy as np
+    import pandas as pd
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from torch import nn
+
+    from stages.common import read_json
+    from stages.model import build_network, encode_targets, num_outputs, preprocessor
+    from stages.train import model_meta
+
+    if threads:
+        torch.set_num_threads(threads)
+    train_cfg = OmegaConf.to_container(cfg.train, resolve=True)
+    train, val = (pd.read_parquet(data / f"{s}.parquet") for s in ("train", "val"))
+    model_cfg = OmegaConf.to_container(cfg.model)
+    meta = model_meta(read_json(data / "schema.json"), train, model_cfg, train_cfg)
+    pre, target = preprocessor(meta), meta["target"]
+    x = torch.from_numpy(pre.encode_frame(train))
+    y = torch.from_numpy(encode_targets(train[target], meta))
+    vx = torch.from_numpy(pre.encode_frame(val))
+    vy = torch.from_numpy(encode_targets(val[target], meta))
+    torch.manual_seed(cfg.seed)
+    model = build_network(cfg.model, pre.width, num_outputs(meta))
+    optimizer = instantiate(train_cfg["optimizer"])(model.parameters(), lr=train_cfg["lr"])
+    loss_fn = nn.CrossEntropyLoss()
+    rng, size, epochs = np.random.default_rng(cfg.seed), train_cfg["batch_size"], []
+    for _ in range(train_cfg["epochs"]):
+        began = time.perf_counter()
+        model.train()
+        order = torch.from_numpy(rng.permutation(len(x)))
+        for i in range(0, len(x), size):
+            batch = order[i : i + size]
+            optimizer.zero_grad()
+            loss_fn(model(x[batch]), y[batch]).backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            hits = sum(
+                (model(vx[i : i + 1024]).argmax(1) == vy[i : i + 1024]).sum().item()
+                for i in range(0, len(vx), 1024)
+            )
+        assert hits >= 0
+        epochs.append(time.perf_counter() - began)
+    return {"epochs": epochs, "rows": len(x), "threads": torch.get_num_threads()}
+
+
+def run_child(args: list[str]) -> dict[str, Any]:
+    began = time.perf_counter()
+    proc = subprocess.run([BIN, "-m", "bench.train", *args], capture_output=True, text=True)
+    wall = time.perf_counter() - began
+    if proc.returncode != 0:
+        sys.exit(f"bench.train {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall"] = wall
+    result["startup"] = wall - sum(result["epochs"])
+    result["epoch"] = statistics.median(result["epochs"])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=200_000, help="synthetic rows (all splits)")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--workers", default="1,2", help="Ray Train worker counts")
+    parser.add_argument("--child", choices=["ray", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    from stages.common import compose
+
+    cfg = compose(overrides(args.rows, args.epochs))
+    if args.child == "ray":
+        print(json.dumps(child_ray(cfg, args.data, args.n)))
+        return
+    if args.child == "torch":
+        print(json.dumps(child_torch(cfg, args.data, args.n or None)))
+        return
+    from stages.ingest import ingest
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        data = Path(tmp) / "curated"
+        ingest(cfg.data, cfg.seed, data)
+        common = ["--rows", str(args.rows), "--epochs", str(args.epochs), "--data", str(data)]
+        runs = {"torch, 1 thread": run_child([*common, "--child", "torch", "--n", "1"])}
+        runs["torch, default threads"] = run_child([*common, "--child", "torch"])
+        for k in (int(w) for w in args.workers.split(",")):
+            runs[f"Ray Train, {k} worker(s)"] = run_child(
+                [*common, "--child", "ray", "--n", str(k)]
+            )
+    base = runs["torch, 1 thread"]["epoch"]
+    train_rows = runs["torch, 1 thread"]["rows"]
+    print(f"\n{args.rows} synthetic rows ({train_rows} train), {args.epochs} epochs")
+    print("| run | start-up s | median epoch s | samples/s | epoch / torch 1 thread |")
+    print("|---|---:|---:|---:|---:|")
+    for name, r in runs.items():
+        cells = [f"{r['startup']:.1f}", f"{r['epoch']:.2f}", f"{r['rows'] / r['epoch']:,.0f}"]
+        print(f"| {name} | {' | '.join(cells)} | {r['epoch'] / base:.2f} |")
+    one = next((r for n, r in runs.items() if n.startswith("Ray Train, 1 ")), None)
+    if one:
+        ratio = one["epoch"] / base
+        verdict = "met" if ratio <= TARGET else "NOT met"
+        print(f"\nTarget: Ray Train 1 worker per epoch <= {TARGET}x plain PyTorch: {ratio:.2f}x")
+        print(f"({verdict})")
+
+
+if __name__ == "__main__":
+    main()
