@@ -218,14 +218,8 @@ def unknown_gate(split: str, column: str, rate: float, max_rate: float) -> None:
         )
 
 
-def split_table(
-    df: pd.DataFrame, target: str, split: DictConfig | dict, seed: int, task: str
-) -> dict[str, pd.DataFrame]:
-    """Seeded train/val/test split by `split.strategy`.
-
-    random and stratified (on a classification target) shuffle rows; time puts the oldest
-    rows in train and the newest in test; group keeps each group in one split.
-    """
+def check_split(split: DictConfig | dict, columns: list[str]) -> None:
+    """StageError naming the `data.split` key that is wrong."""
     strategy, column = split["strategy"], split.get("column")
     val_size, test_size = split["val_size"], split["test_size"]
     if not (0 < val_size < 1 and 0 < test_size < 1 and val_size + test_size < 1):
@@ -235,8 +229,21 @@ def split_table(
         )
     if strategy not in STRATEGIES:
         raise StageError(f"data.split.strategy: {strategy!r} is not {' | '.join(STRATEGIES)}")
-    if strategy in ("time", "group") and column not in df.columns:
+    if strategy in ("time", "group") and column not in columns:
         raise StageError(f"data.split.column: {column!r} is not a column ({strategy} split)")
+
+
+def split_table(
+    df: pd.DataFrame, target: str, split: DictConfig | dict, seed: int, task: str
+) -> dict[str, pd.DataFrame]:
+    """Seeded train/val/test split by `split.strategy`.
+
+    random and stratified (on a classification target) shuffle rows; time puts the oldest
+    rows in train and the newest in test; group keeps each group in one split.
+    """
+    check_split(split, list(df.columns))
+    strategy, column = split["strategy"], split.get("column")
+    val_size, test_size = split["val_size"], split["test_size"]
     n = len(df)
     if strategy == "time":
         order = np.argsort(df[column].to_numpy(), kind="stable")
@@ -575,12 +582,7 @@ def ray_pass(data_cfg: DictConfig, seed: int, out_dir: Path) -> dict[str, Any]:
     check_target(sample, data_cfg.target, source, data_cfg.bad_rows)
     numeric, categorical = feature_columns(sample, data_cfg, types, source)
     split = OmegaConf.to_container(data_cfg.split)
-    if split["strategy"] not in STRATEGIES:
-        raise StageError(
-            f"data.split.strategy: {split['strategy']!r} is not {' | '.join(STRATEGIES)}"
-        )
-    if split["strategy"] in ("time", "group") and split["column"] not in sample.columns:
-        raise StageError(f"data.split.column: {split['column']!r} is not a column")
+    check_split(split, list(sample.columns))
     cuts = None
     if split["strategy"] == "time":
         t = ds.select_columns([split["column"]]).to_pandas()[split["column"]]
