@@ -143,6 +143,25 @@ def feature_columns(
     return [c for c in features if c not in categorical], categorical
 
 
+def kept_columns(
+    numeric: list[str], categorical: list[str], target: str, split_column: str | None
+) -> list[str]:
+    """The curated columns: features, the target and the split column (if any)."""
+    keep = [*numeric, *categorical, target]
+    return keep + [split_column] if split_column and split_column not in keep else keep
+
+
+def curated_columns(
+    df: pd.DataFrame, numeric: list[str], categorical: list[str], keep: list[str]
+) -> pd.DataFrame:
+    """`keep` of `df`, numeric features as float64 and categorical ones as strings."""
+    for c in numeric:
+        df[c] = df[c].astype("float64")
+    for c in categorical:
+        df[c] = cast(df[c], "string")
+    return df[keep]
+
+
 def check_target(df: pd.DataFrame, target: str, source: str, bad_rows: str) -> pd.DataFrame:
     """The table without rows missing the target (data.bad_rows=drop), or a StageError."""
     if target not in df.columns:
@@ -334,14 +353,8 @@ def prepare(data_cfg: DictConfig, seed: int) -> tuple[dict[str, pd.DataFrame], d
     target = data_cfg.target
     task = infer_task(df[target], data_cfg.task, target)
     numeric, categorical = feature_columns(df, data_cfg, types, source)
-    for c in numeric:
-        df[c] = df[c].astype("float64")
-    for c in categorical:
-        df[c] = cast(df[c], "string")
-    keep = [*numeric, *categorical, target]
-    if data_cfg.split.column and data_cfg.split.column not in keep:
-        keep.append(data_cfg.split.column)
-    df = df[keep]
+    keep = kept_columns(numeric, categorical, target, data_cfg.split.column)
+    df = curated_columns(df, numeric, categorical, keep)
     duplicates = check_quality(df, numeric + categorical, target, data_cfg.quality, source)
     parts = split_table(df, target, data_cfg.split, seed, task)
     check_unknown_categories(parts, categorical, data_cfg.quality.max_unknown_categories)
@@ -489,11 +502,7 @@ def process_block(batch: Any, spec: dict[str, Any]) -> pd.DataFrame:
     df, _, unparsed = apply_types(df, spec["declared"], spec["source"], spec["bad_rows"])
     typed = len(df)
     df = check_target(df, spec["target"], spec["source"], spec["bad_rows"])
-    for c in spec["numeric"]:
-        df[c] = df[c].astype("float64")
-    for c in spec["categorical"]:
-        df[c] = cast(df[c], "string")
-    df = df[spec["keep"]]
+    df = curated_columns(df, spec["numeric"], spec["categorical"], spec["keep"])
     where = assign_splits(df, spec["split"], spec["seed"], spec["cuts"])
     stats: dict[str, Any] = {"dropped": unparsed + typed - len(df), "rows": {}, "min": {}}
     stats.update(max={}, nulls={c: int(df[c].isna().sum()) for c in spec["features"]})
@@ -589,9 +598,7 @@ def ray_pass(data_cfg: DictConfig, seed: int, out_dir: Path) -> dict[str, Any]:
         cuts = tuple(
             t.quantile([1 - split["val_size"] - split["test_size"], 1 - split["test_size"]])
         )
-    keep = [*numeric, *categorical, data_cfg.target]
-    if split["column"] and split["column"] not in keep:
-        keep.append(split["column"])
+    keep = kept_columns(numeric, categorical, data_cfg.target, split["column"])
     with atomic_dir(out_dir) as tmp:
         spec = {
             "declared": declared,
