@@ -9,6 +9,7 @@ import os
 import random
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,8 @@ LABEL = "label_index"
 FEATURES = "features"
 SHUFFLE_ROWS = 200_000  # the local shuffle buffer's size, at most: memory stays bounded
 SAMPLE_ROWS = 200_000  # a streamed train split's preprocessing is fitted on its first rows
+PLACEMENT = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement strategies
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ToTensors(NumpyBatchCollateFn):
@@ -133,18 +136,47 @@ def epoch_metrics(sums: torch.Tensor, task: str) -> tuple[float, float]:
     return loss / n, 1.0 - hits / max(sum_y2 - sum_y**2 / n, 1e-12)
 
 
+def restore(model: nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    """The state of the last checkpoint Ray Train restored after a failure, loaded into the
+    model, optimizer and scheduler; an empty state when the run starts afresh."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return {"epoch": 0, "history": [], "best_state": {}, "attempt": 0}
+    with checkpoint.as_directory() as ckpt:
+        state = torch.load(Path(ckpt) / "checkpoint.pt", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    return {**state, "attempt": state["attempt"] + 1}
+
+
+def node_count() -> int:
+    """How many machines (Ray nodes) the training workers run on."""
+    node = ray.get_runtime_context().get_node_id()
+    if not torch.distributed.is_initialized():
+        return 1
+    nodes: list[str | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(nodes, node)
+    return len(set(nodes))
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker: trains on its shard, reports metrics and a checkpoint per epoch."""
-    logging.getLogger().setLevel(logging.WARNING)  # Ray Train logs every report at INFO
+    """One Ray Train worker: trains on its shard, reports metrics every epoch and a
+    checkpoint every `checkpoint_every` epochs; after a failure it resumes from the last
+    checkpoint."""
+    for name in ("", "ray.train"):  # Ray Train logs every report and checkpoint at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
     rank = ray.train.get_context().get_world_rank()
     task, score = config["task"], SCORE_NAME[config["task"]]
     seed_everything(config["seed"])  # the same initial weights on every worker
-    model = build_network(config["model"], config["width"], config["outputs"])
-    model = ray.train.torch.prepare_model(model)  # device placement, DDP with >1 worker
-    torch.manual_seed(config["seed"] + rank)  # distinct dropout per worker
-    optimizer = instantiate(config["optimizer"])(model.parameters(), lr=config["lr"])
+    net = build_network(config["model"], config["width"], config["outputs"])
+    optimizer = instantiate(config["optimizer"])(net.parameters(), lr=config["lr"])
     schedule = config["lr_schedule"]
     scheduler = instantiate(schedule)(optimizer) if schedule else None
+    state = restore(net, optimizer, scheduler)  # before DDP wraps the model
+    model = ray.train.torch.prepare_model(net)  # device placement, DDP with >1 worker
+    optimizer.load_state_dict(optimizer.state_dict())  # moves its state to the device
     classify = task == "classification"
     device = ray.train.torch.get_device()
     weights = config["class_weights"]
@@ -154,9 +186,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if classify
         else nn.MSELoss(reduction="sum")
     )
+    dtype = PRECISIONS[config["precision"]]
+    autocast = partial(torch.autocast, device.type, dtype=dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     collate = ToTensors()
+    nodes = node_count()
 
     def batch_sums(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        logits = logits.float()
         if not classify:
             logits = logits[:, 0]
         loss = loss_fn(logits, y)
@@ -166,11 +203,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("val")
-    history: list[dict[str, float]] = []
+    history: list[dict[str, float]] = state["history"]
     stop = config["early_stopping"]
-    best_state: dict[str, torch.Tensor] = {}
-    for epoch in range(1, config["epochs"] + 1):
+    best_state: dict[str, torch.Tensor] = state["best_state"]
+    for epoch in range(state["epoch"] + 1, config["epochs"] + 1):
         began = time.perf_counter()
+        torch.manual_seed(config["seed"] + 1000 * epoch + rank)  # dropout: same after a resume
         model.train()
         sums = torch.zeros(5, dtype=torch.float64, device=device)
         for x, y in train_shard.iter_torch_batches(
@@ -180,15 +218,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             local_shuffle_seed=config["seed"] + 1000 * epoch + rank,
         ):
             optimizer.zero_grad()
-            loss, batch = batch_sums(model(x), y)
-            (loss / len(y)).backward()
-            optimizer.step()
+            with autocast():
+                loss, batch = batch_sums(model(x), y)
+            scaler.scale(loss / len(y)).backward()
+            scaler.step(optimizer)
+            scaler.update()
             sums += torch.tensor(batch, dtype=torch.float64, device=device)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
         model.eval()
         val_sums = torch.zeros(5, dtype=torch.float64)  # every worker scores all of val
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             for x, y in val_data.iter_torch_batches(batch_size=1024, collate_fn=collate):
                 val_sums += torch.tensor(batch_sums(model(x), y)[1], dtype=torch.float64)
         train_loss, train_score = epoch_metrics(sums.cpu(), task)
@@ -201,11 +241,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             f"val_{score}": val_score,
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_s": time.perf_counter() - began,  # training and validation
+            "attempt": state["attempt"],  # 0, or how many failures the run resumed from
         }
         history.append(metrics)
         if scheduler is not None:
             scheduler.step()
-        net = model.module if hasattr(model, "module") else model
         best = best_epoch(history, stop)
         if best == epoch:  # kept in memory; checkpoints carry the best weights, not the last
             best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
@@ -221,7 +261,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             last = epoch == config["epochs"] or stopping
             if rank == 0 and (last or epoch % config["checkpoint_every"] == 0):
                 torch.save(
-                    {"state_dict": best_state, "best_epoch": best, "history": history},
+                    {
+                        "state_dict": best_state,  # what the stage keeps
+                        "best_epoch": best,
+                        "history": history,
+                        "nodes": nodes,
+                        # what a resumed run needs besides
+                        "epoch": epoch,
+                        "model": net.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict() if scheduler else None,
+                        "best_state": best_state,
+                        "attempt": state["attempt"],
+                    },
                     Path(tmp) / "checkpoint.pt",
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
@@ -269,6 +321,25 @@ def check_config(
         value = train_cfg[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise StageError(f"train.{key}: expected an integer >= 1, got {value!r}")
+    failures = train_cfg["max_failures"]
+    if not isinstance(failures, int) or isinstance(failures, bool) or failures < -1:
+        raise StageError(f"train.max_failures: expected an integer >= -1, got {failures!r}")
+    if train_cfg["precision"] not in PRECISIONS:
+        raise StageError(
+            f"train.precision: expected one of {', '.join(PRECISIONS)},"
+            f" got {train_cfg['precision']!r}"
+        )
+    if train_cfg["placement_strategy"] not in PLACEMENT:
+        raise StageError(
+            f"train.placement_strategy: expected one of {', '.join(PLACEMENT)},"
+            f" got {train_cfg['placement_strategy']!r}"
+        )
+    resources = train_cfg["resources_per_worker"] or {}
+    for name, amount in resources.items():
+        if not isinstance(amount, int | float) or isinstance(amount, bool) or amount < 0:
+            raise StageError(
+                f"train.resources_per_worker.{name}: expected a number >= 0, got {amount!r}"
+            )
     stop = train_cfg["early_stopping"]
     if stop["mode"] not in ("min", "max"):
         raise StageError(f"train.early_stopping.mode: expected min or max, got {stop['mode']!r}")
@@ -304,15 +375,15 @@ def check_config(
             raise StageError(f"{key}: cannot build it: {' '.join(str(err).split())}") from None
 
 
-def init_ray(address: str | None, num_workers: int) -> None:
+def init_ray(address: str | None, cpus: int) -> None:
     """Join the cluster at `address`, or start a private local Ray.
 
-    The local Ray gets a logical CPU more than the workers take: with none spare, Ray
-    Data's tasks wait forever for a CPU.
+    The local Ray gets a logical CPU more than the workers take (`cpus`): with none spare,
+    Ray Data's tasks wait forever for a CPU.
     """
     if ray.is_initialized():
         return
-    local = {"num_cpus": max(num_workers + 1, os.cpu_count() or 1)} if address is None else {}
+    local = {"num_cpus": max(cpus + 1, os.cpu_count() or 1)} if address is None else {}
     ray.init(
         address=address or "local",
         include_dashboard=False,
@@ -325,19 +396,35 @@ def init_ray(address: str | None, num_workers: int) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
+def scaling(train_cfg: dict[str, Any], use_gpu: bool) -> ray.train.ScalingConfig:
+    """Workers, their resources and placement from `train.*`."""
+    resources = dict(train_cfg["resources_per_worker"] or {})
+    if use_gpu:
+        resources.setdefault("GPU", 1)
+    return ray.train.ScalingConfig(
+        num_workers=train_cfg["num_workers"],
+        use_gpu=use_gpu,
+        resources_per_worker=resources or None,
+        placement_strategy=train_cfg["placement_strategy"],
+    )
+
+
 def fit(
     splits: dict[str, pd.DataFrame | Path],
     meta: dict[str, Any],
     train_cfg: dict[str, Any],
     seed: int,
-    address: str | None = None,
+    cluster: dict[str, Any] | None = None,
     train_rows: int | None = None,
 ) -> tuple[nn.Module, list[dict[str, float]]]:
-    """Train the network in `meta` on `splits` ("train", "val") with Ray Train.
+    """Train the network in `meta` on `splits` ("train", "val") with Ray Train, on the
+    cluster at `cluster["address"]` (none: a local Ray). Records in `meta["trained_on"]`
+    the workers, nodes, device and precision used.
 
     Returns:
-        The model from the final checkpoint (eval mode) and the per-epoch history.
+        The best epoch's model (eval mode) and the per-epoch history.
     """
+    cluster = cluster or {"address": None, "storage_path": None}
     width, outputs = preprocessor(meta).width, num_outputs(meta)
     check_config(meta["model"], train_cfg, width, outputs)
     score = SCORE_NAME[meta["task"]]
@@ -350,18 +437,22 @@ def fit(
     if train_rows is None:
         train_rows = len(splits["train"])
     num_workers = train_cfg["num_workers"]
-    init_ray(address, num_workers)
+    cpus = (train_cfg["resources_per_worker"] or {}).get("CPU", 1)
+    init_ray(cluster["address"], int(np.ceil(num_workers * cpus)))
     use_gpu = resolve_use_gpu(train_cfg["use_gpu"])
+    backend = "nccl" if use_gpu else "gloo"
     log.info(
-        "training %s (%s, %d inputs) for %d epochs on %d %s worker(s)",
+        "training %s (%s, %d inputs) for %d epochs on %d %s worker(s), %s, %s",
         meta["model"]["_target_"],
         meta["task"],
         width,
         train_cfg["epochs"],
         num_workers,
         "GPU" if use_gpu else "CPU",
+        backend,
+        train_cfg["precision"],
     )
-    with tempfile.TemporaryDirectory(prefix="ray-train-") as storage:
+    with tempfile.TemporaryDirectory(prefix="ray-train-") as tmp:
         trainer = ray.train.torch.TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
@@ -379,12 +470,15 @@ def fit(
                 "early_stopping": train_cfg["early_stopping"],
                 "lr_schedule": train_cfg["lr_schedule"],
                 "class_weights": meta.get("class_weights"),
+                "precision": train_cfg["precision"],
             },
-            scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+            torch_config=ray.train.torch.TorchConfig(backend=backend),
+            scaling_config=scaling(train_cfg, use_gpu),
             run_config=ray.train.RunConfig(
-                name=f"train-{int(time.time())}",
-                storage_path=storage,
+                name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+                storage_path=cluster["storage_path"] or tmp,
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+                failure_config=ray.train.FailureConfig(max_failures=train_cfg["max_failures"]),
             ),
             datasets=build_datasets(splits, meta),
             dataset_config=ray.train.DataConfig(
@@ -397,13 +491,24 @@ def fit(
             state = torch.load(Path(ckpt) / "checkpoint.pt", weights_only=True)
     model = build_network(meta["model"], width, outputs)
     model.load_state_dict(state["state_dict"])  # the best epoch's weights
+    history = state["history"]
+    meta["trained_on"] = {
+        "workers": num_workers,
+        "nodes": state["nodes"],
+        "device": "GPU" if use_gpu else "CPU",
+        "precision": train_cfg["precision"],
+        "restarts": history[-1]["attempt"],
+    }
     log.info(
-        "kept epoch %d of %d (best %s)",
+        "kept epoch %d of %d (best %s); %d worker(s) on %d node(s), %d restart(s)",
         state["best_epoch"],
-        len(state["history"]),
+        len(history),
         train_cfg["early_stopping"]["metric"],
+        num_workers,
+        state["nodes"],
+        history[-1]["attempt"],
     )
-    return model.eval(), state["history"]
+    return model.eval(), history
 
 
 def model_meta(
@@ -454,7 +559,8 @@ def train(cfg: DictConfig, data_dir: Path, model_dir: Path) -> list[dict[str, fl
     meta = model_meta(schema, fit_on, model_cfg, train_cfg)
     rows = schema["rows"]["train"]
     try:
-        model, history = fit(splits, meta, train_cfg, cfg.seed, cfg.cluster.address, rows)
+        cluster = OmegaConf.to_container(cfg.cluster, resolve=True)
+        model, history = fit(splits, meta, train_cfg, cfg.seed, cluster, rows)
     finally:
         ray.shutdown()
     with atomic_dir(model_dir) as tmp:

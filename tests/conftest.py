@@ -15,6 +15,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 SMALL = ["train.epochs=3", "train.num_workers=1", "compress.latency_repeats=3"]
+# The session's model: 40 epochs at about 0.15 s each leave time to kill a worker mid-run.
+FP32_RUN = [*SMALL, "train.epochs=40", "train.early_stopping.patience=null"]
 
 
 @pytest.fixture(scope="session")
@@ -43,8 +45,8 @@ def fp32_dir(cfg: DictConfig, curated: Path, tmp_path_factory: pytest.TempPathFa
     from stages.train import train
 
     out = tmp_path_factory.mktemp("models") / "fp32"
-    history = train(compose([*SMALL, "train.epochs=10"]), curated, out)
-    assert len(history) == 10
+    history = train(compose(FP32_RUN), curated, out)
+    assert len(history) == 40
     return out
 
 

@@ -1,4 +1,5 @@
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ def test_trained_model_learns_and_keeps_its_preprocessing(fp32_dir: Path, curate
     pred = predict_logits(model, val_x).argmax(1)
     assert (pred == labels).mean() > 0.85  # 10 classes: chance is 0.1
     saved = json.loads((fp32_dir / "model.json").read_text())
-    assert saved["model"]["_target_"] == "stages.model.MLP" and saved["train"]["epochs"] == 10
+    assert saved["model"]["_target_"] == "stages.model.MLP" and saved["train"]["epochs"] == 40
     assert saved["task"] == "classification"
 
 
@@ -61,6 +62,10 @@ def test_use_gpu_values() -> None:
         ({"train": {"early_stopping": {"patience": 0}}}, "train.early_stopping.patience"),
         ({"train": {"class_weights": "equal"}}, "train.class_weights: expected null or balanced"),
         ({"train": {"lr_schedule": {"_target_": "torch.Nope"}}}, "train.lr_schedule: cannot"),
+        ({"train": {"precision": "int4"}}, "train.precision: expected one of fp32, bf16, fp16"),
+        ({"train": {"placement_strategy": "ANY"}}, "train.placement_strategy: expected one"),
+        ({"train": {"max_failures": -2}}, r"train.max_failures: expected an integer >= -1"),
+        ({"train": {"resources_per_worker": {"CPU": "one"}}}, "resources_per_worker.CPU"),
     ],
 )
 def test_bad_config_fails_before_ray_starts(cfg, override: dict, message: str) -> None:
@@ -147,3 +152,58 @@ def test_early_stopping_keeps_the_best_epoch_and_the_schedule_steps(
     kept = (predict_logits(model, x).argmax(1) == y).mean()
     assert kept == pytest.approx(history[0]["val_accuracy"])
     assert history[2]["val_accuracy"] != history[0]["val_accuracy"]  # the last differs
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_the_last_checkpoint(
+    fp32_dir: Path, curated: Path, tmp_path: Path
+) -> None:
+    """SIGKILL the training worker once a checkpoint is registered: Ray Train restarts it
+    (train.max_failures), it resumes after that checkpoint's epoch, not epoch 1, and ends
+    as accurate as the undisturbed session model trained with the same config."""
+    import threading
+
+    import psutil
+    from conftest import FP32_RUN
+
+    from stages.common import compose
+    from stages.train import train
+
+    storage = tmp_path / "checkpoints"
+    run = compose([*FP32_RUN, "train.checkpoint_every=5", f"cluster.storage_path={storage}"])
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["history"] = train(run, curated, tmp_path / "m")
+        except Exception as err:  # re-raised below, in the test's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    # Ray Train writes this file once it has registered a reported checkpoint
+    while thread.is_alive() and not list(storage.glob("*/checkpoint_manager_snapshot.json")):
+        time.sleep(0.02)
+    workers = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "ray::RayTrainWorker" in (p.cmdline() or [""])[0]
+    ]
+    assert thread.is_alive() and len(workers) == 1, "the run ended before the kill"
+    workers[0].kill()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    history = outcome["history"]
+    assert [h["epoch"] for h in history] == list(range(1, 41))
+    resumed = next(h["epoch"] for h in history if h["attempt"] == 1)
+    assert resumed > 1 and (resumed - 1) % 5 == 0  # right after a checkpoint's epoch
+    assert all(h["attempt"] == (h["epoch"] >= resumed) for h in history)
+    _, meta = load_fp32(tmp_path / "m")
+    assert meta["trained_on"]["restarts"] == 1
+    x, y = encode_split(pd.read_parquet(curated / "test.parquet"), meta)
+    accuracy = {
+        name: (predict_logits(load_fp32(d)[0], x).argmax(1) == y).mean()
+        for name, d in (("resumed", tmp_path / "m"), ("undisturbed", fp32_dir))
+    }
+    assert abs(accuracy["resumed"] - accuracy["undisturbed"]) <= 0.01, accuracy

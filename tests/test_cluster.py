@@ -1,0 +1,93 @@
+"""The train stage on a real two-node Ray cluster started with `ray start` on this machine."""
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from stages.common import ROOT
+from stages.model import encode_split, load_fp32, predict_logits
+
+pytestmark = pytest.mark.slow
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """A head node and a second node, 2 CPUs each, sharing a token (Ray 2.60 `ray start`
+    clusters require token authentication). Yields the address and the clients' env."""
+    token = tmp_path / "ray_token"
+    token.write_text(secrets.token_hex(32))
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "PYTHONPATH": str(ROOT),  # every node runs the project's code
+    }
+    address = f"127.0.0.1:{free_port()}"
+    common = ["--num-cpus=2", "--disable-usage-stats"]
+    head = [RAY, "start", "--head", f"--port={address.split(':')[1]}", "--include-dashboard=false"]
+    try:
+        subprocess.run([*head, *common], env=env, check=True, capture_output=True)
+        node = [RAY, "start", f"--address={address}", *common]
+        subprocess.run(node, env=env, check=True, capture_output=True)
+        yield address, env
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
+
+
+def test_train_stage_runs_one_worker_per_node(
+    cluster: tuple[str, dict[str, str]], curated: Path, tmp_path: Path
+) -> None:
+    address, env = cluster
+    work = tmp_path / "work"
+    shutil.copytree(curated, work / "data/curated")
+    for _ in range(100):  # the second node registers with the head within seconds
+        status = subprocess.run(
+            [RAY, "status", f"--address={address}"], env=env, capture_output=True, text=True
+        )
+        if status.stdout.count("node_") >= 2:
+            break
+        time.sleep(0.5)
+    overrides = [
+        f"cluster.address={address}",
+        "train.num_workers=2",
+        "train.placement_strategy=SPREAD",
+        "train.resources_per_worker={CPU: 1}",
+        "train.epochs=5",
+        "train.precision=bf16",  # autocast on CPU too; the weights stay FP32
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.train", *overrides],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    model, meta = load_fp32(work / "models/fp32")
+    assert meta["trained_on"] == {
+        "workers": 2,
+        "nodes": 2,
+        "device": "CPU",
+        "precision": "bf16",
+        "restarts": 0,
+    }
+    assert json.loads((work / "metrics/train.json").read_text())["epochs_run"] == 5
+    x, y = encode_split(pd.read_parquet(work / "data/curated/test.parquet"), meta)
+    assert (predict_logits(model, x).argmax(1) == y).mean() > 0.9
