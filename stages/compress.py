@@ -1,106 +1,97 @@
-"""compress: Intel Neural Compressor post-training INT8 quantization of the FP32 model.
+"""compress: prune and quantize the FP32 model (Intel Neural Compressor), measure, report.
 
-Calibrates on the val split, compares FP32 and INT8 on the test split (serialized size,
-accuracy, latency at batch 1 and 256) and fails when the accuracy drop exceeds
-`compress.max_accuracy_drop`. Writes `models/compressed/` and `metrics/compress.json`.
+Builds the configured model (`compress.prune`, then `compress.method`: one INC method by
+name, or `auto`, INC's autotune over `compress.tune.methods`) and every pipeline of
+`compress.pipelines` (steps: `distil`, `prune_structured`, `prune_global_unstructured`,
+then one quantization method). Each result is saved as a torch.export program and measured
+on the test split against FP32: file size, score (accuracy, or R^2) and latency at several
+batch sizes, eager and compiled by Inductor. `compress.select` says which one is written to
+`models/compressed/` (with the execution path to serve per batch size in `model.json`);
+fails past `compress.max_accuracy_drop`. Writes `metrics/compress.json`,
+`plots/compress.csv` and `reports/compress.html`.
 """
 
+import html
 import logging
-import os
 import statistics
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from stages.common import StageError, atomic_dir, run, write_json
-from stages.export import batch_dim, load_program, save_program
+from stages.common import StageError, atomic_dir, run, write_atomic, write_json
+from stages.export import compile_module, fastest_paths, load_program, save_program
 from stages.ingest import load_split
-from stages.model import SCORE_NAME, decode, encode_split, load_fp32, predict_logits, score
+from stages.model import (
+    SCORE_NAME,
+    decode,
+    encode_split,
+    encode_targets,
+    load_fp32,
+    predict_logits,
+    score,
+)
+from stages.prune import check_prune, finetune, prune_model, sparsity
+from stages.quantize import calibrator, inc_config, quantize, quiet_inc, tune
 
 log = logging.getLogger("stages.compress")
 FP32_DIR = Path("models/fp32")
+STUDENT_DIR = Path("models/student")
 OUT_DIR = Path("models/compressed")
 METRICS = Path("metrics/compress.json")
-METHODS = ("int8_static",)
+PLOT = Path("plots/compress.csv")
+REPORT = Path("reports/compress.html")
+PRUNE_STEPS = {"prune_structured": "structured", "prune_global_unstructured": "global_unstructured"}
+OBJECTIVES = ("size", "latency")
+SELECT = ("method", "best")
 
 
-def quiet_inc() -> None:
-    """INC logs at INFO/WARNING on every call, torchao about missing CUDA kernels."""
-    os.environ.setdefault("LOGLEVEL", "ERROR")  # INC's logger level, read on first import
-    for name in ("neural_compressor", "torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script_method` is deprecated")
+def method_names(cfg: DictConfig) -> list[str]:
+    """Valid `compress.method` values: the configured INC methods, `auto`, `none` (FP32)."""
+    return [*cfg.methods, "auto", "none"]
 
 
-def fold_weight_quantization(gm: torch.fx.GraphModule) -> None:
-    """Store the quantized weights as int8 buffers and drop the FP32 weights, in place.
-
-    INC's `convert` leaves the graph quantizing FP32 weights on every call (it does not
-    forward `fold_quantize`), so the saved model would be as large as the FP32 one.
-    """
-    qd = torch.ops.quantized_decomposed
-    quantize_ops = {qd.quantize_per_channel.default, qd.quantize_per_tensor.default}
-    graph = gm.graph
-    for i, node in enumerate(n for n in list(graph.nodes) if n.target in quantize_ops):
-        inputs = [a for a in node.args if isinstance(a, torch.fx.Node)]
-        if any(a.op != "get_attr" for a in inputs):
-            continue  # quantizes an activation: depends on the input
-        args = [_attr(gm, a) for a in node.args]
-        with torch.no_grad():
-            gm.register_buffer(f"int8_weight_{i}", node.target(*args))
-        with graph.inserting_before(node):
-            folded = graph.get_attr(f"int8_weight_{i}")
-        folded.meta = dict(node.meta)
-        node.replace_all_uses_with(folded)
-        graph.erase_node(node)
-    for node in list(graph.nodes):
-        if node.op == "get_attr" and not node.users:
-            graph.erase_node(node)
-    used = {n.target for n in graph.nodes if n.op == "get_attr"}
-    for name in [n for n, _ in gm.named_parameters()] + [n for n, _ in gm.named_buffers()]:
-        if name not in used:
-            owner, _, attr = name.rpartition(".")
-            delattr(gm.get_submodule(owner) if owner else gm, attr)
-    graph.lint()
-    gm.recompile()
+def main_steps(cfg: DictConfig) -> list[str]:
+    """The steps of the configured model: `compress.prune` (if any), `compress.method`."""
+    prune = [] if cfg.prune.method == "none" else [f"prune_{cfg.prune.method}"]
+    return [*prune, cfg.method]
 
 
-def _attr(gm: torch.fx.GraphModule, arg: Any) -> Any:
-    """The tensor behind a get_attr node argument; other arguments unchanged."""
-    if not isinstance(arg, torch.fx.Node):
-        return arg
-    obj: Any = gm
-    for part in arg.target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def quantize_int8_static(
-    model: nn.Module, calib_x: np.ndarray, quant_config: Any, batches: int, batch_size: int
-) -> torch.fx.GraphModule:
-    """INC PT2E static INT8: export, prepare, calibrate on `calib_x`, convert, fold."""
-    from neural_compressor.torch.export import export
-    from neural_compressor.torch.quantization import convert, prepare
-
-    calib = torch.from_numpy(np.ascontiguousarray(calib_x, dtype=np.float32))
-    prepared = prepare(
-        export(model, (calib[:batch_size],), dynamic_shapes=batch_dim()), quant_config
-    )
-    n = min(batches, -(-len(calib) // batch_size))
-    with torch.no_grad():
-        for i in range(n):
-            prepared(calib[i * batch_size : (i + 1) * batch_size])
-            log.info("calibration batch %d/%d", i + 1, n)
-    quantized = convert(prepared)
-    fold_weight_quantization(quantized)
-    return quantized
+def check_config(cfg: DictConfig, student_dir: Path | None) -> dict[str, list[str]]:
+    """The pipelines to build (name -> steps), the configured one first; StageError naming
+    the key at fault."""
+    names = method_names(cfg)
+    if cfg.method not in names:
+        raise StageError(f"compress.method: unknown method {cfg.method!r} ({', '.join(names)})")
+    check_prune(cfg.prune)
+    if cfg.objective not in OBJECTIVES:
+        raise StageError(f"compress.objective: {cfg.objective!r} is not one of {OBJECTIVES}")
+    if cfg.select not in SELECT:
+        raise StageError(f"compress.select: {cfg.select!r} is not one of {SELECT}")
+    pipelines = {"+".join(main_steps(cfg)): main_steps(cfg)}
+    for name, steps in (cfg.pipelines or {}).items():
+        steps = list(steps)
+        key = f"compress.pipelines.{name}"
+        valid = ["distil", *PRUNE_STEPS, *names]
+        for i, step in enumerate(steps):
+            if step not in valid:
+                raise StageError(f"{key}: unknown step {step!r} ({', '.join(valid)})")
+            if step == "distil" and i != 0:
+                raise StageError(f"{key}: 'distil' must be the first step")
+            if step in names and i != len(steps) - 1:
+                raise StageError(f"{key}: the quantization method {step!r} must be the last step")
+        if "distil" in steps and (student_dir is None or not (student_dir / "model.pt").exists()):
+            raise StageError(
+                f"{key}: step 'distil' needs the student model in "
+                f"{student_dir or STUDENT_DIR}/ (run the distil stage first)"
+            )
+        pipelines.setdefault(name, steps)
+    return pipelines
 
 
 def median_latency_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
@@ -115,31 +106,138 @@ def median_latency_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def measure(
-    model: nn.Module, path: Path, x: np.ndarray, y: np.ndarray, meta: dict, repeats: int
-) -> dict[str, float]:
-    """Serialized size, score on (x, y) (accuracy, or R^2 for regression) and latency at
-    batch 1 and 256 of `model`."""
+def latencies(model: nn.Module, x: np.ndarray, cfg: DictConfig) -> dict[str, dict[str, float]]:
+    """Latency (ms) of `model` eager and, if `compress.compile`, Inductor-compiled, at each
+    batch size of `compress.batch_sizes` (rows of `x`, cycled)."""
     xt = torch.from_numpy(x)
-    batch = xt[np.arange(256) % len(xt)]
-    predicted = decode(predict_logits(model, x), meta)
+    paths = {"eager": model}
+    if cfg.compile:
+        torch._dynamo.reset()
+        try:
+            paths["compiled"] = compile_module(model, x.shape[1])
+        except Exception as err:  # noqa: BLE001  reported, the eager numbers still count
+            log.warning("torch.compile failed (%s: %s)", type(err).__name__, err)
     return {
-        "size_bytes": path.stat().st_size,
-        SCORE_NAME[meta["task"]]: score(y, predicted, meta["task"]),
-        "latency_ms_batch1": median_latency_ms(model, xt[:1], repeats),
-        "latency_ms_batch256": median_latency_ms(model, batch, repeats),
+        path: {
+            str(b): median_latency_ms(m, xt[np.arange(b) % len(xt)], cfg.latency_repeats)
+            for b in cfg.batch_sizes
+        }
+        for path, m in paths.items()
     }
 
 
-def check_budget(fp32: float, int8: float, max_drop: float, name: str = "accuracy") -> float:
+def measure(
+    module: nn.Module, path: Path, test: tuple[np.ndarray, np.ndarray], meta: dict, cfg: DictConfig
+) -> dict[str, Any]:
+    """Save `module` to `path`, load it back and measure the loaded program: file size,
+    score on `test`, latency per execution path and batch size."""
+    x, y = test
+    save_program(module, path, torch.from_numpy(x[:2]))
+    program = load_program(path)
+    times = latencies(program, x, cfg)
+    best = {b: min(t[b] for t in times.values()) for b in times["eager"]}
+    first, last = str(min(cfg.batch_sizes)), str(max(cfg.batch_sizes))
+    return {
+        "size_bytes": path.stat().st_size,
+        SCORE_NAME[meta["task"]]: score(y, decode(predict_logits(program, x), meta), meta["task"]),
+        "latency_ms_batch1": best[first],
+        "latency_ms_batch256": best[last],
+        "latency_ms": times,
+    }
+
+
+def build(
+    steps: list[str],
+    fp32: tuple[nn.Module, dict],
+    data: dict[str, Any],
+    cfg: DictConfig,
+    student_dir: Path | None,
+) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """Run `steps` from the FP32 model: (exportable model, its metadata, step details)."""
+    model, meta = fp32
+    details: dict[str, Any] = {"steps": steps}
+    for step in steps:
+        if step == "distil":
+            model, meta = load_fp32(student_dir)
+        elif step in PRUNE_STEPS:
+            model, meta = prune_model(model, PRUNE_STEPS[step], cfg.prune.sparsity, meta)
+            model = finetune(model, data["train"], meta["task"], cfg.prune, data["seed"])
+            details["sparsity"] = sparsity(model)
+            details["hidden_sizes"] = meta["model"].get("hidden_sizes")
+        elif step == "auto":
+            model, details["tuning"] = auto(model, meta, data, cfg)
+        elif step != "none":
+            run_fn = calibrator(data["val"], cfg.calibration_batches, cfg.calibration_batch_size)
+            example = torch.from_numpy(data["val"][: cfg.calibration_batch_size])
+            model = quantize(model, inc_config(cfg.methods, step), run_fn, example)
+    return model, meta, details
+
+
+def auto(
+    model: nn.Module, meta: dict, data: dict[str, Any], cfg: DictConfig
+) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """INC autotune over `compress.tune.methods`, scored on the val split; of the trials
+    within `compress.max_accuracy_drop` of the model on val, the smallest (objective size)
+    or the fastest at the largest batch (objective latency)."""
+    if data["val_y"] is None:
+        raise StageError("compress.method=auto: tuning needs the val split's labels")
+    val_x, val_y = data["val"], data["val_y"]
+
+    def evaluate(candidate: nn.Module) -> float:
+        return score(val_y, decode(predict_logits(candidate, val_x), meta), meta["task"])
+
+    baseline = evaluate(model)
+    run_fn = calibrator(val_x, cfg.calibration_batches, cfg.calibration_batch_size)
+    example = torch.from_numpy(val_x[: cfg.calibration_batch_size])
+    trials = tune(
+        model, cfg.methods, list(cfg.tune.methods), evaluate, run_fn, example, cfg.tune.max_trials
+    )
+    rows, best = [], None
+    for name, candidate, value in trials:
+        m = measure(candidate, data["scratch"] / f"auto_{name}.pt2", (val_x, val_y), meta, cfg)
+        (data["scratch"] / f"auto_{name}.pt2").unlink()
+        key = m["size_bytes"] if cfg.objective == "size" else m["latency_ms_batch256"]
+        within = (baseline - value) * 100 <= cfg.max_accuracy_drop
+        rows.append({"method": name, "val_score": value, "within_budget": within, **m})
+        log.info("autotune trial %s: val %.4f, %s %.4g", name, value, cfg.objective, key)
+        if within and (best is None or key < best[0]):
+            best = (key, name, candidate)
+    if best is None:
+        raise StageError(
+            f"compress.method=auto: no trial of {list(cfg.tune.methods)} is within "
+            f"compress.max_accuracy_drop={cfg.max_accuracy_drop} on the val split"
+        )
+    for row in rows:
+        row["chosen"] = row["method"] == best[1]
+    return best[2], rows
+
+
+def check_budget(fp32: float, new: float, max_drop: float, name: str = "accuracy") -> float:
     """The drop of the score `name` in points; StageError when it exceeds `max_drop`."""
-    drop = (fp32 - int8) * 100
+    drop = (fp32 - new) * 100
     if drop > max_drop:
         raise StageError(
-            f"compressed {name} {int8:.4f} is {drop:.2f} points below FP32 "
+            f"compressed {name} {new:.4f} is {drop:.2f} points below FP32 "
             f"{fp32:.4f}, over the budget compress.max_accuracy_drop={max_drop}"
         )
     return drop
+
+
+def pick(results: dict[str, dict], first: str, cfg: DictConfig, name: str) -> str:
+    """The pipeline to write: the configured one (`select: method`), or the best within the
+    budget by `compress.objective` (`select: best`)."""
+    if cfg.select == "method":
+        return first
+    fp32 = results["fp32"][name]
+    within = [
+        k
+        for k, r in results.items()
+        if k != "fp32" and (fp32 - r[name]) * 100 <= cfg.max_accuracy_drop
+    ]
+    if not within:
+        return max((k for k in results if k != "fp32"), key=lambda k: results[k][name])
+    key = "size_bytes" if cfg.objective == "size" else "latency_ms_batch256"
+    return min(within, key=lambda k: results[k][key])
 
 
 def compress(
@@ -148,71 +246,187 @@ def compress(
     test: tuple[np.ndarray, np.ndarray],
     cfg: DictConfig,
     out_dir: Path,
+    *,
+    val_y: np.ndarray | None = None,
+    train: tuple[np.ndarray, np.ndarray] | None = None,
+    student_dir: Path | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Quantize the model in `fp32_dir`, measure both, check the budget, write `out_dir`.
+    """Build and measure the configured model and pipelines, check the budget, write `out_dir`.
+
+    Args:
+        val: encoded val features (calibration); `val_y` its labels (tuning, `auto` only).
+        test: encoded test features and truth (the measurements).
+        train: encoded train features and encoded targets (fine-tuning after pruning).
+        student_dir: the distilled student (`models/student`), for pipelines with `distil`.
+        seed: for the fine-tuning after pruning.
 
     Returns:
         The comparison written to the metrics file.
     """
-    if cfg.method not in METHODS:
-        raise StageError(f"compress.method: unknown method {cfg.method!r} ({', '.join(METHODS)})")
-    quiet_inc()  # before anything imports INC (instantiating the quant config does)
-    model, meta = load_fp32(fp32_dir)
-    x, y = test
+    pipelines = check_config(cfg, student_dir)
+    quiet_inc()
+    torch.set_num_threads(cfg.threads)
+    fp32 = load_fp32(fp32_dir)
+    meta = fp32[1]
+    name = SCORE_NAME[meta["task"]]
     with atomic_dir(out_dir) as tmp:
-        log.info(
-            "quantizing (%s), calibrating on up to %d val rows",
-            cfg.method,
-            cfg.calibration_batches * cfg.calibration_batch_size,
+        data = {"val": val, "val_y": val_y, "train": train, "scratch": tmp, "seed": seed}
+        log.info("measuring FP32 on %d test rows", len(test[0]))
+        results = {"fp32": measure(fp32[0], tmp / "fp32.pt2", test, meta, cfg)}
+        built = {}
+        for key, steps in pipelines.items():
+            log.info("pipeline %s: %s", key, " -> ".join(steps))
+            model, new_meta, details = build(steps, fp32, data, cfg, student_dir)
+            results[key] = {**measure(model, tmp / f"{key}.pt2", test, meta, cfg), **details}
+            built[key] = new_meta
+        chosen = pick(results, next(iter(pipelines)), cfg, name)
+        drop = check_budget(
+            results["fp32"][name], results[chosen][name], cfg.max_accuracy_drop, name
         )
-        qmodel = quantize_int8_static(
-            model,
-            val,
-            instantiate(cfg.quant_config),
-            cfg.calibration_batches,
-            cfg.calibration_batch_size,
-        )
-        example = torch.from_numpy(x[:2])
-        save_program(qmodel, tmp / "model.pt2", example)
-        fp32_file = tmp / "fp32.pt2"  # the same format, for a fair size comparison
-        save_program(model, fp32_file, example)
-        log.info("measuring FP32 and INT8 on %d test rows", len(x))
-        fp32 = measure(model, fp32_file, x, y, meta, cfg.latency_repeats)
-        int8 = measure(
-            load_program(tmp / "model.pt2"), tmp / "model.pt2", x, y, meta, cfg.latency_repeats
-        )
-        fp32_file.unlink()
-        name = SCORE_NAME[meta["task"]]
-        drop = check_budget(fp32[name], int8[name], cfg.max_accuracy_drop, name)
-        write_json(tmp / "model.json", {**meta, "compression": cfg.method})
+        (tmp / f"{chosen}.pt2").rename(tmp / "model.pt2")
+        serving = serving_plan(results["fp32"], results[chosen], cfg)
+        if "fp32" not in {p.split("_")[0] for _, p in serving["plan"]}:
+            (tmp / "fp32.pt2").unlink()
+            serving["programs"].pop("fp32")
+        for key in pipelines:
+            (tmp / f"{key}.pt2").unlink(missing_ok=True)
+        write_json(tmp / "model.json", {**built[chosen], "compression": chosen, "serving": serving})
+    base = results["fp32"]
+    for r in results.values():
+        r["size_ratio"] = r["size_bytes"] / base["size_bytes"]
+        for b in ("batch1", "batch256"):
+            r[f"latency_ratio_{b}"] = (
+                r[f"latency_ms_{b}"]
+                / base["latency_ms"]["eager"][
+                    str(max(cfg.batch_sizes) if b == "batch256" else min(cfg.batch_sizes))
+                ]
+            )
+    top = results[chosen]
     return {
-        "method": cfg.method,
-        "fp32": fp32,
-        "int8": int8,
-        "size_ratio": int8["size_bytes"] / fp32["size_bytes"],
+        "method": chosen,
+        "fp32": base,
+        "compressed": top,
+        "size_ratio": top["size_ratio"],
         "accuracy_drop_points": drop,
-        "latency_ratio_batch1": int8["latency_ms_batch1"] / fp32["latency_ms_batch1"],
-        "latency_ratio_batch256": int8["latency_ms_batch256"] / fp32["latency_ms_batch256"],
+        "latency_ratio_batch1": top["latency_ratio_batch1"],
+        "latency_ratio_batch256": top["latency_ratio_batch256"],
+        "serving": serving,
+        "candidates": results,
     }
+
+
+def serving_plan(fp32: dict, chosen: dict, cfg: DictConfig) -> dict[str, Any]:
+    """The execution paths the service may use, their latencies and the fastest per batch
+    size. FP32 paths only with `compress.fp32_fallback` (FP32 answers can differ from the
+    compressed model's, which the validate stage's parity check rejects)."""
+    latency = {f"compressed_{p}": t for p, t in chosen["latency_ms"].items()}
+    if cfg.fp32_fallback:
+        latency |= {f"fp32_{p}": t for p, t in fp32["latency_ms"].items()}
+    plan = fastest_paths(latency, set(latency))
+    return {
+        "programs": {"compressed": "model.pt2", "fp32": "fp32.pt2"},
+        "latency_ms": latency,
+        "plan": plan,
+    }
+
+
+COLUMNS = ["size_bytes", "size_ratio", "latency_ms_batch1", "latency_ratio_batch1",
+           "latency_ms_batch256", "latency_ratio_batch256"]  # fmt: skip
+
+
+def table(result: dict[str, Any], score_name: str) -> pd.DataFrame:
+    """One row per candidate (FP32 first): size, score, best-path latency and ratios."""
+    rows = []
+    for k, r in result["candidates"].items():
+        row = {"name": k, score_name: r[score_name], **{c: r[c] for c in COLUMNS}}
+        for path, times in r["latency_ms"].items():
+            for b in (min(times, key=int), max(times, key=int)):
+                row[f"{path}_ms_batch{b}"] = times[b]
+        rows.append({**row, "selected": k == result["method"]})
+    return pd.DataFrame(rows)
+
+
+def bar_chart(df: pd.DataFrame) -> str:
+    """An inline SVG: size and latency ratios vs FP32 per candidate, as horizontal bars."""
+    series = [("size_ratio", "#4e79a7"), ("latency_ratio_batch1", "#f28e2b"),
+              ("latency_ratio_batch256", "#59a14f")]  # fmt: skip
+    scale = 300 / max(1.0, float(df[[s for s, _ in series]].max().max()))
+    row_h, left = 16 * len(series) + 10, 220
+    parts = []
+    for i, r in enumerate(df.itertuples()):
+        y = 20 + i * row_h
+        parts.append(f'<text x="0" y="{y + 14}" font-size="12">{html.escape(r.name)}</text>')
+        for j, (col, color) in enumerate(series):
+            v = getattr(r, col)
+            yy = y + j * 16
+            parts.append(
+                f'<rect x="{left}" y="{yy}" width="{v * scale:.1f}" height="14" fill="{color}"/>'
+                f'<text x="{left + v * scale + 4:.1f}" y="{yy + 11}" font-size="10">{v:.2f}</text>'
+            )
+    legend = "".join(
+        f'<rect x="{left + k * 170}" y="0" width="10" height="10" fill="{c}"/>'
+        f'<text x="{left + k * 170 + 14}" y="10" font-size="11">{s}</text>'
+        for k, (s, c) in enumerate(series)
+    )
+    one = left + scale
+    height = 30 + len(df) * row_h
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + 380}" height="{height}">'
+        f'{legend}<line x1="{one}" y1="14" x2="{one}" y2="{height}" stroke="#999" '
+        f'stroke-dasharray="3"/>{"".join(parts)}</svg>'
+    )
+
+
+def write_report(result: dict[str, Any], score_name: str, csv: Path, page: Path) -> None:
+    """The comparison as a CSV (DVC plots) and an HTML page (table and bar chart)."""
+    df = table(result, score_name)
+    write_atomic(csv, df.to_csv(index=False, float_format="%.6g"))
+    plan = ", ".join(f"batch >= {b}: {p}" for b, p in result["serving"]["plan"])
+    write_atomic(
+        page,
+        "<!doctype html><html><head><meta charset='utf-8'><title>Compression report</title>"
+        "<style>body{font-family:sans-serif}td,th{padding:2px 8px;text-align:right}</style>"
+        f"</head><body><h1>Compression report</h1><p>Selected: <b>{html.escape(result['method'])}"
+        f"</b>; serving paths: {html.escape(plan)}. Latency: the faster of eager and "
+        "Inductor-compiled, ratios against FP32 eager.</p>"
+        f"{df.to_html(index=False, float_format=lambda v: f'{v:.4g}')}"
+        f"<h2>Ratios vs FP32 (dashed line: 1.0)</h2>{bar_chart(df)}</body></html>\n",
+    )
 
 
 def main(cfg: DictConfig) -> None:
     torch.manual_seed(cfg.seed)
     _, meta = load_fp32(FP32_DIR)
     try:
-        val_x, _ = encode_split(load_split("val"), meta)
+        val_x, val_y = encode_split(load_split("val"), meta)
         test_xy = encode_split(load_split("test"), meta)
+        train_df = load_split("train")
+        train = (encode_split(train_df, meta)[0], encode_targets(train_df[meta["target"]], meta))
     except (KeyError, ValueError) as err:
         raise StageError(f"curated splits do not match the model: {err}") from None
-    result = compress(FP32_DIR, val_x, test_xy, cfg.compress, OUT_DIR)
+    result = compress(
+        FP32_DIR,
+        val_x,
+        test_xy,
+        cfg.compress,
+        OUT_DIR,
+        val_y=val_y,
+        train=train,
+        student_dir=STUDENT_DIR if STUDENT_DIR.exists() else None,
+        seed=cfg.seed,
+    )
     write_json(METRICS, result)
     name = SCORE_NAME[meta["task"]]
+    write_report(result, name, PLOT, REPORT)
+    log.info("\n%s", table(result, name).to_string(index=False, float_format="%.4g"))
     log.info(
-        "INT8 size %.2fx FP32, %s %.4f -> %.4f, latency b1 %.2fx b256 %.2fx -> %s",
+        "%s: size %.2fx FP32, %s %.4f -> %.4f, latency b1 %.2fx b256 %.2fx -> %s",
+        result["method"],
         result["size_ratio"],
         name,
         result["fp32"][name],
-        result["int8"][name],
+        result["compressed"][name],
         result["latency_ratio_batch1"],
         result["latency_ratio_batch256"],
         OUT_DIR,

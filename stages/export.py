@@ -42,3 +42,83 @@ def load_program(path: Path) -> nn.Module:
 
     data = gzip.decompress(Path(path).read_bytes())
     return torch.export.load(io.BytesIO(data)).module()
+
+
+def compile_module(module: nn.Module, width: int) -> nn.Module:
+    """`module` compiled by Inductor with frozen weights (constants folded, INT8 weights
+    prepacked for oneDNN), compiled now for batch 1 and for any larger batch.
+
+    Raises:
+        Exception: whatever Inductor raises where it cannot compile (no C compiler, ...).
+    """
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    compiled = torch.compile(module, dynamic=True)
+    with torch.inference_mode():
+        for batch in (1, 2):  # batch 1 is specialised; 2 compiles the dynamic-batch graph
+            compiled(torch.zeros(batch, width))
+    return compiled
+
+
+class Runner:
+    """Runs each batch on the execution path measured fastest at the largest measured batch
+    size not above it (`plan`: ascending (batch size, path name))."""
+
+    def __init__(self, paths: dict[str, nn.Module], plan: list[tuple[int, str]]) -> None:
+        self.paths, self.plan = paths, plan
+
+    def path_for(self, batch: int) -> str:
+        return next((p for b, p in reversed(self.plan) if b <= batch), self.plan[0][1])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.paths[self.path_for(len(x))](x)
+
+
+def fastest_paths(
+    latency: dict[str, dict[str, float]], available: set[str]
+) -> list[tuple[int, str]]:
+    """Per measured batch size, the available path of least latency.
+
+    Args:
+        latency: path name (`<program>_<eager|compiled>`) -> batch size -> milliseconds.
+    """
+    sizes = sorted({int(b) for times in latency.values() for b in times})
+    usable = [p for p in latency if p in available]
+    return [(b, min(usable, key=lambda p: latency[p].get(str(b), float("inf")))) for b in sizes]
+
+
+def load_runner(model_dir: Path, meta: dict, width: int, log=None) -> Runner:
+    """The compressed model of `model_dir` (`model.pt2`, maybe `fp32.pt2`) on the paths its
+    `model.json` measured fastest per batch size. A path that fails to compile is dropped
+    (logged); the others, eager ones at least, remain."""
+    serving = meta.get("serving")
+    if not serving:
+        return Runner(
+            {"compressed_eager": load_program(model_dir / "model.pt2")}, [(1, "compressed_eager")]
+        )
+    latency = serving["latency_ms"]
+    wanted = {p for _, p in fastest_paths(latency, set(latency))}
+    paths: dict[str, nn.Module] = {}
+    for program, file in serving["programs"].items():
+        needed = any(p.startswith(f"{program}_") for p in wanted)
+        if program != "compressed" and not (needed and (model_dir / file).exists()):
+            continue
+        module = load_program(model_dir / file)
+        paths[f"{program}_eager"] = module
+        if f"{program}_compiled" in wanted:
+            try:
+                paths[f"{program}_compiled"] = compile_module(module, width)
+            except Exception as err:  # noqa: BLE001  any compile failure: serve eager
+                if log:
+                    lines = str(err).strip().splitlines() or [""]
+                    log.warning(
+                        "%s: torch.compile failed, serving eager (%s: %s)",
+                        file,
+                        type(err).__name__,
+                        lines[0][:200],
+                    )
+    plan = fastest_paths(latency, set(paths))
+    if log:
+        log.info("execution paths by batch size: %s", plan)
+    return Runner(paths, plan)
