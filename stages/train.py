@@ -49,6 +49,7 @@ from stages.model import (  # noqa: E402
     encode_targets,
     label_indices,
     num_outputs,
+    predict_logits,
     preprocessor,
     save_fp32,
 )
@@ -60,6 +61,7 @@ CURVES = Path("plots/train.csv")
 METRICS = Path("metrics/train.json")
 LABEL = "label_index"
 FEATURES = "features"
+SOFT = "teacher_outputs"  # a distilled student's soft targets
 SHUFFLE_ROWS = 200_000  # the local shuffle buffer's size, at most: memory stays bounded
 SAMPLE_ROWS = 200_000  # a streamed train split's preprocessing is fitted on its first rows
 PLACEMENT = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement strategies
@@ -67,36 +69,47 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 
 class ToTensors(NumpyBatchCollateFn):
-    """A Ray Data batch as (encoded features [B, F] float32, targets [B])."""
+    """A Ray Data batch as (encoded features [B, F] float32, targets [B], and the teacher's
+    outputs [B, C] when distilling, else None)."""
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(np.array(batch[FEATURES])), torch.from_numpy(np.array(batch[LABEL]))
+    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
+        soft = torch.from_numpy(np.array(batch[SOFT])) if SOFT in batch else None
+        x, y = (torch.from_numpy(np.array(batch[k])) for k in (FEATURES, LABEL))
+        return x, y, soft
 
 
-def encode_batch(df: pd.DataFrame, meta: dict[str, Any], split: str) -> pa.Table:
+def encode_batch(
+    df: pd.DataFrame, meta: dict[str, Any], split: str, teacher: nn.Module | None = None
+) -> pa.Table:
     """Raw split rows as the encoded features (one tensor column: a batch of it is one
-    array, not one per feature) and the training target."""
+    array, not one per feature), the training target and the `teacher`'s outputs."""
     try:
         x = preprocessor(meta).encode_frame(df)
         y = encode_targets(df[meta["target"]], meta)
     except (KeyError, ValueError) as err:
         raise StageError(f"{split} split: {err}") from None
-    return pa.table({FEATURES: ArrowTensorArray.from_numpy(x), LABEL: y})
+    columns = {FEATURES: ArrowTensorArray.from_numpy(x), LABEL: y}
+    if teacher is not None:
+        columns[SOFT] = ArrowTensorArray.from_numpy(predict_logits(teacher, x))
+    return pa.table(columns)
 
 
 def build_datasets(
-    splits: dict[str, pd.DataFrame | Path], meta: dict[str, Any]
+    splits: dict[str, pd.DataFrame | Path],
+    meta: dict[str, Any],
+    teacher: nn.Module | None = None,
 ) -> dict[str, ray.data.Dataset]:
-    """Ray datasets of the encoded features and the training target, per split: a frame is
-    encoded here; a folder of Parquet parts (data.engine=ray) is read and encoded by Ray
-    Data tasks, never whole in this process."""
+    """Ray datasets of the encoded features and the training target, per split (and the
+    `teacher`'s outputs on train): a frame is encoded here; a folder of Parquet parts
+    (data.engine=ray) is read and encoded by Ray Data tasks, never whole in this process."""
     out = {}
     for name, split in splits.items():
+        soft = teacher if name == "train" else None
         if isinstance(split, pd.DataFrame):
-            out[name] = ray.data.from_arrow(encode_batch(split, meta, name))
+            out[name] = ray.data.from_arrow(encode_batch(split, meta, name, soft))
         else:  # a function, not a class: tasks, not an actor pool holding a CPU
             data = ray.data.read_parquet(str(split))
-            kwargs = {"meta": meta, "split": name}
+            kwargs = {"meta": meta, "split": name, "teacher": soft}
             encoded = data.map_batches(encode_batch, fn_kwargs=kwargs, batch_format="pandas")
             # Read and encoded once, in parallel blocks, into Ray's object store (which spills
             # to disk): re-running the read every epoch cost about 15 s per epoch here.
@@ -191,6 +204,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     collate = ToTensors()
     nodes = node_count()
+    distill = config["distill"]
 
     def batch_sums(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
         logits = logits.float()
@@ -211,7 +225,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.manual_seed(config["seed"] + 1000 * epoch + rank)  # dropout: same after a resume
         model.train()
         sums = torch.zeros(5, dtype=torch.float64, device=device)
-        for x, y in train_shard.iter_torch_batches(
+        for x, y, soft in train_shard.iter_torch_batches(
             batch_size=config["batch_size"],
             collate_fn=collate,
             local_shuffle_buffer_size=config["shuffle_buffer"],
@@ -219,7 +233,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ):
             optimizer.zero_grad()
             with autocast():
-                loss, batch = batch_sums(model(x), y)
+                outputs = model(x)
+                loss, batch = batch_sums(outputs, y)  # the loss on the true targets
+                if distill:
+                    soft_loss = distillation_loss(outputs.float(), soft, distill["temperature"])
+                    loss = (1 - distill["alpha"]) * loss + distill["alpha"] * soft_loss
             scaler.scale(loss / len(y)).backward()
             scaler.step(optimizer)
             scaler.update()
@@ -229,7 +247,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.eval()
         val_sums = torch.zeros(5, dtype=torch.float64)  # every worker scores all of val
         with torch.no_grad(), autocast():
-            for x, y in val_data.iter_torch_batches(batch_size=1024, collate_fn=collate):
+            for x, y, _ in val_data.iter_torch_batches(batch_size=1024, collate_fn=collate):
                 val_sums += torch.tensor(batch_sums(model(x), y)[1], dtype=torch.float64)
         train_loss, train_score = epoch_metrics(sums.cpu(), task)
         val_loss, val_score = epoch_metrics(val_sums, task)
@@ -282,6 +300,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 print(f"early stop: no {stop['metric']} gain since epoch {best}", flush=True)
             break
+
+
+def distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Summed over the batch: for classes, KL divergence between the teacher's and the
+    student's class probabilities softened by `temperature`, times temperature^2 (Hinton et
+    al.: keeps gradients comparable across temperatures); for regression, squared error to
+    the teacher's prediction."""
+    if student.shape[1] == 1:
+        return nn.functional.mse_loss(student, teacher, reduction="sum")
+    log_p = nn.functional.log_softmax(student / temperature, dim=1)
+    q = nn.functional.softmax(teacher / temperature, dim=1)
+    return nn.functional.kl_div(log_p, q, reduction="sum") * temperature**2
 
 
 def best_epoch(history: list[dict[str, float]], stop: dict[str, Any]) -> int:
@@ -416,10 +448,13 @@ def fit(
     seed: int,
     cluster: dict[str, Any] | None = None,
     train_rows: int | None = None,
+    teacher: nn.Module | None = None,
+    distill: dict[str, float] | None = None,
 ) -> tuple[nn.Module, list[dict[str, float]]]:
     """Train the network in `meta` on `splits` ("train", "val") with Ray Train, on the
     cluster at `cluster["address"]` (none: a local Ray). Records in `meta["trained_on"]`
-    the workers, nodes, device and precision used.
+    the workers, nodes, device and precision used. With a `teacher`, the loss mixes in
+    `distillation_loss` on its outputs (`distill`: temperature, alpha).
 
     Returns:
         The best epoch's model (eval mode) and the per-epoch history.
@@ -471,6 +506,7 @@ def fit(
                 "lr_schedule": train_cfg["lr_schedule"],
                 "class_weights": meta.get("class_weights"),
                 "precision": train_cfg["precision"],
+                "distill": distill if teacher is not None else None,
             },
             torch_config=ray.train.torch.TorchConfig(backend=backend),
             scaling_config=scaling(train_cfg, use_gpu),
@@ -480,7 +516,7 @@ def fit(
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
                 failure_config=ray.train.FailureConfig(max_failures=train_cfg["max_failures"]),
             ),
-            datasets=build_datasets(splits, meta),
+            datasets=build_datasets(splits, meta, teacher),
             dataset_config=ray.train.DataConfig(
                 datasets_to_split=["train"],  # every worker scores all of val
                 execution_options=ExecutionOptions(preserve_order=True),

@@ -18,7 +18,7 @@ from stages.validate import serve_bento
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-SHRUNK = ["train.epochs=6", "train.num_workers=2", "compress.latency_repeats=5"]
+SHRUNK = ["train.epochs=6", "train.num_workers=2", "distil.epochs=4", "compress.latency_repeats=5"]
 SHRUNK += ["serve.slo.duration_s=2", "serve.slo.p99_ms=60000", "serve.slo.min_rps=1"]  # see below
 
 
@@ -63,6 +63,7 @@ def test_pipeline_outputs_metrics_and_experiments(repo: Path, env: dict) -> None
         "reports/profile/train.bin",
         "reports/profile/report.html",
         "models/fp32/model.pt",
+        "models/student/model.pt",
         "plots/confusion.csv",
         "models/compressed/model.pt2",
         "dist/bento.json",
