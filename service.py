@@ -9,6 +9,7 @@ section of params.yaml. Bearer-token auth is on when FULLSTACK_ML_API_TOKEN is s
 import gc
 import hmac
 import json
+import logging
 import multiprocessing
 import os
 import threading
@@ -37,12 +38,13 @@ with bentoml.importing():
     import torch
 
     from stages.drift import CATEGORIES, cached_profile, drifted, window_drift
-    from stages.export import load_program
+    from stages.export import load_runner
     from stages.preprocess import Preprocessor
 
 SERVE: dict[str, Any] = yaml.safe_load(Path(__file__).with_name("params.yaml").read_text())["serve"]
 if SERVE["max_records"] > SERVE["max_batch_size"]:
     raise ValueError("params.yaml: serve.max_records must not exceed serve.max_batch_size")
+LOG = logging.getLogger("bentoml.fullstack_ml")  # BentoML sets up its loggers in workers
 TOKEN_ENV = "FULLSTACK_ML_API_TOKEN"  # the bearer token; never in params or the bento
 OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})  # no auth, ever
 # The bento pins its model with the `model_tag` argument; run from source, MODEL_TAG or latest.
@@ -335,7 +337,12 @@ class Classifier:
         # Idle OpenMP threads spin between the many small ops of the INT8 graph and take the
         # CPU the event loop needs; one intra-op thread per worker serves more, not less.
         torch.set_num_threads(SERVE["torch_threads"])
-        self.model = load_program(self.model_ref.path_of("model.pt2"))
+        # The execution path measured fastest per batch size by the compress stage (INT8 compiled
+        # by Inductor, or eager); a path that fails to compile (no C++ compiler in the image)
+        # is logged and left out.
+        self.model = load_runner(
+            Path(self.model_ref.path_of("model.pt2")).parent, META, PRE.width, LOG
+        )
         MONITOR.reference = self.model_ref.path_of("reference_profile.bin")
         MONITOR.scorer.submit(cached_profile, MONITOR.reference)  # start it, load the profile
         refresh = threading.Thread(

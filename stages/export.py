@@ -3,6 +3,8 @@ dimension. Depends on torch alone, so the BentoML service loads models with it t
 
 import gzip
 import io
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -53,6 +55,8 @@ def compile_module(module: nn.Module, width: int) -> nn.Module:
     """
     import torch._inductor.config as inductor_config
 
+    if not any(shutil.which(cxx) for cxx in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+        raise RuntimeError("no C++ compiler on PATH (Inductor needs one)")
     inductor_config.freezing = True
     compiled = torch.compile(module, dynamic=True)
     with torch.inference_mode():

@@ -85,6 +85,8 @@ def main(cfg: DictConfig) -> None:
         "schema.json": SCHEMA,
         "reference_profile.bin": REFERENCE_PROFILE,
     }
+    if (MODEL_DIR / "fp32.pt2").exists():  # compress.fp32_fallback: served at small batches
+        files["fp32.pt2"] = MODEL_DIR / "fp32.pt2"
     package(files, build_metadata(PARAMS, METRICS), cfg.serve, OUT_DIR)
 
 

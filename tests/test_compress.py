@@ -1,4 +1,5 @@
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -189,7 +190,12 @@ def test_distil_pipeline_starts_from_the_student(
 
 
 def test_compiled_execution_paths_are_recorded_served_and_reported(
-    fp32_dir: Path, data: dict, cfg: DictConfig, tmp_path: Path
+    fp32_dir: Path,
+    data: dict,
+    cfg: DictConfig,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     changes = {"compile": True, "fp32_fallback": True, "batch_sizes": [1, 64]}
     result = run(fp32_dir, data, small(cfg, **changes), tmp_path / "c")
@@ -217,6 +223,13 @@ def test_compiled_execution_paths_are_recorded_served_and_reported(
         got = predict_logits(runner, x[:128], batch)
         want = fp32 if runner.path_for(batch).startswith("fp32") else eager
         np.testing.assert_allclose(got, want[:128], atol=1e-3)
+    # Where Inductor cannot compile (no C++ compiler, as in the container image): eager paths
+    monkeypatch.setattr("stages.export.shutil.which", lambda name: None)
+    latency["compressed_compiled"] = {"1": 0.0, "64": 0.0}  # as if compiled were fastest
+    fallback = load_runner(tmp_path / "c", meta, x.shape[1], logging.getLogger("t"))
+    assert all(p.endswith("_eager") for _, p in fallback.plan)
+    assert "torch.compile failed, serving eager (RuntimeError: no C++ compiler" in caplog.text
+    np.testing.assert_allclose(predict_logits(fallback, x[:64], 64), eager[:64], atol=1e-5)
     write_report(result, "accuracy", tmp_path / "compress.csv", tmp_path / "compress.html")
     table = pd.read_csv(tmp_path / "compress.csv")
     assert table["name"].tolist() == ["fp32", "int8_static"]
