@@ -265,6 +265,11 @@ def compress(
         The comparison written to the metrics file.
     """
     pipelines = check_config(cfg, student_dir)
+    if train is None and cfg.prune.finetune_epochs:  # callers measuring the method alone
+        skipped = [k for k, st in list(pipelines.items())[1:] if set(st) & PRUNE_STEPS.keys()]
+        for key in skipped:
+            log.warning("pipeline %s skipped: fine-tuning after pruning needs the train split", key)
+            del pipelines[key]
     quiet_inc()
     torch.set_num_threads(cfg.threads)
     fp32 = load_fp32(fp32_dir)

@@ -128,6 +128,19 @@ def test_structured_pruning_drops_neurons_then_quantizes(
     assert saved["model"]["hidden_sizes"] == [h // 2 for h in hidden]
 
 
+def test_without_the_train_split_pruning_pipelines_are_skipped_or_refused(
+    fp32_dir: Path, data: dict, cfg: DictConfig, tmp_path: Path
+) -> None:
+    pipes = {"s": ["prune_structured", "int8_static"], "d": ["int8_dynamic"]}
+    args = (fp32_dir, data["val"], data["test"])
+    result = compress(*args, small(cfg, pipelines=pipes), tmp_path / "a")
+    assert list(result["candidates"]) == ["fp32", "int8_static", "d"]
+    pruned = small(cfg, prune={"method": "structured"})
+    with pytest.raises(StageError, match="compress.prune.finetune_epochs: fine-tuning needs"):
+        compress(*args, pruned, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
 def test_global_unstructured_pruning_keeps_its_sparsity_through_fine_tuning(
     fp32_dir: Path, data: dict, cfg: DictConfig
 ) -> None:
