@@ -12,6 +12,10 @@ start to the first epoch, Ray's start and dataset building included) and the med
 epoch, samples/s, and the per-epoch ratio (a)/(b, 1 thread). Target: <= 1.15 at 1 worker.
 
     python -m bench.train --rows 200000 --epochs 5 --workers 1,2
+
+`--gpu` (on a machine with a GPU; bench/gpu_check.sh) instead trains with one Ray Train
+worker on the CPU, on the GPU in FP32 and on the GPU with bf16 autocast, and prints
+samples/s against the CPU run. `--set key=value ...` adds Hydra overrides to every run.
 """
 
 import argparse
@@ -26,6 +30,13 @@ from typing import Any
 
 BIN = Path(sys.executable)
 TARGET = 1.15
+
+
+GPU_RUNS = {
+    "Ray Train CPU (gloo)": ["train.use_gpu=false"],
+    "Ray Train GPU fp32 (nccl)": ["train.use_gpu=true", "train.precision=fp32"],
+    "Ray Train GPU bf16 (nccl)": ["train.use_gpu=true", "train.precision=bf16"],
+}
 
 
 def overrides(rows: int, epochs: int) -> list[str]:
@@ -114,18 +125,30 @@ def run_child(args: list[str]) -> dict[str, Any]:
     return result
 
 
+def gpu_table(runs: dict[str, dict[str, Any]]) -> None:
+    """samples/s per run and against the first (CPU) run."""
+    cpu = next(iter(runs.values()))
+    print("| run | start-up s | median epoch s | samples/s | speed-up vs CPU |")
+    print("|---|---:|---:|---:|---:|")
+    for name, r in runs.items():
+        cells = [f"{r['startup']:.1f}", f"{r['epoch']:.2f}", f"{r['rows'] / r['epoch']:,.0f}"]
+        print(f"| {name} | {' | '.join(cells)} | {cpu['epoch'] / r['epoch']:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=200_000, help="synthetic rows (all splits)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--workers", default="1,2", help="Ray Train worker counts")
+    parser.add_argument("--gpu", action="store_true", help="CPU vs GPU training (see above)")
+    parser.add_argument("--set", nargs="*", default=[], help="Hydra overrides for every run")
     parser.add_argument("--child", choices=["ray", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     from stages.common import compose
 
-    cfg = compose(overrides(args.rows, args.epochs))
+    cfg = compose(overrides(args.rows, args.epochs) + args.set)
     if args.child == "ray":
         print(json.dumps(child_ray(cfg, args.data, args.n)))
         return
@@ -138,6 +161,15 @@ def main() -> None:
         data = Path(tmp) / "curated"
         ingest(cfg.data, cfg.seed, data)
         common = ["--rows", str(args.rows), "--epochs", str(args.epochs), "--data", str(data)]
+        if args.gpu:
+            gpu_table(
+                {
+                    k: run_child([*common, "--child", "ray", "--n", "1", "--set", *args.set, *v])
+                    for k, v in GPU_RUNS.items()
+                }
+            )
+            return
+        common += ["--set", *args.set]
         runs = {"torch, 1 thread": run_child([*common, "--child", "torch", "--n", "1"])}
         runs["torch, default threads"] = run_child([*common, "--child", "torch"])
         for k in (int(w) for w in args.workers.split(",")):

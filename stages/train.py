@@ -9,6 +9,7 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("val")
+    cache: list | None = [] if config["cache_shard"] else None
     history: list[dict[str, float]] = state["history"]
     stop = config["early_stopping"]
     best_state: dict[str, torch.Tensor] = state["best_state"]
@@ -225,12 +227,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.manual_seed(config["seed"] + 1000 * epoch + rank)  # dropout: same after a resume
         model.train()
         sums = torch.zeros(5, dtype=torch.float64, device=device)
-        for x, y, soft in train_shard.iter_torch_batches(
-            batch_size=config["batch_size"],
-            collate_fn=collate,
-            local_shuffle_buffer_size=config["shuffle_buffer"],
-            local_shuffle_seed=config["seed"] + 1000 * epoch + rank,
-        ):
+        for x, y, soft in batches(train_shard, {**config, "rank": rank}, epoch, cache):
             optimizer.zero_grad()
             with autocast():
                 outputs = model(x)
@@ -302,6 +299,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             break
 
 
+def batches(
+    shard: Any, config: dict[str, Any], epoch: int, cache: list | None
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """One epoch of (x, y, teacher outputs or None) training batches, shuffled with a seed
+    per epoch and worker. `cache` (a list, filled on the first call) holds the whole shard
+    in memory, shuffled by index like a plain PyTorch loop; None streams it through Ray Data
+    with a bounded local shuffle buffer."""
+    seed, size = config["seed"] + 1000 * epoch + config["rank"], config["batch_size"]
+    if cache is None:
+        yield from shard.iter_torch_batches(
+            batch_size=size,
+            collate_fn=ToTensors(),
+            local_shuffle_buffer_size=config["shuffle_buffer"],
+            local_shuffle_seed=seed,
+        )
+        return
+    if not cache:
+        parts = list(shard.iter_torch_batches(batch_size=65536, collate_fn=ToTensors()))
+        cache.extend(None if p[0] is None else torch.cat(p) for p in zip(*parts, strict=True))
+    x, y, soft = cache
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    for i in range(0, len(x), size):
+        rows = order[i : i + size]
+        yield x[rows], y[rows], None if soft is None else soft[rows]
+
+
 def distillation_loss(
     student: torch.Tensor, teacher: torch.Tensor, temperature: float
 ) -> torch.Tensor:
@@ -339,7 +362,10 @@ def class_weights(labels: np.ndarray, n_classes: int) -> list[float]:
 def resolve_use_gpu(use_gpu: bool | str) -> bool:
     """`auto`: use GPUs when torch or the Ray cluster has any."""
     if use_gpu == "auto":
-        return torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) > 0
+        cluster = ray.cluster_resources() if ray.is_initialized() else {}
+        return torch.cuda.is_available() or cluster.get("GPU", 0) > 0
+    if use_gpu is True and ray.is_initialized() and not ray.cluster_resources().get("GPU"):
+        raise StageError("train.use_gpu: true, but the Ray cluster has no GPU (use auto)")
     if isinstance(use_gpu, bool):
         return use_gpu
     raise StageError(f"train.use_gpu: expected auto, true or false, got {use_gpu!r}")
@@ -353,6 +379,9 @@ def check_config(
         value = train_cfg[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise StageError(f"train.{key}: expected an integer >= 1, got {value!r}")
+    cache = train_cfg["cache_shard_mb"]
+    if not isinstance(cache, int | float) or isinstance(cache, bool) or cache < 0:
+        raise StageError(f"train.cache_shard_mb: expected a number >= 0, got {cache!r}")
     failures = train_cfg["max_failures"]
     if not isinstance(failures, int) or isinstance(failures, bool) or failures < -1:
         raise StageError(f"train.max_failures: expected an integer >= -1, got {failures!r}")
@@ -472,6 +501,7 @@ def fit(
     if train_rows is None:
         train_rows = len(splits["train"])
     num_workers = train_cfg["num_workers"]
+    shard_bytes = train_rows / num_workers * (width + outputs + 1) * 4  # features, soft, label
     cpus = (train_cfg["resources_per_worker"] or {}).get("CPU", 1)
     init_ray(cluster["address"], int(np.ceil(num_workers * cpus)))
     use_gpu = resolve_use_gpu(train_cfg["use_gpu"])
@@ -501,6 +531,7 @@ def fit(
                 "lr": train_cfg["lr"],
                 "seed": seed,
                 "shuffle_buffer": min(train_rows, SHUFFLE_ROWS),
+                "cache_shard": shard_bytes <= train_cfg["cache_shard_mb"] * 2**20,
                 "checkpoint_every": train_cfg["checkpoint_every"],
                 "early_stopping": train_cfg["early_stopping"],
                 "lr_schedule": train_cfg["lr_schedule"],

@@ -50,6 +50,18 @@ def test_use_gpu_values() -> None:
         resolve_use_gpu("sometimes")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_use_gpu_true_without_a_gpu_fails_instead_of_waiting() -> None:
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False)
+    try:
+        with pytest.raises(StageError, match="train.use_gpu: true, but the Ray cluster has no"):
+            resolve_use_gpu(True)
+    finally:
+        ray.shutdown()
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -96,7 +108,9 @@ def test_streams_part_folders_and_learns_categories_with_gaps(tmp_path: Path, cf
     overrides.append("data.quality.max_duplicate_rows=0.2")  # rows with x missing repeat
     ingest(compose(overrides).data, 0, tmp_path / "curated")
     assert (tmp_path / "curated/train.parquet").is_dir()
-    run = compose([*overrides, "train.epochs=4", "train.num_workers=1", "train.batch_size=128"])
+    shrunk = ["train.epochs=4", "train.num_workers=1", "train.batch_size=128"]
+    # streamed through Ray Data, not cached in the worker
+    run = compose([*overrides, *shrunk, "train.cache_shard_mb=0"])
     history = train(run, tmp_path / "curated", tmp_path / "model")
     model, meta = load_fp32(tmp_path / "model")
     assert meta["preprocessing"]["vocab"] == {"city": ["a", "b", "c"]}
