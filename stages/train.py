@@ -436,8 +436,9 @@ def check_config(
             raise StageError(f"{key}: cannot build it: {' '.join(str(err).split())}") from None
 
 
-def init_ray(address: str | None, cpus: int) -> None:
-    """Join the cluster at `address`, or start a private local Ray.
+def init_ray(address: str | None, cpus: int, runtime_env: dict[str, Any] | None = None) -> None:
+    """Join the cluster at `address`, or start a private local Ray; `runtime_env` (Ray's:
+    e.g. a `working_dir` shipping this project's code to every node) applies to the job.
 
     The local Ray gets a logical CPU more than the workers take (`cpus`): with none spare,
     Ray Data's tasks wait forever for a CPU.
@@ -450,6 +451,7 @@ def init_ray(address: str | None, cpus: int) -> None:
         include_dashboard=False,
         logging_level=logging.ERROR,
         configure_logging=True,
+        runtime_env=runtime_env,
         **local,
     )
     for name in ("ray.data", "ray.train"):
@@ -503,7 +505,7 @@ def fit(
     num_workers = train_cfg["num_workers"]
     shard_bytes = train_rows / num_workers * (width + outputs + 1) * 4  # features, soft, label
     cpus = (train_cfg["resources_per_worker"] or {}).get("CPU", 1)
-    init_ray(cluster["address"], int(np.ceil(num_workers * cpus)))
+    init_ray(cluster["address"], int(np.ceil(num_workers * cpus)), cluster.get("runtime_env"))
     use_gpu = resolve_use_gpu(train_cfg["use_gpu"])
     backend = "nccl" if use_gpu else "gloo"
     log.info(

@@ -33,19 +33,16 @@ def cluster(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     clusters require token authentication). Yields the address and the clients' env."""
     token = tmp_path / "ray_token"
     token.write_text(secrets.token_hex(32))
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(token),
-        "PYTHONPATH": str(ROOT),  # every node runs the project's code
-    }
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     address = f"127.0.0.1:{free_port()}"
     common = ["--num-cpus=2", "--disable-usage-stats"]
     head = [RAY, "start", "--head", f"--port={address.split(':')[1]}", "--include-dashboard=false"]
     try:
-        subprocess.run([*head, *common], env=env, check=True, capture_output=True)
-        node = [RAY, "start", f"--address={address}", *common]
-        subprocess.run(node, env=env, check=True, capture_output=True)
+        # started outside the repo. (On one machine, workers also find the project through
+        # the driver's sys.path, which Ray passes on; other machines need the working_dir.)
+        run = {"env": env, "cwd": tmp_path, "check": True, "capture_output": True}
+        subprocess.run([*head, *common], **run)
+        subprocess.run([RAY, "start", f"--address={address}", *common], **run)
         yield address, env
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
@@ -66,6 +63,7 @@ def test_train_stage_runs_one_worker_per_node(
         time.sleep(0.5)
     overrides = [
         f"cluster.address={address}",
+        f"cluster.runtime_env={{working_dir: {ROOT}}}",  # uploaded to the cluster by Ray
         "train.num_workers=2",
         "train.placement_strategy=SPREAD",
         "train.resources_per_worker={CPU: 1}",
@@ -75,7 +73,7 @@ def test_train_stage_runs_one_worker_per_node(
     done = subprocess.run(
         [sys.executable, "-m", "stages.train", *overrides],
         cwd=work,
-        env=env,
+        env={**env, "PYTHONPATH": str(ROOT)},  # the driver's copy of the project
         capture_output=True,
         text=True,
     )
