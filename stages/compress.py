@@ -74,7 +74,7 @@ def check_config(cfg: DictConfig, student_dir: Path | None) -> dict[str, list[st
     if cfg.select not in SELECT:
         raise StageError(f"compress.select: {cfg.select!r} is not one of {SELECT}")
     pipelines = {"+".join(main_steps(cfg)): main_steps(cfg)}
-    for name, steps in (cfg.pipelines or {}).items():
+    for name, steps in (cfg.get("pipelines") or {}).items():  # `~compress.pipelines`: none
         steps = list(steps)
         key = f"compress.pipelines.{name}"
         valid = ["distil", *PRUNE_STEPS, *names]
@@ -271,12 +271,30 @@ def compress(
             log.warning("pipeline %s skipped: fine-tuning after pruning needs the train split", key)
             del pipelines[key]
     quiet_inc()
+    threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    try:
+        data = {"val": val, "val_y": val_y, "train": train, "seed": seed}
+        return _compress(fp32_dir, test, cfg, out_dir, pipelines, data, student_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compress(
+    fp32_dir: Path,
+    test: tuple[np.ndarray, np.ndarray],
+    cfg: DictConfig,
+    out_dir: Path,
+    pipelines: dict[str, list[str]],
+    data: dict[str, Any],
+    student_dir: Path | None,
+) -> dict[str, Any]:
+    """`compress` once its config is checked (`data`: val, val_y, train, seed)."""
     fp32 = load_fp32(fp32_dir)
     meta = fp32[1]
     name = SCORE_NAME[meta["task"]]
     with atomic_dir(out_dir) as tmp:
-        data = {"val": val, "val_y": val_y, "train": train, "scratch": tmp, "seed": seed}
+        data["scratch"] = tmp
         log.info("measuring FP32 on %d test rows", len(test[0]))
         results = {"fp32": measure(fp32[0], tmp / "fp32.pt2", test, meta, cfg)}
         built = {}
