@@ -132,7 +132,9 @@ def raw_records(df: pd.DataFrame, features: list[str]) -> list[dict[str, Any]]:
 
 def check_answers(port: int, test: pd.DataFrame, model_file: Path, batch: int = 64) -> int:
     """Served answers on every test row (raw values in) equal the compressed model's in
-    process: the same label, or the same value to 1e-4 for regression."""
+    process (eager): the same label, or for regression the same value to 1e-3 relative (the
+    service may run the program compiled by Inductor, whose INT8 kernels round differently
+    from eager's by about 1e-4 relative)."""
     meta = json.loads(model_file.with_name("model.json").read_text())
     x, _ = encode_split(test, meta)
     expected = decode(predict_logits(load_program(model_file), x), meta)
@@ -149,7 +151,7 @@ def check_answers(port: int, test: pd.DataFrame, model_file: Path, batch: int = 
             same = (
                 got["label"] == exp
                 if classify
-                else abs(got["value"] - exp) <= 1e-4 * max(1, abs(exp))
+                else abs(got["value"] - exp) <= 1e-3 * max(1, abs(exp))
             )
             if not same:
                 raise StageError(f"served {got} != in-process {exp!r} on test row {start + i}")

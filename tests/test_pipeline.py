@@ -20,6 +20,9 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 SHRUNK = ["train.epochs=6", "train.num_workers=2", "distil.epochs=4", "compress.latency_repeats=5"]
 SHRUNK += ["serve.slo.duration_s=2", "serve.slo.p99_ms=60000", "serve.slo.min_rps=1"]  # see below
+SHRUNK += ["~compress.pipelines"]  # the report's candidates: tests/test_compress.py
+# the default run's report: the distil stage's student, quantized
+DISTIL = [*SHRUNK, "+compress.pipelines={distil_int8: [distil, int8_static]}"]
 
 
 def sh(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
@@ -54,7 +57,7 @@ def make_repo(tmp_path_factory: pytest.TempPathFactory, env: dict, overrides: li
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory, env: dict) -> Path:
     """The default pipeline (digits), shrunk."""
-    return make_repo(tmp_path_factory, env, SHRUNK)
+    return make_repo(tmp_path_factory, env, DISTIL)
 
 
 def test_pipeline_outputs_metrics_and_experiments(repo: Path, env: dict) -> None:
@@ -72,7 +75,12 @@ def test_pipeline_outputs_metrics_and_experiments(repo: Path, env: dict) -> None
     metrics = json.loads(sh(["dvc", "metrics", "show", "--json"], repo, env).stdout)
     values = next(iter(metrics.values()))["data"]
     assert values["metrics/eval.json"]["data"]["accuracy"] > 0.85
-    assert values["metrics/compress.json"]["data"]["size_ratio"] < 0.3
+    compressed = values["metrics/compress.json"]["data"]
+    assert compressed["size_ratio"] < 0.3
+    student = compressed["candidates"]["distil_int8"]  # distil -> compress through DVC
+    assert student["steps"] == ["distil", "int8_static"] and student["size_ratio"] < 0.1
+    distil = values["metrics/distil.json"]["data"]
+    assert distil["student_parameters"] < distil["teacher_parameters"] / 10
     # the release gate served the bento and checked every test answer; its latency SLOs are
     # relaxed here (a shared test machine), test_failed_stage... checks that a miss fails
     validate = values["metrics/validate.json"]["data"]
@@ -88,7 +96,7 @@ def test_pipeline_outputs_metrics_and_experiments(repo: Path, env: dict) -> None
             "dvc",
             "exp",
             "run",
-            *[a for o in SHRUNK for a in ("-S", o)],
+            *[a for o in DISTIL for a in ("-S", o)],
             "-S",
             "serve.max_latency_ms=50",
         ],
@@ -227,7 +235,8 @@ def test_mixed_types_regression_served_like_in_process(
         served = requests.post(f"{server.url}/predict", json=body, timeout=30)
         proba = requests.post(f"{server.url}/predict_proba", json=body, timeout=30)
     assert served.status_code == 200, served.text
-    assert [p["value"] for p in served.json()] == pytest.approx(want.tolist(), rel=1e-4)
+    # served compiled by Inductor: INT8 rounding differs from eager's by about 1e-4 relative
+    assert [p["value"] for p in served.json()] == pytest.approx(want.tolist(), rel=1e-3)
     assert proba.status_code == 400 and "regression" in proba.text
 
 

@@ -54,7 +54,8 @@ def test_use_gpu_values() -> None:
 def test_use_gpu_true_without_a_gpu_fails_instead_of_waiting() -> None:
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=False)
+    if not ray.is_initialized():  # an earlier test's Ray serves as well
+        ray.init(num_cpus=1, include_dashboard=False)
     try:
         with pytest.raises(StageError, match="train.use_gpu: true, but the Ray cluster has no"):
             resolve_use_gpu(True)
@@ -127,14 +128,17 @@ def test_balanced_class_weights() -> None:
     assert weights == pytest.approx([4 / 9, 4 / 3, 1.0])  # n / (classes * count); absent: 1
 
 
-def test_seeded_one_worker_runs_give_identical_weights(curated: Path, tmp_path: Path) -> None:
+def test_seeded_one_worker_runs_give_identical_weights(
+    fp32_dir: Path, curated: Path, tmp_path: Path
+) -> None:
+    """A second run of the session model's config (one CPU worker, the same seed)."""
+    from conftest import FP32_RUN
+
     from stages.common import compose
     from stages.train import train
 
-    run = compose(["train.epochs=2", "train.num_workers=1"])
-    train(run, curated, tmp_path / "a")
-    train(run, curated, tmp_path / "b")
-    a, b = (torch.load(tmp_path / f"{r}/model.pt", weights_only=True) for r in "ab")
+    train(compose(FP32_RUN), curated, tmp_path / "again")
+    a, b = (torch.load(d / "model.pt", weights_only=True) for d in (fp32_dir, tmp_path / "again"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
