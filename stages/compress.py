@@ -303,6 +303,8 @@ def _compress(
             model, new_meta, details = build(steps, fp32, data, cfg, student_dir)
             results[key] = {**measure(model, tmp / f"{key}.pt2", test, meta, cfg), **details}
             built[key] = new_meta
+            if cfg.select == "method" and len(results) == 2:  # fail before the report's
+                check_budget(results["fp32"][name], results[key][name], cfg.max_accuracy_drop, name)
         chosen = pick(results, next(iter(pipelines)), cfg, name)
         drop = check_budget(
             results["fp32"][name], results[chosen][name], cfg.max_accuracy_drop, name
