@@ -43,6 +43,7 @@ def main(overrides: list[str]) -> None:
             Path(tmp) / "compressed",
             val_y=val_y,
             train=train,
+            student_dir=ROOT / "models/student",
             seed=cfg.seed,
         )
     name = SCORE_NAME[meta["task"]]

@@ -74,12 +74,20 @@ def compile_module(module: nn.Module, width: int) -> Callable[[torch.Tensor], to
     if not any(shutil.which(cxx) for cxx in (os.environ.get("CXX", "g++"), "c++", "clang++")):
         raise RuntimeError("no C++ compiler on PATH (Inductor needs one)")
     inductor_config.freezing = True  # global: a per-compile option is not seen by all passes
-    options = INT8_OPTIONS if quantized(module) else None
-    compiled = torch.compile(module, dynamic=True, options=options)
-    with torch.inference_mode():
-        for batch in (1, 2):  # batch 1 is specialised; 2 compiles the dynamic-batch graph
-            compiled(torch.zeros(batch, width))
-    return compiled
+    # INT8 GEMMs on Inductor's C++ template; graphs it cannot take (dynamic INT8) get the
+    # default lowering
+    for options in [INT8_OPTIONS, None] if quantized(module) else [None]:
+        compiled = torch.compile(module, dynamic=True, options=options)
+        try:
+            with torch.inference_mode():
+                for batch in (1, 2):  # batch 1 is specialised; 2 compiles the dynamic batch
+                    compiled(torch.zeros(batch, width))
+        except Exception:  # noqa: BLE001  NoValidChoicesError and the like: next options
+            if options is None:
+                raise
+            continue
+        return compiled
+    raise AssertionError("unreachable")
 
 
 class Runner:
