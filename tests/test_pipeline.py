@@ -18,8 +18,8 @@ from stages.validate import serve_bento
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-SHRUNK = ["train.epochs=6", "train.num_workers=2", "distil.epochs=4", "compress.latency_repeats=5"]
-SHRUNK += ["serve.slo.duration_s=2", "serve.slo.p99_ms=60000", "serve.slo.min_rps=1"]  # see below
+SHRUNK = ["train.epochs=6", "train.num_workers=1", "distil.epochs=4", "compress.latency_repeats=5"]
+SHRUNK += ["serve.slo.duration_s=1", "serve.slo.p99_ms=60000", "serve.slo.min_rps=1"]  # see below
 SHRUNK += ["~compress.pipelines"]  # the report's candidates: tests/test_compress.py
 # the default run's report: the distil stage's student, quantized
 DISTIL = [*SHRUNK, "+compress.pipelines={distil_int8: [distil, int8_static]}"]
@@ -210,7 +210,6 @@ MIXED = [
     "data.synthetic.missing_rate=0.05",
     "profile=basic",  # digits' pixel range does not apply
     "compress.max_accuracy_drop=5",  # R^2 points; parity, not the budget, is tested here
-    "train.num_workers=1",
     "distil.epochs=2",
 ]
 
