@@ -53,7 +53,7 @@ def distil(cfg: DictConfig, data_dir: Path, teacher_dir: Path, out_dir: Path) ->
     distil_cfg = OmegaConf.to_container(cfg.distil, resolve=True)
     check_distil(distil_cfg)
     teacher, teacher_meta = load_fp32(teacher_dir)
-    read_json(data_dir / "schema.json")  # the curated data exists
+    rows = read_json(data_dir / "schema.json")["rows"]["train"]  # the curated data exists
     train_cfg = {
         **OmegaConf.to_container(cfg.train, resolve=True),
         "epochs": distil_cfg["epochs"],
@@ -70,7 +70,6 @@ def distil(cfg: DictConfig, data_dir: Path, teacher_dir: Path, out_dir: Path) ->
         },
     }
     splits, _ = read_splits(data_dir, SAMPLE_ROWS)
-    rows = read_json(data_dir / "schema.json")["rows"]["train"]
     cluster = OmegaConf.to_container(cfg.cluster, resolve=True)
     try:
         student, history = fit(
