@@ -38,7 +38,7 @@ container: $(STAMP)  ## OCI image of the bento in dist/ with podman (offline bas
 	bash deploy/container.sh $(IMAGE)
 
 params: $(STAMP)  ## recompose params.yaml from conf/ (what `dvc exp run` does)
-	$(BIN)/python -m stages.common
+	$(BIN)/python -m fullstack_ml.stage
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

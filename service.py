@@ -37,9 +37,10 @@ with bentoml.importing():
     import numpy as np
     import torch
 
-    from stages.drift import CATEGORIES, cached_profile, drifted, window_drift
-    from stages.export import load_runner
-    from stages.preprocess import Preprocessor
+    from fullstack_ml.runtime.drift import CATEGORIES, cached_profile, drifted, window_drift
+    from fullstack_ml.runtime.meta import read_meta
+    from fullstack_ml.runtime.preprocess import Preprocessor
+    from fullstack_ml.runtime.program import load_runner
 
 SERVE: dict[str, Any] = yaml.safe_load(Path(__file__).with_name("params.yaml").read_text())["serve"]
 if SERVE["max_records"] > SERVE["max_batch_size"]:
@@ -55,7 +56,12 @@ MODEL_TAG = (
 )
 STORED = bentoml.models.get(MODEL_TAG)
 SCHEMA: dict[str, Any] = json.loads(Path(STORED.path_of("schema.json")).read_text())
-META: dict[str, Any] = json.loads(Path(STORED.path_of("model.json")).read_text())
+META: dict[str, Any] = read_meta(Path(STORED.path_of("model.json")).parent)
+# The execution path per batch size that the compress stage measured fastest (absent: eager).
+SERVING_FILE = Path(STORED.path_of("serving.json"))
+SERVING: dict[str, Any] | None = (
+    json.loads(SERVING_FILE.read_text()) if SERVING_FILE.exists() else None
+)
 PRE = Preprocessor.from_dict(META["preprocessing"])  # fitted on train, saved with the model
 FEATURES: list[str] = META["features"]
 CLASSES: list[Any] = META["classes"]
@@ -341,7 +347,7 @@ class Classifier:
         # by Inductor, or eager); a path that fails to compile (no C++ compiler in the image)
         # is logged and left out.
         self.model = load_runner(
-            Path(self.model_ref.path_of("model.pt2")).parent, META, PRE.width, LOG
+            Path(self.model_ref.path_of("model.pt2")).parent, SERVING, PRE.width, LOG
         )
         MONITOR.reference = self.model_ref.path_of("reference_profile.bin")
         MONITOR.scorer.submit(cached_profile, MONITOR.reference)  # start it, load the profile

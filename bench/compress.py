@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.common import ROOT, compose
+from fullstack_ml.model import SCORE_NAME, encode_split, encode_targets, load_fp32
+from fullstack_ml.stage import ROOT, compose
 from stages.compress import compress
-from stages.model import SCORE_NAME, encode_split, encode_targets, load_fp32
 
 
 def main(overrides: list[str]) -> None:

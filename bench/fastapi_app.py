@@ -17,7 +17,7 @@ import torch
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from stages.export import load_program
+from fullstack_ml.runtime.program import load_program
 
 MODEL_DIR = Path(os.environ["BENCH_MODEL_DIR"])
 SCHEMA: dict[str, Any] = json.loads((MODEL_DIR / "schema.json").read_text())

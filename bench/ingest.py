@@ -1,6 +1,6 @@
 """Ingest benchmark: the ingest and profile stages on a synthetic CSV against a bare pyarrow copy.
 
-For each row count, a seeded synthetic table (`stages.sources.synthetic_frame`: 40 float
+For each row count, a seeded synthetic table (`stages.ingest.sources.synthetic_frame`: 40 float
 features and 10 string features of 6 values, 1% of the values missing, a 4-class integer
 label) is written once as a CSV with pyarrow (setup, not timed; generated in chunks of
 CHUNK_ROWS rows with seeds seed, seed + 1, ... so setup memory stays bounded). Then, one
@@ -61,7 +61,7 @@ def write_csv(rows: int, work: Path, keep: bool) -> Path:
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
-    from stages.sources import synthetic_frame
+    from stages.ingest.sources import synthetic_frame
 
     shape = f"{SYNTHETIC['numeric']}n{SYNTHETIC['categorical']}c"
     path = work / f"synthetic-{rows}-{shape}-seed{SEED}.csv"
@@ -106,8 +106,9 @@ def run_floor(csv: Path, out: Path) -> dict[str, Any]:
 
 def run_stages(engine: str, csv: Path, out: Path) -> dict[str, Any]:
     """ingest then profile, as the pipeline runs them, with `engine`; Ray started first."""
-    from stages.common import compose
-    from stages.ingest import SPLITS, ingest
+    from fullstack_ml.paths import SPLITS
+    from fullstack_ml.stage import compose
+    from stages.ingest import ingest
     from stages.profile import profile
 
     overrides = ["data=file", f"data.path={csv}", f"data.engine={engine}", "profile=basic"]

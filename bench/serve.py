@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.validate import free_port
+from fullstack_ml.bento import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -54,10 +54,12 @@ def overrides_for(model: str, epochs: int) -> list[str]:
 
 def build(model: str, epochs: int, records: int, work: Path) -> Built:
     """Ingest, profile, train, compress and package `model` under `work` with the stages."""
-    from stages.common import compose
+    from fullstack_ml.curated import load_split
+    from fullstack_ml.model import encode_split, load_fp32
+    from fullstack_ml.paths import SPLITS
+    from fullstack_ml.stage import compose
     from stages.compress import compress
-    from stages.ingest import SPLITS, ingest, load_split
-    from stages.model import encode_split, load_fp32
+    from stages.ingest import ingest
     from stages.package import git_commit, package
     from stages.profile import profile
     from stages.train import train
@@ -71,10 +73,11 @@ def build(model: str, epochs: int, records: int, work: Path) -> Built:
         train(cfg, data, fp32)
         _, meta = load_fp32(fp32)
         val_x, _ = encode_split(splits["val"], meta)
-        compress(fp32, val_x, encode_split(splits["test"], meta), cfg.compress, out)
+        result = compress(fp32, val_x, encode_split(splits["test"], meta), cfg.compress, out)
+        (out / "serving.json").write_text(json.dumps(result["serving"]))
         shutil.copyfile(data / "schema.json", out / "schema.json")
         shutil.copyfile(work / "profile" / "train.bin", out / "reference_profile.bin")
-    names = ("model.pt2", "model.json", "schema.json", "reference_profile.bin")
+    names = ("model.pt2", "model.json", "schema.json", "reference_profile.bin", "serving.json")
     meta = {"git_commit": git_commit()}
     info = package({n: out / n for n in names}, meta, cfg.serve, work / "dist")
     features = [f["name"] for f in json.loads((out / "schema.json").read_text())["features"]]
@@ -141,7 +144,7 @@ def in_process(model_file: Path, body: Path, duration: float) -> float:
     """Records/s of the model (and softmax) called on batches of IN_PROCESS_BATCH records."""
     import torch
 
-    from stages.export import load_program
+    from fullstack_ml.runtime.program import load_program
 
     model = load_program(model_file)
     rows = json.loads(body.read_text())["records"]

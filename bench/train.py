@@ -52,15 +52,16 @@ def child_ray(cfg: Any, data: Path, workers: int) -> dict[str, Any]:
     """The train stage's `fit` with `workers` Ray Train workers."""
     from omegaconf import OmegaConf
 
-    from stages.common import read_json
-    from stages.train import fit, model_meta, read_splits
+    from fullstack_ml.curated import read_schema, read_splits
+    from fullstack_ml.trainer import fit
+    from stages.train import model_meta
 
-    schema = read_json(data / "schema.json")
+    schema = read_schema(data)
     splits, fit_on = read_splits(data, 200_000)
     train_cfg = {**OmegaConf.to_container(cfg.train, resolve=True), "num_workers": workers}
     meta = model_meta(schema, fit_on, OmegaConf.to_container(cfg.model), train_cfg)
-    _, history = fit(splits, meta, train_cfg, cfg.seed, None, schema["rows"]["train"])
-    return {"epochs": [h["epoch_s"] for h in history], "rows": schema["rows"]["train"]}
+    _, history, _ = fit(splits, meta, train_cfg, cfg.seed, None, schema.rows["train"])
+    return {"epochs": [h["epoch_s"] for h in history], "rows": schema.rows["train"]}
 
 
 def child_torch(cfg: Any, data: Path, threads: int | None) -> dict[str, Any]:
@@ -72,8 +73,8 @@ def child_torch(cfg: Any, data: Path, threads: int | None) -> dict[str, Any]:
     from omegaconf import OmegaConf
     from torch import nn
 
-    from stages.common import read_json
-    from stages.model import build_network, encode_targets, num_outputs, preprocessor
+    from fullstack_ml.curated import read_schema
+    from fullstack_ml.model import build_network, encode_targets, num_outputs, preprocessor
     from stages.train import model_meta
 
     if threads:
@@ -81,7 +82,7 @@ def child_torch(cfg: Any, data: Path, threads: int | None) -> dict[str, Any]:
     train_cfg = OmegaConf.to_container(cfg.train, resolve=True)
     train, val = (pd.read_parquet(data / f"{s}.parquet") for s in ("train", "val"))
     model_cfg = OmegaConf.to_container(cfg.model)
-    meta = model_meta(read_json(data / "schema.json"), train, model_cfg, train_cfg)
+    meta = model_meta(read_schema(data), train, model_cfg, train_cfg)
     pre, target = preprocessor(meta), meta["target"]
     x = torch.from_numpy(pre.encode_frame(train))
     y = torch.from_numpy(encode_targets(train[target], meta))
@@ -146,7 +147,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from stages.common import compose
+    from fullstack_ml.stage import compose
 
     cfg = compose(overrides(args.rows, args.epochs) + args.set)
     if args.child == "ray":

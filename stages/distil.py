@@ -10,21 +10,25 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import ray
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from stages.common import StageError, atomic_dir, read_json, run, write_json
-from stages.ingest import OUT_DIR as DATA_DIR
-from stages.ingest import load_split
-from stages.model import SCORE_NAME, decode, encode_split, load_fp32, predict_logits, save_fp32
-from stages.model import score as score_of
-from stages.train import SAMPLE_ROWS, best_epoch, fit, read_splits
+from fullstack_ml.curated import load_split, read_schema, read_splits
+from fullstack_ml.model import (
+    SCORE_NAME,
+    decode,
+    encode_split,
+    load_fp32,
+    predict_logits,
+    save_fp32,
+)
+from fullstack_ml.model import score as score_of
+from fullstack_ml.paths import DATA_DIR, FP32_DIR, METRICS, STUDENT_DIR
+from fullstack_ml.stage import StageError, atomic_dir, run, write_json
+from fullstack_ml.train_worker import best_epoch
+from fullstack_ml.trainer import SAMPLE_ROWS, fit
 
 log = logging.getLogger("stages.distil")
-TEACHER_DIR = Path("models/fp32")
-STUDENT_DIR = Path("models/student")
-METRICS = Path("metrics/distil.json")
 
 
 def check_distil(cfg: dict[str, Any]) -> None:
@@ -53,7 +57,7 @@ def distil(cfg: DictConfig, data_dir: Path, teacher_dir: Path, out_dir: Path) ->
     distil_cfg = OmegaConf.to_container(cfg.distil, resolve=True)
     check_distil(distil_cfg)
     teacher, teacher_meta = load_fp32(teacher_dir)
-    rows = read_json(data_dir / "schema.json")["rows"]["train"]  # the curated data exists
+    rows = read_schema(data_dir).rows["train"]  # the curated data exists
     train_cfg = {
         **OmegaConf.to_container(cfg.train, resolve=True),
         "epochs": distil_cfg["epochs"],
@@ -71,19 +75,16 @@ def distil(cfg: DictConfig, data_dir: Path, teacher_dir: Path, out_dir: Path) ->
     }
     splits, _ = read_splits(data_dir, SAMPLE_ROWS)
     cluster = OmegaConf.to_container(cfg.cluster, resolve=True)
-    try:
-        student, history = fit(
-            splits,
-            meta,
-            train_cfg,
-            cfg.seed,
-            cluster,
-            rows,
-            teacher=teacher,
-            distill={k: distil_cfg[k] for k in ("temperature", "alpha")},
-        )
-    finally:
-        ray.shutdown()
+    student, history, trained_on = fit(
+        splits,
+        meta,
+        train_cfg,
+        cfg.seed,
+        cluster,
+        rows,
+        teacher=teacher,
+        distill={k: distil_cfg[k] for k in ("temperature", "alpha")},
+    )
     x, y = encode_split(load_split("test", data_dir), teacher_meta)
     name, task = SCORE_NAME[meta["task"]], meta["task"]
     scores = {
@@ -93,7 +94,7 @@ def distil(cfg: DictConfig, data_dir: Path, teacher_dir: Path, out_dir: Path) ->
     sizes = {"teacher": file_size(teacher, teacher_meta), "student": file_size(student, meta)}
     counts = {"teacher": parameters(teacher), "student": parameters(student)}
     with atomic_dir(out_dir) as tmp:
-        save_fp32(student, tmp, meta)
+        save_fp32(student, tmp, {**meta, "trained_on": trained_on})
     return {
         f"teacher_{name}": scores["teacher"],
         f"student_{name}": scores["student"],
@@ -109,8 +110,8 @@ def distil(cfg: DictConfig, data_dir: Path, teacher_dir: Path, out_dir: Path) ->
 
 
 def main(cfg: DictConfig) -> None:
-    result = distil(cfg, DATA_DIR, TEACHER_DIR, STUDENT_DIR)
-    write_json(METRICS, result)
+    result = distil(cfg, DATA_DIR, FP32_DIR, STUDENT_DIR)
+    write_json(METRICS["distil"], result)
     name = next(n for n in SCORE_NAME.values() if f"student_{n}" in result)
     log.info(
         "student %s %.4f (%.2f points below the teacher) with %.3fx its parameters -> %s",

@@ -21,14 +21,12 @@ from sklearn.metrics import (
     root_mean_squared_error,
 )
 
-from stages.common import StageError, run, write_atomic, write_json
-from stages.ingest import load_split
-from stages.model import decode, encode_split, load_fp32, predict_logits
+from fullstack_ml.curated import load_split
+from fullstack_ml.model import decode, encode_split, load_fp32, predict_logits
+from fullstack_ml.paths import CONFUSION, FP32_DIR, METRICS
+from fullstack_ml.stage import StageError, run, write_atomic, write_json
 
 log = logging.getLogger("stages.evaluate")
-MODEL_DIR = Path("models/fp32")
-METRICS = Path("metrics/eval.json")
-CONFUSION = Path("plots/confusion.csv")
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list) -> dict:
@@ -77,12 +75,12 @@ def evaluate(model_dir: Path, test: pd.DataFrame) -> tuple[dict[str, Any], pd.Da
 
 def main(cfg: DictConfig) -> None:
     test = load_split("test")
-    log.info("evaluating %s on %d test rows", MODEL_DIR, len(test))
-    metrics, confusion = evaluate(MODEL_DIR, test)
-    write_json(METRICS, metrics)
+    log.info("evaluating %s on %d test rows", FP32_DIR, len(test))
+    metrics, confusion = evaluate(FP32_DIR, test)
+    write_json(METRICS["eval"], metrics)
     write_atomic(CONFUSION, confusion.to_csv(index=False))
     shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
-    log.info("%s -> %s, %s", shown, METRICS, CONFUSION)
+    log.info("%s -> %s, %s", shown, METRICS["eval"], CONFUSION)
 
 
 if __name__ == "__main__":

@@ -1,29 +1,41 @@
 """package: the compressed model into the BentoML model store, a bento, and a bento file.
 
-Saves `models/compressed` with the schema, the reference profile and metadata (git
-commit, params hash, metrics) as a BentoML model, builds the bento from bentofile.yaml
-pinned to that model, and exports it to `dist/<service_name>.bento` (+ `dist/bento.json`).
-Serve it with `make serve`, or `bentoml import dist/<name>.bento && bentoml serve <tag>`.
+Saves `models/compressed` with the schema, the reference profile, the serving plan the
+compress stage measured and metadata (git commit, params hash, metrics) as a BentoML model,
+builds the bento from bentofile.yaml pinned to that model, and exports it to
+`dist/<service_name>.bento` (+ `dist/bento.json`). Model and bento are versioned by a hash
+of what they are made of (the model's files, the code and params the bento ships), so the
+same inputs give the same tags. Serve it with `make serve`, or
+`bentoml import dist/<name>.bento && bentoml serve <tag>`.
 """
 
+import contextlib
 import hashlib
+import json
 import logging
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import bentoml
+import yaml
+from bentoml.exceptions import NotFound
 from omegaconf import DictConfig
 
-from stages.common import PARAMS, ROOT, StageError, atomic_dir, read_json, run, write_json
+from fullstack_ml.paths import (
+    COMPRESSED_DIR,
+    DIST_DIR,
+    METRICS,
+    PARAMS,
+    REFERENCE_PROFILE,
+    SCHEMA,
+)
+from fullstack_ml.stage import ROOT, StageError, atomic_dir, read_json, run, write_json
 
 log = logging.getLogger("stages.package")
-MODEL_DIR = Path("models/compressed")
-SCHEMA = Path("data/curated/schema.json")
-REFERENCE_PROFILE = Path("reports/profile/train.bin")
-METRICS = (Path("metrics/eval.json"), Path("metrics/compress.json"))
-OUT_DIR = Path("dist")
+BENTOFILE = ROOT / "bentofile.yaml"
 
 
 def git_commit() -> str:
@@ -31,7 +43,7 @@ def git_commit() -> str:
     return proc.stdout.strip() if proc.returncode == 0 else "unknown"
 
 
-def build_metadata(params_file: Path, metrics_files: tuple[Path, ...]) -> dict[str, Any]:
+def build_metadata(params_file: Path, metrics_files: list[Path]) -> dict[str, Any]:
     """What the bento tells about its model: git commit, params hash and metrics."""
     metrics = {}
     for path in metrics_files:
@@ -42,6 +54,20 @@ def build_metadata(params_file: Path, metrics_files: tuple[Path, ...]) -> dict[s
         "params_sha256": hashlib.sha256(Path(params_file).read_bytes()).hexdigest(),
         "metrics": metrics,
     }
+
+
+def shipped_files(bentofile: Path = BENTOFILE) -> list[Path]:
+    """The project files the bento ships: bentofile.yaml's `include` (anchored paths)."""
+    include = yaml.safe_load(Path(bentofile).read_text())["include"]
+    return [ROOT / entry.lstrip("/") for entry in include]
+
+
+def content_version(files: list[Path]) -> str:
+    """A version from the bytes (and names) of `files`: the same inputs, the same tag."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + Path(path).read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def package(
@@ -58,13 +84,22 @@ def package(
     for path in files.values():
         if not Path(path).is_file():
             raise StageError(f"{path}: not found (run the stages before package)")
-    with bentoml.models.create(serve_cfg.model_name, metadata=metadata) as model:
+    model_files = [files[name] for name in sorted(files) if name != "serving.json"]
+    version = content_version(model_files)  # the measured serving plan is not an input
+    model_tag = f"{serve_cfg.model_name}:{version}"
+    bento_version = content_version([*model_files, BENTOFILE, *shipped_files()])
+    bento_tag = f"{serve_cfg.service_name}:{bento_version}"
+    for delete, tag in ((bentoml.bentos.delete, bento_tag), (bentoml.models.delete, model_tag)):
+        with contextlib.suppress(NotFound):  # a rebuild of the same inputs replaces them
+            delete(tag)
+    with bentoml.models.create(model_tag, metadata=metadata) as model:
         for name, path in files.items():
             shutil.copyfile(path, model.path_of(name))
     log.info("saved BentoML model %s", model.tag)
     bento = bentoml.bentos.build_bentofile(
-        str(ROOT / "bentofile.yaml"),
+        str(BENTOFILE),
         build_ctx=str(ROOT),
+        version=bento_version,
         args={"model_tag": str(model.tag)},
         labels={"git_commit": metadata["git_commit"][:63]},
     )
@@ -79,15 +114,21 @@ def package(
 
 
 def main(cfg: DictConfig) -> None:
-    files = {
-        "model.pt2": MODEL_DIR / "model.pt2",
-        "model.json": MODEL_DIR / "model.json",
-        "schema.json": SCHEMA,
-        "reference_profile.bin": REFERENCE_PROFILE,
-    }
-    if (MODEL_DIR / "fp32.pt2").exists():  # compress.fp32_fallback: served at small batches
-        files["fp32.pt2"] = MODEL_DIR / "fp32.pt2"
-    package(files, build_metadata(PARAMS, METRICS), cfg.serve, OUT_DIR)
+    compressed = read_json(METRICS["compress"])
+    with tempfile.TemporaryDirectory() as tmp:
+        plan = Path(tmp) / "serving.json"
+        plan.write_text(json.dumps(compressed["serving"], indent=2))
+        files = {
+            "model.pt2": COMPRESSED_DIR / "model.pt2",
+            "model.json": COMPRESSED_DIR / "model.json",
+            "schema.json": SCHEMA,
+            "reference_profile.bin": REFERENCE_PROFILE,
+            "serving.json": plan,
+        }
+        if (COMPRESSED_DIR / "fp32.pt2").exists():  # compress.fp32_fallback
+            files["fp32.pt2"] = COMPRESSED_DIR / "fp32.pt2"
+        metrics = [METRICS["eval"], METRICS["compress"]]
+        package(files, build_metadata(PARAMS, metrics), cfg.serve, DIST_DIR)
 
 
 if __name__ == "__main__":

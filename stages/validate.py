@@ -11,123 +11,23 @@ when an SLO in `conf/serve/` is missed or an answer differs.
 import http.client
 import json
 import logging
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tarfile
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from stages.common import StageError, read_json, run, write_json
-from stages.export import load_program
-from stages.ingest import load_split
-from stages.model import decode, encode_split, predict_logits
+from fullstack_ml.bento import raw_records, request, serve_bento
+from fullstack_ml.curated import load_split
+from fullstack_ml.model import decode, encode_split, load_meta, predict_logits
+from fullstack_ml.paths import COMPRESSED_DIR, DIST_DIR, METRICS
+from fullstack_ml.runtime.program import load_program
+from fullstack_ml.stage import StageError, read_json, run, write_json
 
 log = logging.getLogger("stages.validate")
-BENTO_DIR = Path("dist")
-MODEL_FILE = Path("models/compressed/model.pt2")
-METRICS = Path("metrics/validate.json")
-TOKEN_ENV = "FULLSTACK_ML_API_TOKEN"  # sent as a bearer token when set (see service.py)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server(NamedTuple):
-    url: str
-    port: int
-    proc: subprocess.Popen
-
-
-@contextmanager
-def serve_bento(
-    bento_file: Path, env: dict[str, str] | None = None, ready_timeout_s: float = 180
-) -> Iterator[Server]:
-    """`bentoml serve` of an exported bento file on a free port, with `env` added to the
-    environment; stopped (SIGTERM, a graceful shutdown) on exit."""
-    with tempfile.TemporaryDirectory(prefix="validate-") as tmp:
-        bento, home = Path(tmp) / "bento", Path(tmp) / "bentoml"
-        with tarfile.open(bento_file) as tar:
-            tar.extractall(bento, filter="data")
-        port = free_port()
-        bin_dir = Path(sys.executable).parent
-        env = {**os.environ, **(env or {}), "BENTOML_HOME": str(home)}
-        env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-        env.setdefault("BENTOML_DO_NOT_TRACK", "true")
-        log_file = Path(tmp) / "serve.log"
-        with log_file.open("w") as out:
-            proc = subprocess.Popen(
-                [bin_dir / "bentoml", "serve", bento, "--host", "127.0.0.1", "--port", str(port)],
-                env=env,
-                cwd=tmp,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        try:
-            wait_ready(port, proc, log_file, ready_timeout_s)
-            yield Server(f"http://127.0.0.1:{port}", port, proc)
-        finally:
-            stop(proc)
-
-
-def stop(proc: subprocess.Popen, timeout_s: float = 30) -> None:
-    """SIGTERM to the server's process group (a graceful shutdown), SIGKILL after timeout."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def wait_ready(port: int, proc: subprocess.Popen, log_file: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log_file.read_text().strip().splitlines()[-1:] or ["(no output)"]
-            raise StageError(f"bentoml serve exited {proc.returncode}: {tail[0]}")
-        try:
-            if request(port, "GET", "/readyz")[0] == 200:
-                return
-        except OSError:  # not listening yet
-            pass
-        time.sleep(0.5)
-    raise StageError(f"bentoml serve not ready after {timeout_s:.0f} s (see its log)")
-
-
-def request(
-    port: int, method: str, path: str, body: bytes | None = None, conn: Any = None
-) -> tuple[int, bytes]:
-    """One HTTP request on `conn` (kept alive) or a new connection: (status, body)."""
-    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    headers = {"Content-Type": "application/json"}
-    if token := os.environ.get(TOKEN_ENV):
-        headers["Authorization"] = f"Bearer {token}"
-    conn.request(method, path, body=body, headers=headers)
-    response = conn.getresponse()
-    return response.status, response.read()
-
-
-def raw_records(df: pd.DataFrame, features: list[str]) -> list[dict[str, Any]]:
-    """Rows as JSON-ready records of raw feature values, missing values as None."""
-    part = df[features].astype(object)
-    return part.where(part.notna(), None).to_dict("records")
 
 
 def check_answers(port: int, test: pd.DataFrame, model_file: Path, batch: int = 64) -> int:
@@ -135,7 +35,7 @@ def check_answers(port: int, test: pd.DataFrame, model_file: Path, batch: int = 
     process (eager): the same label, or for regression the same value to 1e-3 relative (the
     service may run the program compiled by Inductor, whose INT8 kernels round differently
     from eager's by about 1e-4 relative)."""
-    meta = json.loads(model_file.with_name("model.json").read_text())
+    meta = load_meta(model_file.parent)
     x, _ = encode_split(test, meta)
     expected = decode(predict_logits(load_program(model_file), x), meta)
     classify = meta["task"] == "classification"
@@ -225,7 +125,7 @@ def validate(
         port = server.port
         checked = check_answers(port, test, model_file)
         log.info("served answers equal the in-process model on %d test rows", checked)
-        features = json.loads(model_file.with_name("model.json").read_text())["features"]
+        features = load_meta(model_file.parent)["features"]
         bodies = [json.dumps({"records": r}).encode() for r in raw_records(test, features)]
         load(port, bodies, slo.concurrency, 1.0)  # warm-up
         result = load(port, bodies, slo.concurrency, slo.duration_s)
@@ -244,10 +144,11 @@ def validate(
 
 
 def main(cfg: DictConfig) -> None:
-    info = read_json(BENTO_DIR / "bento.json")
-    result = validate(BENTO_DIR / info["file"], load_split("test"), MODEL_FILE, cfg.serve.slo)
-    write_json(METRICS, {"bento_tag": info["bento_tag"], **result})
-    log.info("wrote %s", METRICS)
+    info = read_json(DIST_DIR / "bento.json")
+    model_file = COMPRESSED_DIR / "model.pt2"
+    result = validate(DIST_DIR / info["file"], load_split("test"), model_file, cfg.serve.slo)
+    write_json(METRICS["validate"], {"bento_tag": info["bento_tag"], **result})
+    log.info("wrote %s", METRICS["validate"])
 
 
 if __name__ == "__main__":

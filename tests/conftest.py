@@ -1,5 +1,6 @@
 """Shared fixtures: the real config, shrunk, and small curated splits in tmp_path."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig
 
-from stages.common import ROOT, compose
+from fullstack_ml.stage import ROOT, compose
 from stages.ingest import ingest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -57,25 +58,27 @@ def bento(fp32_dir: Path, curated: Path, cfg: DictConfig, tmp_path_factory) -> P
     """The session's model compressed and packaged into a bento file (own model store)."""
     import pandas as pd
 
+    from fullstack_ml.model import encode_split, load_fp32
+    from fullstack_ml.runtime.drift import profile_frame
     from stages.compress import compress
-    from stages.drift import profile_frame
-    from stages.model import encode_split, load_fp32
 
     work = tmp_path_factory.mktemp("service")
     _, meta = load_fp32(fp32_dir)
     val, test = (pd.read_parquet(curated / f"{s}.parquet") for s in ("val", "test"))
     val_x, _ = encode_split(val, meta)
-    compress(fp32_dir, val_x, encode_split(test, meta), cfg.compress, work / "int8")
+    result = compress(fp32_dir, val_x, encode_split(test, meta), cfg.compress, work / "int8")
     train = pd.read_parquet(curated / "train.parquet")
     (work / "train.bin").write_bytes(profile_frame(train).serialize())
+    (work / "serving.json").write_text(json.dumps(result["serving"]))
     files = {
         "model.pt2": work / "int8/model.pt2",
         "model.json": work / "int8/model.json",
         "schema.json": curated / "schema.json",
         "reference_profile.bin": work / "train.bin",
+        "serving.json": work / "serving.json",
     }
     script = (
-        "import sys; from pathlib import Path; from stages.common import compose;"
+        "import sys; from pathlib import Path; from fullstack_ml.stage import compose;"
         "from stages.package import package;"
         f"package({ {k: str(v) for k, v in files.items()} }, {{'git_commit': 'test'}},"
         f" compose([]).serve, Path({str(work / 'dist')!r}))"

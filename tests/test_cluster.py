@@ -14,8 +14,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from stages.common import ROOT
-from stages.model import encode_split, load_fp32, predict_logits
+from fullstack_ml.model import encode_split, load_fp32, predict_logits
+from fullstack_ml.stage import ROOT
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).parent / "ray")

@@ -6,7 +6,7 @@ import yaml
 from dvc.utils.hydra import compose_and_dump
 from hydra.utils import instantiate
 
-from stages.common import CONF_DIR, ROOT, compose, params_yaml
+from fullstack_ml.stage import CONF_DIR, ROOT, compose, params_yaml
 
 
 def test_params_yaml_is_composition_of_conf(tmp_path: Path) -> None:

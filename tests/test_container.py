@@ -15,8 +15,8 @@ import pytest
 import requests
 import yaml
 
-from stages.common import ROOT
-from stages.validate import free_port
+from fullstack_ml.bento import free_port
+from fullstack_ml.stage import ROOT
 
 pytestmark = pytest.mark.slow
 IMAGE = "localhost/fullstack-ml:test"

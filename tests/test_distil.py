@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages.common import StageError
+from fullstack_ml.stage import StageError
+from fullstack_ml.train_worker import distillation_loss
 from stages.distil import check_distil
-from stages.train import distillation_loss
 
 
 def test_distillation_loss_is_the_scaled_kl_divergence() -> None:

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from omegaconf import DictConfig
 
-from stages.common import StageError, compose
+from fullstack_ml.stage import StageError, compose
 from stages.ingest import ingest, split_table
 
 
@@ -228,7 +228,9 @@ def test_ray_engine_streams_the_same_rows_into_part_folders(
 ) -> None:
     src = tmp_path / "shop.csv"
     mixed_frame(3000).to_csv(src, index=False)
-    monkeypatch.setattr("stages.ingest.BLOCK_BYTES", 20_000)  # cut the CSV into ~10 ranges
+    monkeypatch.setattr(
+        "stages.ingest.ray_engine.BLOCK_BYTES", 20_000
+    )  # cut the CSV into ~10 ranges
     by_group = ["data.split.strategy=group", "data.split.column=shop"]
     pandas = ingest(file_cfg(src, *by_group), 0, tmp_path / "pandas")
     ray = ingest(file_cfg(src, *by_group, "data.engine=ray"), 0, tmp_path / "ray")
@@ -238,6 +240,13 @@ def test_ray_engine_streams_the_same_rows_into_part_folders(
     assert [(f["name"], f["kind"]) for f in ray["features"]] == [
         (f["name"], f["kind"]) for f in pandas["features"]
     ]
+    assert set(ray) == set(pandas)  # one schema builder: the same keys from both engines
+    assert [set(f) for f in ray["features"]] == [set(f) for f in pandas["features"]]
+    # parts are named by their rows, not by a random id: a rerun writes the same files
+    ingest(file_cfg(src, *by_group, "data.engine=ray"), 0, tmp_path / "again")
+    for split in ("train", "val", "test"):
+        files = sorted(p.name for p in (tmp_path / f"ray/{split}.parquet").iterdir())
+        assert files == sorted(p.name for p in (tmp_path / f"again/{split}.parquet").iterdir())
     parts = {s: pd.read_parquet(tmp_path / f"ray/{s}.parquet") for s in ("train", "val", "test")}
     assert {s: len(p) for s, p in parts.items()} == ray["rows"]
     groups = [set(p.shop) for p in parts.values()]

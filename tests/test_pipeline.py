@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 import requests
 
-from stages.common import ROOT
-from stages.validate import serve_bento
+from fullstack_ml.bento import serve_bento
+from fullstack_ml.stage import ROOT
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -185,8 +185,8 @@ def server(repo: Path) -> Iterator[str]:
 
 
 def test_served_predictions_match_the_compressed_model(repo: Path, server: str) -> None:
-    from stages.export import load_program
-    from stages.model import encode_split, predict_logits
+    from fullstack_ml.model import encode_split, predict_logits
+    from fullstack_ml.runtime.program import load_program
 
     test = pd.read_parquet(repo / "data/curated/test.parquet")
     features = [c for c in test.columns if c != "target"]
@@ -223,9 +223,9 @@ def test_mixed_types_regression_served_like_in_process(
     """Train/serve parity on raw values: the validate stage sends every test row (numbers
     with gaps as null, category strings) to the served bento and compares each value with
     the compressed model's in process; here the same for a record with unseen values."""
-    from stages.export import load_program
-    from stages.model import decode, encode_split, predict_logits
-    from stages.validate import raw_records
+    from fullstack_ml.bento import raw_records
+    from fullstack_ml.model import decode, encode_split, predict_logits
+    from fullstack_ml.runtime.program import load_program
 
     repo = make_repo(tmp_path_factory, env, [*SHRUNK, *MIXED])
     schema = json.loads((repo / "data/curated/schema.json").read_text())

@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -6,9 +8,9 @@ import pandas as pd
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
-from stages.common import StageError, compose
-from stages.drift import load_profile, profile_frame
-from stages.ingest import SPLITS
+from fullstack_ml.paths import SPLITS
+from fullstack_ml.runtime.drift import load_profile, profile_frame
+from fullstack_ml.stage import StageError, compose
 from stages.profile import profile, profile_split
 
 # ---------------------------------------------------------------- digits (the default data)
@@ -42,6 +44,18 @@ def test_profiles_constraints_and_drift_written(
     assert "pixel_3_3" in html and "<script" not in html
     constraints = json.loads((tmp_path / "p" / "constraints.json").read_text())
     assert {r["split"] for r in constraints} == set(SPLITS)
+    # whylogs stamps times and a random trace id into each profile, and writes protobuf maps
+    # in an order that differs between processes; these hold neither, so the same splits
+    # give the same bytes in another process (a rerun writes what dvc.lock recorded)
+    code = (
+        "import json, sys; from pathlib import Path; from fullstack_ml.stage import compose;"
+        "from stages.profile import profile; c = Path(sys.argv[1]);"
+        "profile({s: c / f'{s}.parquet' for s in ('train', 'val', 'test')},"
+        " json.loads((c / 'schema.json').read_text()), compose([]).profile, Path(sys.argv[2]))"
+    )
+    subprocess.run([sys.executable, "-c", code, curated, tmp_path / "again"], check=True)
+    for name in ("train.bin", "val.bin", "test.bin", "drift.json", "report.html"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "p" / name).read_bytes()
 
 
 def test_shifted_split_is_reported_as_drift(

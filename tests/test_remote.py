@@ -11,7 +11,7 @@ import pytest
 from servers import S3Server, s3_server  # noqa: F401
 from test_pipeline import BIN, sh
 
-from stages.common import ROOT
+from fullstack_ml.stage import ROOT
 
 pytestmark = pytest.mark.slow
 OUTPUTS = ["artifact.bin", "shared/a.txt", "shared/sub/b.bin"]

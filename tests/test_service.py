@@ -20,9 +20,9 @@ import pytest
 import requests
 from omegaconf import DictConfig
 
-from stages.export import load_program
-from stages.model import encode_split, predict_logits
-from stages.validate import Server, raw_records, serve_bento
+from fullstack_ml.bento import Server, raw_records, serve_bento
+from fullstack_ml.model import encode_split, predict_logits
+from fullstack_ml.runtime.program import load_program
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-token-0123456789"

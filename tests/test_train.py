@@ -7,9 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from stages.common import StageError
-from stages.model import encode_split, load_fp32, predict_logits
-from stages.train import build_datasets, model_meta, resolve_use_gpu
+from fullstack_ml.model import encode_split, load_fp32, predict_logits
+from fullstack_ml.schema import parse_schema
+from fullstack_ml.stage import StageError
+from fullstack_ml.trainer import build_datasets, resolve_use_gpu
+from stages.train import model_meta
 
 
 def test_trained_model_learns_and_keeps_its_preprocessing(fp32_dir: Path, curated: Path) -> None:
@@ -24,7 +26,7 @@ def test_trained_model_learns_and_keeps_its_preprocessing(fp32_dir: Path, curate
     pred = predict_logits(model, val_x).argmax(1)
     assert (pred == labels).mean() > 0.85  # 10 classes: chance is 0.1
     saved = json.loads((fp32_dir / "model.json").read_text())
-    assert saved["model"]["_target_"] == "stages.model.MLP" and saved["train"]["epochs"] == 40
+    assert saved["model"]["_target_"] == "fullstack_ml.model.MLP" and saved["train"]["epochs"] == 40
     assert saved["task"] == "classification"
 
 
@@ -37,8 +39,9 @@ def test_unknown_label_in_val_names_the_split_and_column(cfg) -> None:
         "features": [{"name": "a", "kind": "numeric"}],
         "target": {"name": "y"},
         "classes": [0, 1],
+        "rows": {"train": 2, "val": 2, "test": 0},
     }
-    meta = model_meta(schema, train, {}, OmegaConf.to_container(cfg.train))
+    meta = model_meta(parse_schema(schema), train, {}, OmegaConf.to_container(cfg.train))
     with pytest.raises(StageError, match=r"val split: labels \['7'\]"):
         build_datasets({"train": train, "val": train.assign(y=[0, 7])}, meta)
 
@@ -69,7 +72,7 @@ def test_use_gpu_true_without_a_gpu_fails_instead_of_waiting() -> None:
         ({"train": {"lr": "abc"}}, r"train.lr: expected a number > 0, got 'abc'"),
         ({"train": {"epochs": 0}}, r"train.epochs: expected an integer >= 1, got 0"),
         ({"model": {"hidden_sizes": "wide"}}, r"model: cannot build it"),
-        ({"model": {"_target_": "stages.model.Nope"}}, r"model: cannot build it"),
+        ({"model": {"_target_": "fullstack_ml.model.Nope"}}, r"model: cannot build it"),
         ({"train": {"optimizer": {"_target_": "torch.optim.Nope"}}}, "train.optimizer: cannot"),
         ({"train": {"early_stopping": {"mode": "up"}}}, "train.early_stopping.mode: expected"),
         ({"train": {"early_stopping": {"patience": 0}}}, "train.early_stopping.patience"),
@@ -84,7 +87,7 @@ def test_use_gpu_true_without_a_gpu_fails_instead_of_waiting() -> None:
 def test_bad_config_fails_before_ray_starts(cfg, override: dict, message: str) -> None:
     from omegaconf import OmegaConf
 
-    from stages.train import check_config
+    from fullstack_ml.trainer import check_config
 
     merged = OmegaConf.to_container(OmegaConf.merge(cfg, override), resolve=True)
     with pytest.raises(StageError, match=message):
@@ -94,7 +97,7 @@ def test_bad_config_fails_before_ray_starts(cfg, override: dict, message: str) -
 def test_streams_part_folders_and_learns_categories_with_gaps(tmp_path: Path, cfg) -> None:
     """data.engine=ray splits (folders of Parquet parts) are streamed through Ray Data; the
     label here depends on a category and a number with missing values."""
-    from stages.common import compose
+    from fullstack_ml.stage import compose
     from stages.ingest import ingest
     from stages.train import train
 
@@ -133,7 +136,7 @@ def test_early_stopping_keeps_the_best_epoch_and_the_schedule_steps(
 ) -> None:
     """No later epoch beats epoch 1 by a whole accuracy point: training stops after
     `patience` more epochs and keeps epoch 1's weights, not the last."""
-    from stages.common import compose
+    from fullstack_ml.stage import compose
     from stages.train import train
 
     run = compose(
@@ -171,7 +174,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(
     import psutil
     from conftest import FP32_RUN
 
-    from stages.common import compose
+    from fullstack_ml.stage import compose
     from stages.train import train
 
     storage = tmp_path / "checkpoints"

@@ -1,4 +1,4 @@
-"""What every stage shares: config loading, logging, clear errors and atomic outputs."""
+"""What every stage shares: config loading, the entry point, clear errors and atomic outputs."""
 
 import json
 import logging
@@ -14,9 +14,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from fullstack_ml.paths import PARAMS
+
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
-PARAMS = Path("params.yaml")
 
 UMASK = os.umask(0)
 os.umask(UMASK)
@@ -86,21 +87,6 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def bounded_ray_data(object_store_bytes: int = 1 << 30) -> None:
-    """Ray Data quiet (no progress bars, its log at ERROR) and with at most
-    `object_store_bytes` of blocks in flight: reading runs ahead of slow tasks (whylogs
-    profiling) only that far, so memory does not grow with the data."""
-    import ray.data
-    from ray.data import ExecutionResources
-
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.execution_options.resource_limits = ExecutionResources(
-        object_store_memory=object_store_bytes
-    )
 
 
 def write_atomic(path: Path, text: str) -> None:

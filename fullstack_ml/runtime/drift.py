@@ -7,6 +7,7 @@ import logging
 import math
 import os
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,25 @@ logging.getLogger("whylogs").setLevel(logging.WARNING)  # INFO logs a line per c
 # Large enough to keep the numeric sketches exact on moderate splits, so drift is reproducible.
 KLL_K = 4096
 CATEGORIES = ("NO_DRIFT", "POSSIBLE_DRIFT", "DRIFT")  # drift_category, in order of severity
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def profile_frame(df: pd.DataFrame) -> DatasetProfileView:
     """The whylogs profile of an in-memory frame (profiles of parts merge with `.merge`)."""
     schema = DatasetSchema(default_configs=MetricConfig(kll_k_large=KLL_K))
-    return why.log(pandas=df, schema=schema).view()
+    return reproducible(why.log(pandas=df, schema=schema).view())
+
+
+def reproducible(view: DatasetProfileView) -> DatasetProfileView:
+    """`view` without what whylogs stamps on each profile (creation and dataset times, a
+    random trace id in its metadata): the same rows give the same bytes."""
+    return DatasetProfileView(
+        columns=view.get_columns(),
+        dataset_timestamp=EPOCH,
+        creation_timestamp=EPOCH,
+        metrics=view._metrics,  # noqa: SLF001  no public accessor; dataset-level metrics
+        metadata={"whylogs.version": view._metadata.get("whylogs.version", "")},  # noqa: SLF001
+    )
 
 
 def load_profile(path: Path) -> DatasetProfileView:

@@ -17,8 +17,8 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.nn.utils import prune
 
-from stages.common import StageError
-from stages.model import MLP
+from fullstack_ml.model import MLP
+from fullstack_ml.stage import StageError
 
 log = logging.getLogger("stages.prune")
 PRUNE_METHODS = ("none", "global_unstructured", "structured")

@@ -11,23 +11,17 @@ fails past `compress.max_accuracy_drop`. Writes `metrics/compress.json`,
 `plots/compress.csv` and `reports/compress.html`.
 """
 
-import html
 import logging
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from stages.common import StageError, atomic_dir, run, write_atomic, write_json
-from stages.export import compile_module, fastest_paths, load_program, save_program
-from stages.ingest import load_split
-from stages.model import (
+from fullstack_ml.curated import load_split
+from fullstack_ml.model import (
     SCORE_NAME,
     decode,
     encode_split,
@@ -36,16 +30,23 @@ from stages.model import (
     predict_logits,
     score,
 )
-from stages.prune import check_prune, finetune, prune_model, sparsity
-from stages.quantize import calibrator, inc_config, quantize, quiet_inc, tune
+from fullstack_ml.paths import (
+    COMPRESS_PLOT,
+    COMPRESS_REPORT,
+    COMPRESSED_DIR,
+    FP32_DIR,
+    METRICS,
+    STUDENT_DIR,
+)
+from fullstack_ml.runtime.meta import write_meta
+from fullstack_ml.runtime.program import fastest_paths
+from fullstack_ml.stage import StageError, atomic_dir, write_json
+from stages.compress.measure import measure
+from stages.compress.prune import check_prune, finetune, prune_model, sparsity
+from stages.compress.quantize import calibrator, inc_config, quantize, quiet_inc, tune
+from stages.compress.report import table, write_report
 
 log = logging.getLogger("stages.compress")
-FP32_DIR = Path("models/fp32")
-STUDENT_DIR = Path("models/student")
-OUT_DIR = Path("models/compressed")
-METRICS = Path("metrics/compress.json")
-PLOT = Path("plots/compress.csv")
-REPORT = Path("reports/compress.html")
 PRUNE_STEPS = {"prune_structured": "structured", "prune_global_unstructured": "global_unstructured"}
 OBJECTIVES = ("size", "latency")
 SELECT = ("method", "best")
@@ -92,58 +93,6 @@ def check_config(cfg: DictConfig, student_dir: Path | None) -> dict[str, list[st
             )
         pipelines.setdefault(name, steps)
     return pipelines
-
-
-def median_latency_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    """Median time of one forward pass, after a few warm-up passes."""
-    times = []
-    with torch.inference_mode():
-        for i in range(repeats + 5):
-            start = time.perf_counter()
-            model(x)
-            if i >= 5:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-def latencies(model: nn.Module, x: np.ndarray, cfg: DictConfig) -> dict[str, dict[str, float]]:
-    """Latency (ms) of `model` eager and, if `compress.compile`, Inductor-compiled, at each
-    batch size of `compress.batch_sizes` (rows of `x`, cycled)."""
-    xt = torch.from_numpy(x)
-    paths = {"eager": model}
-    if cfg.compile:
-        torch._dynamo.reset()
-        try:
-            paths["compiled"] = compile_module(model, x.shape[1])
-        except Exception as err:  # noqa: BLE001  reported, the eager numbers still count
-            log.warning("torch.compile failed (%s: %s)", type(err).__name__, err)
-    return {
-        path: {
-            str(b): median_latency_ms(m, xt[np.arange(b) % len(xt)], cfg.latency_repeats)
-            for b in cfg.batch_sizes
-        }
-        for path, m in paths.items()
-    }
-
-
-def measure(
-    module: nn.Module, path: Path, test: tuple[np.ndarray, np.ndarray], meta: dict, cfg: DictConfig
-) -> dict[str, Any]:
-    """Save `module` to `path`, load it back and measure the loaded program: file size,
-    score on `test`, latency per execution path and batch size."""
-    x, y = test
-    save_program(module, path, torch.from_numpy(x[:2]))
-    program = load_program(path)
-    times = latencies(program, x, cfg)
-    best = {b: min(t[b] for t in times.values()) for b in times["eager"]}
-    first, last = str(min(cfg.batch_sizes)), str(max(cfg.batch_sizes))
-    return {
-        "size_bytes": path.stat().st_size,
-        SCORE_NAME[meta["task"]]: score(y, decode(predict_logits(program, x), meta), meta["task"]),
-        "latency_ms_batch1": best[first],
-        "latency_ms_batch256": best[last],
-        "latency_ms": times,
-    }
 
 
 def build(
@@ -311,12 +260,12 @@ def _compress(
         )
         (tmp / f"{chosen}.pt2").rename(tmp / "model.pt2")
         serving = serving_plan(results["fp32"], results[chosen], cfg)
-        if "fp32" not in {p.split("_")[0] for _, p in serving["plan"]}:
+        if not cfg.fp32_fallback:  # by config, not by measurement: the same files every run
             (tmp / "fp32.pt2").unlink()
-            serving["programs"].pop("fp32")
         for key in pipelines:
             (tmp / f"{key}.pt2").unlink(missing_ok=True)
-        write_json(tmp / "model.json", {**built[chosen], "compression": chosen, "serving": serving})
+        # no measured figure here (the serving plan goes to metrics): same inputs, same bytes
+        write_meta(tmp, {**built[chosen], "compression": chosen})
     base = results["fp32"]
     for r in results.values():
         r["size_ratio"] = r["size_bytes"] / base["size_bytes"]
@@ -344,80 +293,15 @@ def _compress(
 def serving_plan(fp32: dict, chosen: dict, cfg: DictConfig) -> dict[str, Any]:
     """The execution paths the service may use, their latencies and the fastest per batch
     size. FP32 paths only with `compress.fp32_fallback` (FP32 answers can differ from the
-    compressed model's, which the validate stage's parity check rejects)."""
+    compressed model's, which the validate stage's parity check rejects). Measured, so it is
+    written to metrics/compress.json, which the package stage ships in the bento."""
     latency = {f"compressed_{p}": t for p, t in chosen["latency_ms"].items()}
+    programs = {"compressed": "model.pt2"}
     if cfg.fp32_fallback:
         latency |= {f"fp32_{p}": t for p, t in fp32["latency_ms"].items()}
+        programs["fp32"] = "fp32.pt2"
     plan = fastest_paths(latency, set(latency))
-    return {
-        "programs": {"compressed": "model.pt2", "fp32": "fp32.pt2"},
-        "latency_ms": latency,
-        "plan": plan,
-    }
-
-
-COLUMNS = ["size_bytes", "size_ratio", "latency_ms_batch1", "latency_ratio_batch1",
-           "latency_ms_batch256", "latency_ratio_batch256"]  # fmt: skip
-
-
-def table(result: dict[str, Any], score_name: str) -> pd.DataFrame:
-    """One row per candidate (FP32 first): size, score, best-path latency and ratios."""
-    rows = []
-    for k, r in result["candidates"].items():
-        row = {"name": k, score_name: r[score_name], **{c: r[c] for c in COLUMNS}}
-        for path, times in r["latency_ms"].items():
-            for b in (min(times, key=int), max(times, key=int)):
-                row[f"{path}_ms_batch{b}"] = times[b]
-        rows.append({**row, "selected": k == result["method"]})
-    return pd.DataFrame(rows)
-
-
-def bar_chart(df: pd.DataFrame) -> str:
-    """An inline SVG: size and latency ratios vs FP32 per candidate, as horizontal bars."""
-    series = [("size_ratio", "#4e79a7"), ("latency_ratio_batch1", "#f28e2b"),
-              ("latency_ratio_batch256", "#59a14f")]  # fmt: skip
-    scale = 300 / max(1.0, float(df[[s for s, _ in series]].max().max()))
-    row_h, left = 16 * len(series) + 10, 220
-    parts = []
-    for i, r in enumerate(df.itertuples()):
-        y = 20 + i * row_h
-        parts.append(f'<text x="0" y="{y + 14}" font-size="12">{html.escape(r.name)}</text>')
-        for j, (col, color) in enumerate(series):
-            v = getattr(r, col)
-            yy = y + j * 16
-            parts.append(
-                f'<rect x="{left}" y="{yy}" width="{v * scale:.1f}" height="14" fill="{color}"/>'
-                f'<text x="{left + v * scale + 4:.1f}" y="{yy + 11}" font-size="10">{v:.2f}</text>'
-            )
-    legend = "".join(
-        f'<rect x="{left + k * 170}" y="0" width="10" height="10" fill="{c}"/>'
-        f'<text x="{left + k * 170 + 14}" y="10" font-size="11">{s}</text>'
-        for k, (s, c) in enumerate(series)
-    )
-    one = left + scale
-    height = 30 + len(df) * row_h
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + 380}" height="{height}">'
-        f'{legend}<line x1="{one}" y1="14" x2="{one}" y2="{height}" stroke="#999" '
-        f'stroke-dasharray="3"/>{"".join(parts)}</svg>'
-    )
-
-
-def write_report(result: dict[str, Any], score_name: str, csv: Path, page: Path) -> None:
-    """The comparison as a CSV (DVC plots) and an HTML page (table and bar chart)."""
-    df = table(result, score_name)
-    write_atomic(csv, df.to_csv(index=False, float_format="%.6g"))
-    plan = ", ".join(f"batch >= {b}: {p}" for b, p in result["serving"]["plan"])
-    write_atomic(
-        page,
-        "<!doctype html><html><head><meta charset='utf-8'><title>Compression report</title>"
-        "<style>body{font-family:sans-serif}td,th{padding:2px 8px;text-align:right}</style>"
-        f"</head><body><h1>Compression report</h1><p>Selected: <b>{html.escape(result['method'])}"
-        f"</b>; serving paths: {html.escape(plan)}. Latency: the faster of eager and "
-        "Inductor-compiled, ratios against FP32 eager.</p>"
-        f"{df.to_html(index=False, float_format=lambda v: f'{v:.4g}')}"
-        f"<h2>Ratios vs FP32 (dashed line: 1.0)</h2>{bar_chart(df)}</body></html>\n",
-    )
+    return {"programs": programs, "latency_ms": latency, "plan": plan}
 
 
 def main(cfg: DictConfig) -> None:
@@ -435,15 +319,15 @@ def main(cfg: DictConfig) -> None:
         val_x,
         test_xy,
         cfg.compress,
-        OUT_DIR,
+        COMPRESSED_DIR,
         val_y=val_y,
         train=train,
         student_dir=STUDENT_DIR if STUDENT_DIR.exists() else None,
         seed=cfg.seed,
     )
-    write_json(METRICS, result)
+    write_json(METRICS["compress"], result)
     name = SCORE_NAME[meta["task"]]
-    write_report(result, name, PLOT, REPORT)
+    write_report(result, name, COMPRESS_PLOT, COMPRESS_REPORT)
     log.info("\n%s", table(result, name).to_string(index=False, float_format="%.4g"))
     log.info(
         "%s: size %.2fx FP32, %s %.4f -> %.4f, latency b1 %.2fx b256 %.2fx -> %s",
@@ -454,9 +338,5 @@ def main(cfg: DictConfig) -> None:
         result["compressed"][name],
         result["latency_ratio_batch1"],
         result["latency_ratio_batch256"],
-        OUT_DIR,
+        COMPRESSED_DIR,
     )
-
-
-if __name__ == "__main__":
-    run(main)

@@ -1,6 +1,6 @@
-"""Model building blocks shared by train, evaluate, compress and the service."""
+"""The network, saving and loading a model (`model.pt` weights + `model.json`), and the
+encoding and scoring that train, distil, evaluate, compress and validate share."""
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from stages.preprocess import Preprocessor
+from fullstack_ml.runtime.meta import read_meta, write_meta
+from fullstack_ml.runtime.preprocess import Preprocessor
+from fullstack_ml.stage import StageError
 
 
 class MLP(nn.Module):
@@ -52,16 +54,24 @@ def save_fp32(model: nn.Module, out_dir: Path, meta: dict[str, Any]) -> None:
     """Write `model.pt` (state dict) and `model.json` (architecture, preprocessing, metadata)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out_dir / "model.pt")
-    (out_dir / "model.json").write_text(json.dumps(meta, indent=2))
+    write_meta(out_dir, meta)
 
 
 def load_fp32(model_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
     """The FP32 model saved by `save_fp32`, in eval mode, with its metadata."""
-    meta = json.loads((model_dir / "model.json").read_text())
+    meta = load_meta(model_dir)
     width = preprocessor(meta).width
     model = build_network(OmegaConf.create(meta["model"]), width, num_outputs(meta))
     model.load_state_dict(torch.load(model_dir / "model.pt", weights_only=True))
     return model.eval(), meta
+
+
+def load_meta(model_dir: Path) -> dict[str, Any]:
+    """A model's `model.json`; a missing or malformed one is a StageError naming it."""
+    try:
+        return read_meta(model_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise StageError(str(err)) from None
 
 
 def preprocessor(meta: dict[str, Any]) -> Preprocessor:

@@ -117,11 +117,11 @@ def fastest_paths(
     return [(b, min(usable, key=lambda p: latency[p].get(str(b), float("inf")))) for b in sizes]
 
 
-def load_runner(model_dir: Path, meta: dict, width: int, log=None) -> Runner:
-    """The compressed model of `model_dir` (`model.pt2`, maybe `fp32.pt2`) on the paths its
-    `model.json` measured fastest per batch size. A path that fails to compile is dropped
-    (logged); the others, eager ones at least, remain."""
-    serving = meta.get("serving")
+def load_runner(model_dir: Path, serving: dict | None, width: int, log=None) -> Runner:
+    """The compressed model of `model_dir` (`model.pt2`, maybe `fp32.pt2`) on the execution
+    paths `serving` (the compress stage's measured plan) says are fastest per batch size;
+    without a plan, `model.pt2` eager. A path that fails to compile is dropped (logged); the
+    others, eager ones at least, remain."""
     if not serving:
         return Runner(
             {"compressed_eager": load_program(model_dir / "model.pt2")}, [(1, "compressed_eager")]

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from stages.common import StageError
+from fullstack_ml.stage import StageError
 
 SOURCES = ("digits", "file", "sql", "synthetic")
 FORMATS = ("csv", "parquet", "jsonl")

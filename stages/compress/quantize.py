@@ -20,8 +20,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from stages.common import StageError
-from stages.export import batch_dim
+from fullstack_ml.runtime.program import batch_dim
+from fullstack_ml.stage import StageError
 
 log = logging.getLogger("stages.quantize")
 FAMILIES = {  # INC config class -> how its result is made exportable

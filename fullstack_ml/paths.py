@@ -1,0 +1,29 @@
+"""Every artifact path of the pipeline, declared once (relative to the repo root, where DVC
+runs the stages); `dvc.yaml` names the same paths (tests/test_layout.py checks it)."""
+
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+RAW_DIR = Path("data/raw")
+DATA_DIR = Path("data/curated")
+SCHEMA = DATA_DIR / "schema.json"
+SPLITS = ("train", "val", "test")
+PROFILE_DIR = Path("reports/profile")
+REFERENCE_PROFILE = PROFILE_DIR / "train.bin"
+FP32_DIR = Path("models/fp32")
+STUDENT_DIR = Path("models/student")
+COMPRESSED_DIR = Path("models/compressed")
+COMPRESS_REPORT = Path("reports/compress.html")
+DIST_DIR = Path("dist")
+TRAIN_CURVES = Path("plots/train.csv")
+CONFUSION = Path("plots/confusion.csv")
+COMPRESS_PLOT = Path("plots/compress.csv")
+METRICS = {
+    stage: Path(f"metrics/{stage}.json")
+    for stage in ("profile", "train", "eval", "distil", "compress", "validate")
+}
+
+
+def split_file(name: str, data_dir: Path = DATA_DIR) -> Path:
+    """A curated split: `<name>.parquet`, a file (pandas engine) or a folder of parts (ray)."""
+    return Path(data_dir) / f"{name}.parquet"

@@ -1,0 +1,113 @@
+"""ingest: read the configured source, type and check it, write train/val/test splits.
+
+Writes `data/curated/{train,val,test}.parquet` and `data/curated/schema.json` (column
+types, feature kinds, task, classes, train vocabularies and ranges, row counts).
+Fails, leaving the previous output untouched, on a bad source or a failed quality gate.
+"""
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from fullstack_ml.paths import DATA_DIR, split_file
+from fullstack_ml.schema import build_schema
+from fullstack_ml.stage import StageError, atomic_dir, write_json
+from stages.ingest.columns import (
+    apply_types,
+    check_target,
+    curated_columns,
+    feature_columns,
+    infer_task,
+    kept_columns,
+)
+from stages.ingest.gates import check_quality, check_unknown_categories
+from stages.ingest.sources import read_source
+from stages.ingest.split import split_table
+
+log = logging.getLogger("stages.ingest")
+
+
+def prepare(data_cfg: DictConfig, seed: int) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """Read, type, check and split the source: the splits and their schema."""
+    bad_rows = data_cfg.bad_rows
+    if bad_rows not in ("fail", "drop"):
+        raise StageError(f"data.bad_rows: {bad_rows!r} is not fail | drop")
+    table = read_source(data_cfg, seed)
+    source, df = table.name, table.frame
+    log.info("read %s: %d rows x %d columns", source, *df.shape)
+    df.columns = [str(c) for c in df.columns]
+    declared = OmegaConf.to_container(data_cfg.columns) if data_cfg.columns else None
+    df, types, unparsed = apply_types(df, declared, source, bad_rows)
+    typed_rows = len(df)
+    df = check_target(df, data_cfg.target, source, bad_rows)
+    dropped = table.bad_rows + unparsed + typed_rows - len(df)
+    if df.empty:
+        raise StageError(f"{source}: no data rows left")
+    target = data_cfg.target
+    task = infer_task(df[target], data_cfg.task, target)
+    numeric, categorical = feature_columns(df, data_cfg, types, source)
+    keep = kept_columns(numeric, categorical, target, data_cfg.split.column)
+    df = curated_columns(df, numeric, categorical, keep)
+    duplicates = check_quality(df, numeric + categorical, target, data_cfg.quality, source)
+    parts = split_table(df, target, data_cfg.split, seed, task)
+    check_unknown_categories(parts, categorical, data_cfg.quality.max_unknown_categories)
+    train, whole = parts["train"], pd.concat(parts.values())
+    schema = build_schema(
+        source=source,
+        task=task,
+        types=types,
+        numeric=numeric,
+        categorical=categorical,
+        target=target,
+        target_dtype=str(train[target].dtype),
+        nullable={c for c in numeric + categorical if whole[c].isna().any()},
+        ranges={
+            c: (float(train[c].min()), float(train[c].max()))
+            for c in numeric
+            if train[c].notna().any()
+        },
+        categories={c: train[c].dropna().unique().tolist() for c in categorical},
+        classes=whole[target].unique().tolist() if task == "classification" else [],
+        rows={name: len(part) for name, part in parts.items()},
+        dropped_rows=dropped,
+        duplicate_rows=duplicates,
+        split=OmegaConf.to_container(data_cfg.split),
+        engine="pandas",
+    )
+    return parts, schema
+
+
+def ingest(
+    data_cfg: DictConfig, seed: int, out_dir: Path = DATA_DIR, address: str | None = None
+) -> dict[str, Any]:
+    """Read, check and split the source into `out_dir`; returns the schema.
+
+    `data.engine=ray` runs it on Ray Data (`address`: a cluster to join, None for local).
+    """
+    if data_cfg.get("engine", "pandas") == "ray":
+        from stages.ingest.ray_engine import ingest_ray  # Ray loads only for this engine
+
+        return ingest_ray(data_cfg, seed, out_dir, address)
+    if data_cfg.get("engine", "pandas") != "pandas":
+        raise StageError(f"data.engine: {data_cfg.engine!r} is not pandas | ray")
+    parts, schema = prepare(data_cfg, seed)
+    with atomic_dir(out_dir) as tmp:
+        for name, part in parts.items():
+            part.to_parquet(split_file(name, tmp), index=False)
+        write_json(tmp / "schema.json", schema)
+    log.info(
+        "wrote %s: %s rows, %d features, %s%s",
+        out_dir,
+        "/".join(str(len(p)) for p in parts.values()),
+        len(schema["features"]),
+        schema["task"],
+        f", {schema['dropped_rows']} bad rows dropped" if schema["dropped_rows"] else "",
+    )
+    return schema
+
+
+def main(cfg: DictConfig) -> None:
+    ingest(cfg.data, cfg.seed, DATA_DIR, cfg.cluster.address)

@@ -1,0 +1,68 @@
+"""The quality gates of `data.quality`: duplicate rows, label leakage, unseen categories."""
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from fullstack_ml.stage import StageError
+
+
+def check_quality(
+    df: pd.DataFrame, features: list[str], target: str, quality: DictConfig, source: str
+) -> int:
+    """Duplicate rows and label leakage gates (`data.quality`); returns the duplicates."""
+    duplicates = int(df.duplicated().sum())
+    leaking = [c for c in features if quality.fail_on_leakage and leaks(df[c], df[target])]
+    quality_gates(duplicates, len(df), leaking, target, quality, source)
+    return duplicates
+
+
+def quality_gates(
+    duplicates: int, rows: int, leaking: list[str], target: str, quality: DictConfig, source: str
+) -> None:
+    if duplicates > quality.max_duplicate_rows * rows:
+        raise StageError(
+            f"{source}: {duplicates} duplicate rows ({duplicates / rows:.1%}) exceed"
+            f" data.quality.max_duplicate_rows={quality.max_duplicate_rows}"
+        )
+    if quality.fail_on_leakage and leaking:
+        raise StageError(
+            f"{source}: feature {leaking[0]!r} is a copy of the target {target!r} (label"
+            " leakage); drop it or set data.quality.fail_on_leakage=false"
+        )
+
+
+def leaks(x: pd.Series, y: pd.Series, probe: int = 10_000) -> bool:
+    """`x` equals the target, or (a target of few values) maps to it one to one. Checked
+    on the first `probe` rows first: a copy is a copy on any subset, and most features
+    are ruled out there."""
+    if len(y) > probe and not leaks(x.iloc[:probe], y.iloc[:probe], probe):
+        return False
+    distinct = y.nunique()
+    if x.nunique() != distinct:
+        return False
+    if x.astype(str).equals(y.astype(str)):
+        return True
+    if distinct > len(y) // 2:
+        return False
+    return len(pd.DataFrame({"x": x.astype(str), "y": y}).drop_duplicates()) == distinct
+
+
+def check_unknown_categories(
+    parts: dict[str, pd.DataFrame], categorical: list[str], max_rate: float
+) -> None:
+    """Fail when val or test has too many values of a categorical feature unseen in train."""
+    for c in categorical:
+        known = set(parts["train"][c].dropna())
+        for name in ("val", "test"):
+            values = parts[name][c].dropna()
+            unknown_gate(
+                name, c, float((~values.isin(known)).mean()) if len(values) else 0.0, max_rate
+            )
+
+
+def unknown_gate(split: str, column: str, rate: float, max_rate: float) -> None:
+    if rate > max_rate:
+        raise StageError(
+            f"{split} split, column {column!r}: {rate:.1%} of values are categories unseen"
+            f" in train, over data.quality.max_unknown_categories={max_rate}"
+        )

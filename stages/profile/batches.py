@@ -1,0 +1,244 @@
+"""Reading a split in record batches and profiling it: each batch is profiled with whylogs
+and the profiles merged, so memory does not grow with rows; set-membership checks are
+counted exactly with pyarrow alongside (whylogs' frequent items are approximate)."""
+
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pds
+from google.protobuf.internal.decoder import _DecodeVarint32
+from google.protobuf.internal.encoder import _VarintBytes
+from whylogs.core.proto import ChunkHeader, ChunkMessage, DatasetProfileHeader, DatasetSegmentHeader
+from whylogs.core.view.dataset_profile_view import WHYLOGS_MAGIC_HEADER_BYTES
+
+from fullstack_ml.runtime.drift import DatasetProfileView, json_safe, profile_frame
+from fullstack_ml.stage import StageError
+
+BATCH_ROWS = 65_536  # default rows per record batch (profile.batch_rows)
+EXAMPLES = 5  # values outside a set kept as examples, per check and split
+
+Batches = Iterable[pa.RecordBatch | pa.Table | pd.DataFrame]
+SplitSource = str | os.PathLike | pd.DataFrame | Callable[[], Batches]
+
+
+def batch_frame(batch: pa.RecordBatch | pa.Table) -> pd.DataFrame:
+    """A record batch as pandas with the same dtypes whatever its nulls: integers as Int64
+    and booleans as boolean (plain pandas turns them into float and object when a batch
+    holds a null), dictionary-encoded columns decoded."""
+
+    def dtype(t: pa.DataType) -> Any:
+        if pa.types.is_integer(t) and t != pa.uint64():  # uint64 may not fit in Int64
+            return pd.Int64Dtype()
+        if pa.types.is_boolean(t):
+            return pd.BooleanDtype()
+        return None
+
+    if isinstance(batch, pa.RecordBatch):
+        batch = pa.Table.from_batches([batch])
+    decoded = [
+        c.cast(c.type.value_type) if pa.types.is_dictionary(c.type) else c for c in batch.columns
+    ]
+    return pa.table(decoded, names=batch.column_names).to_pandas(types_mapper=dtype)
+
+
+def iter_batches(source: SplitSource, batch_rows: int = BATCH_ROWS) -> Iterator[pa.Table]:
+    """The record batches of a split (a frame is cut into batches too)."""
+    if isinstance(source, pd.DataFrame):
+        try:
+            table = pa.Table.from_pandas(source, preserve_index=False)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            raise StageError(f"cannot profile the frame: {err}") from None
+        for batch in table.to_batches(max_chunksize=batch_rows):
+            yield pa.Table.from_batches([batch])
+        return
+    if callable(source):
+        for batch in source():
+            if isinstance(batch, pd.DataFrame):
+                yield from iter_batches(batch, batch_rows)
+            else:
+                yield pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+        return
+    path = Path(source)
+    if not path.exists():
+        raise StageError(f"{path}: not found (run `dvc repro ingest` first)")
+    try:
+        dataset = pds.dataset(path, format="parquet")
+        if path.is_dir():  # parts may differ: an all-null column is written as type null
+            schemas = [f.physical_schema for f in dataset.get_fragments()]
+            if schemas:
+                unified = pa.unify_schemas(schemas, promote_options="permissive")
+                dataset = pds.dataset(path, format="parquet", schema=unified)
+        for batch in dataset.to_batches(batch_size=batch_rows):
+            yield pa.Table.from_batches([batch])
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as err:
+        raise StageError(f"{path}: cannot read as Parquet: {err}") from None
+
+
+@dataclass(frozen=True)
+class SetCheck:
+    """Count the non-null values of `column` outside `values`."""
+
+    column: str
+    values: tuple[Any, ...]
+
+    @property
+    def key(self) -> str:
+        return json.dumps([self.column, list(self.values)], default=str)
+
+
+def outside(column: pa.ChunkedArray | pa.Array, values: tuple[Any, ...]) -> tuple[int, int, list]:
+    """(non-null values, values not in `values`, a few of those) of an Arrow column. Values
+    compare in the column's type where `values` cast to it, else as strings."""
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
+    valid = column.drop_null()
+    try:
+        value_set = pa.array(list(values)).cast(valid.type)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        valid = valid.cast(pa.string())
+        value_set = pa.array([str(v) for v in values], pa.string())
+    if pa.types.is_floating(valid.type):
+        valid = valid.filter(pc.invert(pc.is_nan(valid)))  # NaN is missing, not a value
+    unknown = valid.filter(pc.invert(pc.is_in(valid, value_set=value_set)))
+    examples = pc.unique(unknown).slice(0, EXAMPLES).to_pylist() if len(unknown) else []
+    return len(valid), len(unknown), examples
+
+
+@dataclass
+class SplitProfile:
+    """A split's merged whylogs profile and its exact set-check counts."""
+
+    view: DatasetProfileView | None = None
+    rows: int = 0
+    counts: dict[str, dict[str, Any]] = field(default_factory=dict)  # SetCheck.key -> counts
+
+    def merge(self, other: "SplitProfile") -> "SplitProfile":
+        view = other.view if self.view is None else self.view
+        if self.view is not None and other.view is not None:
+            view = self.view.merge(other.view)
+        counts = {k: dict(v) for k, v in self.counts.items()}
+        for key, c in other.counts.items():
+            mine = counts.setdefault(key, {"values": 0, "outside": 0, "examples": []})
+            mine["values"] += c["values"]
+            mine["outside"] += c["outside"]
+            seen = mine["examples"]
+            mine["examples"] = (
+                seen + [e for e in c["examples"] if e not in seen][: EXAMPLES - len(seen)]
+            )
+        return SplitProfile(view, self.rows + other.rows, counts)
+
+    def outside(self, check: SetCheck) -> dict[str, Any]:
+        c = self.counts.get(check.key) or {"values": 0, "outside": 0, "examples": []}
+        return {**c, "rate": c["outside"] / c["values"] if c["values"] else 0.0}
+
+
+def profile_batch(batch: pa.Table, checks: Iterable[SetCheck]) -> SplitProfile:
+    """One batch profiled; `checks` on columns the batch lacks are skipped."""
+    counts = {}
+    for check in checks:
+        if check.column in batch.column_names:
+            n, bad, examples = outside(batch.column(check.column), check.values)
+            counts[check.key] = {"values": n, "outside": bad, "examples": examples}
+    return SplitProfile(profile_frame(batch_frame(batch)), batch.num_rows, counts)
+
+
+def _profile_block(batch: pa.Table, checks: list[SetCheck]) -> pa.Table:
+    """Ray Data map_batches function: a block's profile and counts, serialized."""
+    part = profile_batch(batch, checks)
+    counts = json.dumps(json_safe(part.counts), default=str)
+    return pa.table({"profile": [part.view.serialize()], "rows": [part.rows], "counts": [counts]})
+
+
+def profile_split(
+    source: SplitSource,
+    checks: Iterable[SetCheck] = (),
+    batch_rows: int = BATCH_ROWS,
+    engine: str = "pandas",
+) -> SplitProfile:
+    """Profile a split batch by batch and merge; `engine="ray"` profiles the Parquet blocks
+    of a path in parallel with Ray Data (other sources are profiled here)."""
+    checks = list(checks)
+    if engine == "ray" and isinstance(source, (str, os.PathLike)):
+        return _profile_split_ray(Path(source), checks, batch_rows)
+    if engine not in ("pandas", "ray"):
+        raise StageError(f"engine: unknown engine {engine!r} (pandas | ray)")
+    merged = SplitProfile()
+    for batch in iter_batches(source, batch_rows):
+        merged = merged.merge(profile_batch(batch, checks))
+    return merged
+
+
+@contextmanager
+def ray_data(address: str | None = None) -> Iterator[None]:
+    """Ray (`ray_session`) while the block runs, Ray Data bounded in memory."""
+    from fullstack_ml import ray_session
+
+    with ray_session.session(address):
+        ray_session.bounded_ray_data()
+        yield
+
+
+def _profile_split_ray(path: Path, checks: list[SetCheck], batch_rows: int) -> SplitProfile:
+    import ray.data
+
+    if not path.exists():
+        raise StageError(f"{path}: not found (run `dvc repro ingest` first)")
+    merged = SplitProfile()
+    with ray_data():
+        try:
+            blocks = ray.data.read_parquet(str(path)).map_batches(
+                _profile_block,
+                fn_kwargs={"checks": checks},
+                batch_format="pyarrow",
+                batch_size=batch_rows,
+            )
+            for row in blocks.iter_rows():
+                part = SplitProfile(
+                    DatasetProfileView.deserialize(row["profile"]),
+                    int(row["rows"]),
+                    json.loads(row["counts"]),
+                )
+                merged = merged.merge(part)
+        except Exception as err:  # Ray wraps what failed in its tasks; one line names the file
+            msg = next(iter(str(err).strip().splitlines()), type(err).__name__)
+            raise StageError(f"{path}: Ray Data could not profile it: {msg}") from None
+    return merged
+
+
+def profile_bytes(view: DatasetProfileView) -> bytes:
+    """`view.serialize()` with every protobuf map written in key order. whylogs writes maps
+    in the order of protobuf's (upb) hash tables, which differs from process to process, so
+    the same profile gave other bytes on each run; the messages and their sizes are the
+    same, so the file's offsets stay valid and whylogs reads it as before."""
+
+    def delimited(at: int, cls: type) -> tuple[Any, int]:
+        size, at = _DecodeVarint32(data, at)
+        message = cls()
+        message.ParseFromString(data[at : at + size])
+        return message, at + size
+
+    def write(message: Any) -> bytes:
+        body = message.SerializeToString(deterministic=True)
+        return _VarintBytes(len(body)) + body
+
+    data = view.serialize()
+    at = len(WHYLOGS_MAGIC_HEADER_BYTES)
+    out = [data[:at]]
+    for cls in (DatasetSegmentHeader, DatasetProfileHeader):
+        message, at = delimited(at, cls)
+        out.append(write(message))
+    while at < len(data):
+        header, at = delimited(at, ChunkHeader)
+        chunk = ChunkMessage()
+        chunk.ParseFromString(data[at : at + header.length])
+        out += [write(header), chunk.SerializeToString(deterministic=True)]
+        at += header.length
+    return b"".join(out)

@@ -1,0 +1,123 @@
+"""The profile's self-contained HTML page: per-split summaries, drift, constraints."""
+
+import html
+import json
+from typing import Any
+
+from fullstack_ml.runtime.drift import DatasetProfileView, json_safe
+from fullstack_ml.schema import Schema
+
+
+def column_summary(view: DatasetProfileView, column: str, kind: str) -> dict[str, Any]:
+    """What the report shows of one column: counts, and the numeric distribution or the
+    distinct estimate and top values."""
+    s = view.get_column(column).to_summary_dict()
+    out: dict[str, Any] = {"count": s.get("counts/n", 0), "missing": s.get("counts/null", 0)}
+    if kind == "numeric":
+        for key in ("mean", "stddev", "min", "q_25", "median", "q_75", "max"):
+            out[key] = json_safe(s.get(f"distribution/{key}"))
+    else:
+        out["distinct"] = json_safe(s.get("cardinality/est"))
+        items = s.get("frequent_items/frequent_strings") or []
+        out["top"] = [[i.value, int(i.est)] for i in items[:5]]
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return html.escape(str(value))
+
+
+def render_html(
+    summaries: dict[str, dict[str, dict[str, Any]]],
+    constraints: list[dict[str, Any]],
+    drift: dict[str, dict[str, Any]],
+    schema: Schema,
+) -> str:
+    """One self-contained page (no scripts, no network): a summary per split and column
+    (`summaries`: split -> rows and column -> `column_summary`), the drift of each split
+    against train, and the constraints with their observed values."""
+    esc = html.escape
+    parts = []
+    for split, summary in summaries.items():
+        columns = summary["columns"]
+        parts.append(f"<h2 id='split-{esc(split)}'>Split {esc(split)}: {summary['rows']} rows</h2>")
+        numeric = [c for c in columns if schema.kind(c) == "numeric"]
+        categorical = [c for c in columns if schema.kind(c) != "numeric"]
+        if numeric:
+            keys = ("count", "missing", "mean", "stddev", "min", "q_25", "median", "q_75", "max")
+            head = "".join(f"<th>{k}</th>" for k in keys)
+            body = "".join(
+                f"<tr><td>{esc(c)}</td>"
+                + "".join(f"<td>{_fmt(columns[c].get(k))}</td>" for k in keys)
+                + "</tr>"
+                for c in numeric
+            )
+            parts.append(
+                f"<h3>Numeric columns</h3><table><tr><th>column</th>{head}</tr>{body}</table>"
+            )
+        if categorical:
+            body = []
+            for c in categorical:
+                s = columns[c]
+                top = ", ".join(f"{esc(str(v))} ({n})" for v, n in s["top"])
+                unseen = s.get("unseen")
+                unseen_cell = (
+                    "-" if unseen is None else f"{unseen['rate']:.2%} ({unseen['outside']})"
+                )
+                body.append(
+                    f"<tr><td>{esc(c)}</td><td>{s['count']}</td><td>{s['missing']}</td>"
+                    f"<td>{_fmt(s['distinct'])}</td><td>{top or '-'}</td>"
+                    f"<td>{unseen_cell}</td></tr>"
+                )
+            parts.append(
+                "<h3>Categorical and other columns</h3><table><tr><th>column</th><th>count</th>"
+                "<th>missing</th><th>distinct (est.)</th><th>top values (est. count)</th>"
+                f"<th>unseen in train / unknown class</th></tr>{''.join(body)}</table>"
+            )
+    colour = {"NO_DRIFT": "#d7f2d7", "POSSIBLE_DRIFT": "#fff2b3", "DRIFT": "#f7c6c6"}
+    if drift:
+        head = "".join(
+            f"<th>{esc(s)} algorithm</th><th>{esc(s)} p-value</th><th>{esc(s)} category</th>"
+            for s in drift
+        )
+        body = []
+        for col in next(iter(drift.values())):
+            cells = []
+            for scores in drift.values():
+                s = scores.get(col) or {}
+                cat = s.get("drift_category") or "UNKNOWN"
+                p = "-" if s.get("pvalue") is None else f"{s['pvalue']:.4g}"
+                cells.append(
+                    f"<td>{esc(s.get('algorithm') or '-')}</td><td>{p}</td>"
+                    f"<td style='background:{colour.get(cat, '#eee')}'>{cat}</td>"
+                )
+            body.append(f"<tr><td>{esc(col)}</td>{''.join(cells)}</tr>")
+        parts.append(
+            "<h2>Drift against train</h2>"
+            f"<table><tr><th>column</th>{head}</tr>{''.join(body)}</table>"
+        )
+    failed = [r for r in constraints if not r["passed"]]
+    rows = "".join(
+        f"<tr class='{'ok' if r['passed'] else 'bad'}'><td>{esc(r['split'])}</td>"
+        f"<td>{esc(r['constraint'])}</td><td>{esc(json.dumps(r['observed'], default=str))}</td>"
+        f"<td>{'passed' if r['passed'] else 'FAILED'}</td><td>{esc(r['source'])}</td></tr>"
+        for r in sorted(constraints, key=lambda r: r["passed"])
+    )
+    parts.append(
+        f"<h2>Constraints: {len(constraints) - len(failed)} passed, {len(failed)} failed</h2>"
+        f"<details{' open' if failed else ''}><summary>every constraint with its observed value"
+        "</summary><table><tr><th>split</th><th>constraint</th><th>observed</th><th>result</th>"
+        f"<th>from</th></tr>{rows}</table></details>"
+    )
+    nav = " | ".join(f"<a href='#split-{esc(s)}'>{esc(s)}</a>" for s in summaries)
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>Data profile</title><style>"
+        "body{font-family:sans-serif}table{border-collapse:collapse;margin-bottom:1em}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}"
+        "tr.bad td{background:#f7c6c6}</style></head><body>"
+        f"<h1>Data profile</h1><p>{nav}</p>{''.join(parts)}</body></html>"
+    )

@@ -1,0 +1,123 @@
+"""The layout keeps the build's promise: a stage's code deps in dvc.yaml are exactly the
+project files its imports reach, stages never import each other, the library never imports
+a stage, the runtime the bento ships stays small, and every artifact path has one owner."""
+
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from layout import ROOT, closure, imported_modules, rel, stage_closure
+
+from fullstack_ml import paths
+
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+BENTOFILE = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+CODE = ("stages", "fullstack_ml", "service.py", "bentofile.yaml")
+RUNTIME_PACKAGES = {"numpy", "pandas", "torch", "whylogs"}
+
+
+def dep_names(stage: str) -> list[str]:
+    return [next(iter(d)) if isinstance(d, dict) else d for d in DVC[stage].get("deps", [])]
+
+
+def code_deps(stage: str) -> set[str]:
+    """The project files a stage's deps name (a folder stands for its .py files)."""
+    files = set()
+    for dep in dep_names(stage):
+        if not dep.startswith(CODE):
+            continue
+        path = ROOT / dep
+        found = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        files |= {str(p.relative_to(ROOT)) for p in found if "__pycache__" not in p.parts}
+    return files
+
+
+def project_imports(path: Path) -> set[str]:
+    return imported_modules(path)
+
+
+def third_party_imports(path: Path) -> set[str]:
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {"fullstack_ml", "stages", "service"}
+
+
+@pytest.mark.parametrize("stage", [s for s in DVC if s != "package"])
+def test_each_stage_depends_on_exactly_the_code_its_imports_reach(stage: str) -> None:
+    want, have = set(rel(stage_closure(stage))), code_deps(stage)
+    assert not want - have, f"dvc.yaml {stage}: deps miss {sorted(want - have)}"
+    assert not have - want, f"dvc.yaml {stage}: deps list {sorted(have - want)}, not imported"
+
+
+def test_the_package_stage_depends_on_its_code_and_on_what_the_bento_ships() -> None:
+    shipped = rel(closure("service"))
+    want = set(rel(stage_closure("package"))) | set(shipped) | {"bentofile.yaml"}
+    have = code_deps("package")
+    assert not want - have, f"dvc.yaml package: deps miss {sorted(want - have)}"
+    assert not have - want, f"dvc.yaml package: deps list {sorted(have - want)}, not needed"
+    include = {entry.lstrip("/") for entry in BENTOFILE["include"]}
+    assert include - {"params.yaml"} == set(shipped), "bentofile include != service's imports"
+
+
+def test_no_stage_imports_another_stage() -> None:
+    for path in sorted((ROOT / "stages").rglob("*.py")):
+        own = path.relative_to(ROOT / "stages").parts[0].removesuffix(".py")
+        others = {
+            m for m in project_imports(path) if m.startswith("stages.") and m.split(".")[1] != own
+        }
+        assert not others, f"{path.relative_to(ROOT)} imports another stage: {sorted(others)}"
+
+
+def test_the_library_never_imports_a_stage() -> None:
+    for path in sorted((ROOT / "fullstack_ml").rglob("*.py")):
+        stages = {m for m in project_imports(path) if m.split(".")[0] in ("stages", "service")}
+        assert not stages, f"{path.relative_to(ROOT)} imports {sorted(stages)}"
+
+
+def test_the_runtime_imports_only_numpy_pandas_torch_and_whylogs() -> None:
+    for path in sorted((ROOT / "fullstack_ml/runtime").rglob("*.py")):
+        extra = third_party_imports(path) - RUNTIME_PACKAGES
+        assert not extra, f"{path.relative_to(ROOT)} imports {sorted(extra)}"
+        project = {m for m in project_imports(path) if not m.startswith("fullstack_ml.runtime")}
+        assert project <= {"fullstack_ml"}, f"{path.relative_to(ROOT)} imports {project}"
+
+
+def test_the_service_imports_only_the_runtime_of_the_project() -> None:
+    project = project_imports(ROOT / "service.py") - {"fullstack_ml", "fullstack_ml.runtime"}
+    assert project and all(m.startswith("fullstack_ml.runtime.") for m in project), project
+
+
+def test_the_bento_installs_the_packages_pyproject_declares() -> None:
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for requirement in BENTOFILE["python"]["packages"]:
+        assert requirement in declared, f"bentofile.yaml: {requirement!r} not in pyproject.toml"
+
+
+def artifact_paths() -> set[str]:
+    """Every path of dvc.yaml that is not code: deps, outs, metrics and plots."""
+    found = set()
+    for stage in DVC.values():
+        for key in ("deps", "outs", "metrics", "plots"):
+            for entry in stage.get(key, []):
+                name = next(iter(entry)) if isinstance(entry, dict) else entry
+                if not name.startswith(CODE):
+                    found.add(name)
+    return found
+
+
+def test_dvc_yaml_names_the_artifact_paths_of_paths_py() -> None:
+    declared = {str(v) for k, v in vars(paths).items() if isinstance(v, Path) and k != "PARAMS"} | {
+        str(p) for p in paths.METRICS.values()
+    }
+    in_dvc = artifact_paths()
+    splits = {str(paths.split_file(s)) for s in paths.SPLITS}
+    assert in_dvc - declared - splits == set(), "dvc.yaml paths missing from fullstack_ml/paths.py"
+    assert declared - in_dvc == set(), "fullstack_ml/paths.py paths that dvc.yaml never names"
