@@ -65,8 +65,8 @@ def shipped_files(bentofile: Path = BENTOFILE) -> list[Path]:
 def content_version(files: list[Path]) -> str:
     """A version from the bytes (and names) of `files`: the same inputs, the same tag."""
     digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode() + b"\0" + Path(path).read_bytes() + b"\0")
+    for path in map(Path, files):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
 

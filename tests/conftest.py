@@ -70,10 +70,18 @@ def bento(fp32_dir: Path, curated: Path, cfg: DictConfig, tmp_path_factory) -> P
     train = pd.read_parquet(curated / "train.parquet")
     (work / "train.bin").write_bytes(profile_frame(train).serialize())
     (work / "serving.json").write_text(json.dumps(result["serving"]))
+    (work / "schema.json").write_bytes((curated / "schema.json").read_bytes())
+    package_bento(work, work / "dist")
+    return work / "dist/fullstack_ml.bento"
+
+
+def package_bento(work: Path, out: Path) -> dict:
+    """The package stage on the files the `bento` fixture made in `work`, in a process of
+    its own with `work/store` as the BentoML store: `out` gets the bento; its tags returned."""
     files = {
         "model.pt2": work / "int8/model.pt2",
         "model.json": work / "int8/model.json",
-        "schema.json": curated / "schema.json",
+        "schema.json": work / "schema.json",
         "reference_profile.bin": work / "train.bin",
         "serving.json": work / "serving.json",
     }
@@ -81,8 +89,8 @@ def bento(fp32_dir: Path, curated: Path, cfg: DictConfig, tmp_path_factory) -> P
         "import sys; from pathlib import Path; from fullstack_ml.stage import compose;"
         "from stages.package import package;"
         f"package({ {k: str(v) for k, v in files.items()} }, {{'git_commit': 'test'}},"
-        f" compose([]).serve, Path({str(work / 'dist')!r}))"
+        f" compose([]).serve, Path({str(out)!r}))"
     )
     env = {**os.environ, "BENTOML_HOME": str(work / "store")}
     subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True)
-    return work / "dist/fullstack_ml.bento"
+    return json.loads((out / "bento.json").read_text())

@@ -2,6 +2,8 @@
 project files its imports reach, stages never import each other, the library never imports
 a stage, the runtime the bento ships stays small, and every artifact path has one owner."""
 
+import ast
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -34,13 +36,7 @@ def code_deps(stage: str) -> set[str]:
     return files
 
 
-def project_imports(path: Path) -> set[str]:
-    return imported_modules(path)
-
-
 def third_party_imports(path: Path) -> set[str]:
-    import ast
-
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -71,14 +67,14 @@ def test_no_stage_imports_another_stage() -> None:
     for path in sorted((ROOT / "stages").rglob("*.py")):
         own = path.relative_to(ROOT / "stages").parts[0].removesuffix(".py")
         others = {
-            m for m in project_imports(path) if m.startswith("stages.") and m.split(".")[1] != own
+            m for m in imported_modules(path) if m.startswith("stages.") and m.split(".")[1] != own
         }
         assert not others, f"{path.relative_to(ROOT)} imports another stage: {sorted(others)}"
 
 
 def test_the_library_never_imports_a_stage() -> None:
     for path in sorted((ROOT / "fullstack_ml").rglob("*.py")):
-        stages = {m for m in project_imports(path) if m.split(".")[0] in ("stages", "service")}
+        stages = {m for m in imported_modules(path) if m.split(".")[0] in ("stages", "service")}
         assert not stages, f"{path.relative_to(ROOT)} imports {sorted(stages)}"
 
 
@@ -86,12 +82,12 @@ def test_the_runtime_imports_only_numpy_pandas_torch_and_whylogs() -> None:
     for path in sorted((ROOT / "fullstack_ml/runtime").rglob("*.py")):
         extra = third_party_imports(path) - RUNTIME_PACKAGES
         assert not extra, f"{path.relative_to(ROOT)} imports {sorted(extra)}"
-        project = {m for m in project_imports(path) if not m.startswith("fullstack_ml.runtime")}
+        project = {m for m in imported_modules(path) if not m.startswith("fullstack_ml.runtime")}
         assert project <= {"fullstack_ml"}, f"{path.relative_to(ROOT)} imports {project}"
 
 
 def test_the_service_imports_only_the_runtime_of_the_project() -> None:
-    project = project_imports(ROOT / "service.py") - {"fullstack_ml", "fullstack_ml.runtime"}
+    project = imported_modules(ROOT / "service.py") - {"fullstack_ml", "fullstack_ml.runtime"}
     assert project and all(m.startswith("fullstack_ml.runtime.") for m in project), project
 
 
@@ -121,3 +117,19 @@ def test_dvc_yaml_names_the_artifact_paths_of_paths_py() -> None:
     splits = {str(paths.split_file(s)) for s in paths.SPLITS}
     assert in_dvc - declared - splits == set(), "dvc.yaml paths missing from fullstack_ml/paths.py"
     assert declared - in_dvc == set(), "fullstack_ml/paths.py paths that dvc.yaml never names"
+
+
+def test_metrics_and_plots_files_are_kept_in_git_not_in_the_cache() -> None:
+    """As in DVC's example projects: a fresh clone answers `dvc metrics show` and
+    `dvc metrics diff` before anything runs."""
+    for name, stage in DVC.items():
+        for key in ("metrics", "plots"):
+            for entry in stage.get(key, []):
+                if not isinstance(entry, dict):
+                    entry = {entry: {}}
+                path, options = next(iter(entry.items()))
+                assert options.get("cache") is False, f"dvc.yaml {name}.{key}: {path} is cached"
+                tracked = subprocess.run(
+                    ["git", "ls-files", "--error-unmatch", path], cwd=ROOT, capture_output=True
+                )
+                assert tracked.returncode == 0, f"{path} is not in git (commit it)"

@@ -115,6 +115,26 @@ def test_pipeline_outputs_metrics_and_experiments(repo: Path, env: dict) -> None
     assert loss.count('"val_loss"') >= 6  # one value per epoch
 
 
+def test_a_code_edit_makes_stale_exactly_the_stages_that_import_it(repo: Path, env: dict) -> None:
+    """The build's promise on the real `dvc status`: an edit reruns the stages whose import
+    closure holds the file (tests/test_layout.py checks every file; these are samples)."""
+    expected = {
+        "stages/ingest/gates.py": {"ingest"},  # a module of one stage
+        "fullstack_ml/train_worker.py": {"train", "distil"},  # the shared training loop
+        "fullstack_ml/runtime/drift.py": {"profile", "package"},  # shipped in the bento
+        "service.py": {"package"},
+    }
+    assert json.loads(sh(["dvc", "status", "--json"], repo, env).stdout) == {}
+    for name, stages in expected.items():
+        original = (repo / name).read_bytes()
+        (repo / name).write_bytes(original + b"# an edit\n")
+        try:
+            stale = json.loads(sh(["dvc", "status", "--json"], repo, env).stdout)
+        finally:
+            (repo / name).write_bytes(original)
+        assert set(stale) == stages, name
+
+
 @pytest.mark.parametrize(
     ("stage", "override", "message", "kept"),
     [

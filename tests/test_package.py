@@ -1,0 +1,34 @@
+"""The package stage: the bento and its model are versioned by what they are made of."""
+
+import json
+from pathlib import Path
+
+from conftest import package_bento
+
+from stages.package import BENTOFILE, content_version, shipped_files
+
+
+def test_the_same_inputs_give_the_same_tags(bento: Path) -> None:
+    """Packaged again into the same store (the tags exist there: replaced, not refused),
+    with another serving plan (a measurement, not an input): the same tags."""
+    work = bento.parent.parent
+    first = json.loads((work / "dist/bento.json").read_text())
+    plan = json.loads((work / "serving.json").read_text())
+    (work / "serving.json").write_text(json.dumps({**plan, "plan": plan["plan"][:1]}))
+    try:
+        again = package_bento(work, work / "again")
+    finally:
+        (work / "serving.json").write_text(json.dumps(plan))
+    assert (again["bento_tag"], again["model_tag"]) == (first["bento_tag"], first["model_tag"])
+    assert (work / "again" / again["file"]).is_file()
+
+
+def test_the_version_follows_every_shipped_byte(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"model")
+    b.write_bytes(b"model")
+    assert content_version([a]) == content_version([b])  # content, not path
+    b.write_bytes(b"model!")
+    assert content_version([a]) != content_version([b])
+    shipped = shipped_files()
+    assert BENTOFILE.parent / "service.py" in shipped and all(p.is_file() for p in shipped)
