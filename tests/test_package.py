@@ -24,10 +24,11 @@ def test_the_same_inputs_give_the_same_tags(bento: Path) -> None:
 
 
 def test_the_version_follows_every_shipped_byte(tmp_path: Path) -> None:
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.write_bytes(b"model")
-    b.write_bytes(b"model")
-    assert content_version([a]) == content_version([b])  # content, not path
+    a, b = tmp_path / "a/model.pt2", tmp_path / "b/model.pt2"
+    for path in (a, b):
+        path.parent.mkdir()
+        path.write_bytes(b"model")
+    assert content_version([a]) == content_version([b])  # content and name, not folder
     b.write_bytes(b"model!")
     assert content_version([a]) != content_version([b])
     shipped = shipped_files()
