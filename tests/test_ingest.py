@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from omegaconf import DictConfig
 
+from fullstack_ml import ray_session
 from fullstack_ml.stage import StageError, compose
 from stages.ingest import ingest, split_table
 
@@ -233,7 +234,10 @@ def test_ray_engine_streams_the_same_rows_into_part_folders(
     )  # cut the CSV into ~10 ranges
     by_group = ["data.split.strategy=group", "data.split.column=shop"]
     pandas = ingest(file_cfg(src, *by_group), 0, tmp_path / "pandas")
-    ray = ingest(file_cfg(src, *by_group, "data.engine=ray"), 0, tmp_path / "ray")
+    with ray_session.session():  # one Ray for both runs of the Ray engine
+        ray = ingest(file_cfg(src, *by_group, "data.engine=ray"), 0, tmp_path / "ray")
+        # parts are named by their rows, not by a random id: a rerun writes the same files
+        ingest(file_cfg(src, *by_group, "data.engine=ray"), 0, tmp_path / "again")
     assert (tmp_path / "ray/train.parquet").is_dir()  # partitioned: Parquet parts
     for key in ("task", "classes", "columns"):
         assert ray[key] == pandas[key], key
@@ -242,8 +246,6 @@ def test_ray_engine_streams_the_same_rows_into_part_folders(
     ]
     assert set(ray) == set(pandas)  # one schema builder: the same keys from both engines
     assert [set(f) for f in ray["features"]] == [set(f) for f in pandas["features"]]
-    # parts are named by their rows, not by a random id: a rerun writes the same files
-    ingest(file_cfg(src, *by_group, "data.engine=ray"), 0, tmp_path / "again")
     for split in ("train", "val", "test"):
         files = sorted(p.name for p in (tmp_path / f"ray/{split}.parquet").iterdir())
         assert files == sorted(p.name for p in (tmp_path / f"again/{split}.parquet").iterdir())
@@ -271,8 +273,9 @@ def test_ray_engine_fails_with_the_same_one_line_errors(tmp_path: Path) -> None:
         (["data.columns={shop: integer}"], r"column 'shop': 1 values are not integer"),
         (["data.bad_rows=drop"], "feature 'copy' is a copy of the target 'label'"),
     ]
-    for overrides, message in cases:
-        with pytest.raises(StageError, match=message) as err:
-            ingest(file_cfg(src, "data.engine=ray", *overrides), 0, out)
-        assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
-        assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+    with ray_session.session():  # one Ray for every case
+        for overrides, message in cases:
+            with pytest.raises(StageError, match=message) as err:
+                ingest(file_cfg(src, "data.engine=ray", *overrides), 0, out)
+            assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+            assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
