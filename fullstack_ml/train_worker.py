@@ -11,6 +11,7 @@ import random
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -73,9 +74,9 @@ def restore(model: nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any]:
 
 def node_count() -> int:
     """How many machines (Ray nodes) the training workers run on."""
-    node = ray.get_runtime_context().get_node_id()
     if not torch.distributed.is_initialized():
         return 1
+    node = ray.get_runtime_context().get_node_id()
     nodes: list[str | None] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(nodes, node)
     return len(set(nodes))
@@ -109,7 +110,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     dtype = PRECISIONS[config["precision"]]
     autocast = partial(torch.autocast, device.type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    collate = ToTensors()
     nodes = node_count()
     distill = config["distill"]
 
@@ -122,9 +122,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         yf = y.double()
         return loss, [loss.item(), hits.item(), len(y), yf.sum().item(), (yf**2).sum().item()]
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_data = ray.train.get_dataset_shard("val")
-    cache: list | None = [] if config["cache_shard"] else None
+    arrays = config["arrays"]  # local mode on splits in memory: tensors, no Ray Data
+    if arrays:
+        train_shard, val_data = None, arrays["val"]
+        cache: list | None = [
+            None if k not in arrays["train"] else arrays["train"][k].to(device)
+            for k in (FEATURES, LABEL, SOFT)
+        ]
+    else:
+        train_shard = ray.train.get_dataset_shard("train")
+        val_data = ray.train.get_dataset_shard("val")
+        cache = [] if config["cache_shard"] else None
     history: list[dict[str, float]] = state["history"]
     stop = config["early_stopping"]
     best_state: dict[str, torch.Tensor] = state["best_state"]
@@ -150,7 +158,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.eval()
         val_sums = torch.zeros(5, dtype=torch.float64)  # every worker scores all of val
         with torch.no_grad(), autocast():
-            for x, y, _ in val_data.iter_torch_batches(batch_size=1024, collate_fn=collate):
+            for x, y, _ in val_batches(val_data, device):
                 val_sums += torch.tensor(batch_sums(model(x), y)[1], dtype=torch.float64)
         train_loss, train_score = epoch_metrics(sums.cpu(), task)
         val_loss, val_score = epoch_metrics(val_sums, task)
@@ -177,10 +185,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 f" {score} {train_score:.4f}, val loss {val_loss:.4f} {score} {val_score:.4f}",
                 flush=True,
             )
-        with tempfile.TemporaryDirectory() as tmp:
+        local = config["checkpoint_dir"]  # local mode: a folder the driver reads after
+        with nullcontext(local) if local else tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             last = epoch == config["epochs"] or stopping
             if rank == 0 and (last or epoch % config["checkpoint_every"] == 0):
+                Path(tmp).mkdir(parents=True, exist_ok=True)
                 torch.save(
                     {
                         "state_dict": best_state,  # what the stage keeps
@@ -203,6 +213,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 print(f"early stop: no {stop['metric']} gain since epoch {best}", flush=True)
             break
+
+
+def val_batches(data: Any, device: torch.device) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The val split in order, in batches of 1024: from its tensors (local mode, in
+    memory) or from its Ray Data shard."""
+    if not isinstance(data, dict):
+        yield from data.iter_torch_batches(batch_size=1024, collate_fn=ToTensors())
+        return
+    x, y = data[FEATURES].to(device), data[LABEL].to(device)
+    for i in range(0, len(x), 1024):
+        yield x[i : i + 1024], y[i : i + 1024], None
 
 
 def batches(

@@ -10,6 +10,8 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -42,20 +44,32 @@ SAMPLE_ROWS = 200_000  # a streamed train split's preprocessing is fitted on its
 PLACEMENT = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement strategies
 
 
+def encode_arrays(
+    df: pd.DataFrame, meta: dict[str, Any], split: str, teacher: nn.Module | None = None
+) -> dict[str, np.ndarray]:
+    """Raw split rows as the encoded features [rows, width], the training target and the
+    `teacher`'s outputs (when given), by column name of the training loop."""
+    try:
+        columns = {
+            FEATURES: preprocessor(meta).encode_frame(df),
+            LABEL: encode_targets(df[meta["target"]], meta),
+        }
+    except (KeyError, ValueError) as err:
+        raise StageError(f"{split} split: {err}") from None
+    if teacher is not None:
+        columns[SOFT] = predict_logits(teacher, columns[FEATURES])
+    return columns
+
+
 def encode_batch(
     df: pd.DataFrame, meta: dict[str, Any], split: str, teacher: nn.Module | None = None
 ) -> pa.Table:
-    """Raw split rows as the encoded features (one tensor column: a batch of it is one
-    array, not one per feature), the training target and the `teacher`'s outputs."""
-    try:
-        x = preprocessor(meta).encode_frame(df)
-        y = encode_targets(df[meta["target"]], meta)
-    except (KeyError, ValueError) as err:
-        raise StageError(f"{split} split: {err}") from None
-    columns = {FEATURES: ArrowTensorArray.from_numpy(x), LABEL: y}
-    if teacher is not None:
-        columns[SOFT] = ArrowTensorArray.from_numpy(predict_logits(teacher, x))
-    return pa.table(columns)
+    """`encode_arrays` as a table (a tensor column: a batch of it is one array, not one
+    per feature), for Ray Data."""
+    arrays = encode_arrays(df, meta, split, teacher)
+    return pa.table(
+        {k: ArrowTensorArray.from_numpy(v) if v.ndim > 1 else v for k, v in arrays.items()}
+    )
 
 
 def build_datasets(
@@ -81,6 +95,19 @@ def build_datasets(
     return out
 
 
+def in_memory_tensors(
+    splits: dict[str, pd.DataFrame], meta: dict[str, Any], teacher: nn.Module | None
+) -> dict[str, dict[str, torch.Tensor]]:
+    """`encode_arrays` of each split as tensors (the teacher's outputs on train only)."""
+    return {
+        name: {
+            k: torch.from_numpy(v)
+            for k, v in encode_arrays(df, meta, name, teacher if name == "train" else None).items()
+        }
+        for name, df in splits.items()
+    }
+
+
 def resolve_use_gpu(use_gpu: bool | str) -> bool:
     """`auto`: use GPUs when torch or the Ray cluster has any."""
     if use_gpu == "auto":
@@ -98,9 +125,9 @@ def check_config(
 ) -> None:
     """Fail before Ray starts, naming the key, when the model or optimizer config is bad."""
     for key in ("epochs", "batch_size", "num_workers", "checkpoint_every", "max_categories"):
-        value = train_cfg[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise StageError(f"train.{key}: expected an integer >= 1, got {value!r}")
+        value, least = train_cfg[key], 0 if key == "num_workers" else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise StageError(f"train.{key}: expected an integer >= {least}, got {value!r}")
     cache = train_cfg["cache_shard_mb"]
     if not isinstance(cache, int | float) or isinstance(cache, bool) or cache < 0:
         raise StageError(f"train.cache_shard_mb: expected a number >= 0, got {cache!r}")
@@ -159,7 +186,10 @@ def check_config(
 
 
 def scaling(train_cfg: dict[str, Any], use_gpu: bool) -> ray.train.ScalingConfig:
-    """Workers, their resources and placement from `train.*`."""
+    """Workers, their resources and placement from `train.*`; `num_workers: 0` is Ray
+    Train's local mode (the loop runs in this process)."""
+    if train_cfg["num_workers"] == 0:
+        return ray.train.ScalingConfig(num_workers=0, use_gpu=use_gpu)
     resources = dict(train_cfg["resources_per_worker"] or {})
     if use_gpu:
         resources.setdefault("GPU", 1)
@@ -169,6 +199,23 @@ def scaling(train_cfg: dict[str, Any], use_gpu: bool) -> ray.train.ScalingConfig
         resources_per_worker=resources or None,
         placement_strategy=train_cfg["placement_strategy"],
     )
+
+
+@contextmanager
+def local_threads(threads: int | None) -> Iterator[None]:
+    """Local mode: torch uses the threads a worker would get (Ray sets a worker's
+    OMP_NUM_THREADS to its CPUs), so both modes compute alike; None: unchanged."""
+    before = torch.get_num_threads()
+    context = ray.data.DataContext.get_current()
+    order = context.execution_options.preserve_order
+    if threads is not None:
+        torch.set_num_threads(threads)
+        context.execution_options.preserve_order = True  # as DataConfig sets for workers
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        context.execution_options.preserve_order = order
 
 
 def fit(
@@ -203,22 +250,33 @@ def fit(
     if train_rows is None:
         train_rows = len(splits["train"])
     num_workers = train_cfg["num_workers"]
-    shard_bytes = train_rows / num_workers * (width + outputs + 1) * 4  # features, soft, label
+    local = num_workers == 0  # Ray Train's local mode: the loop runs in this process
+    shard_bytes = train_rows / max(num_workers, 1) * (width + outputs + 1) * 4
     cpus = (train_cfg["resources_per_worker"] or {}).get("CPU", 1)
-    with ray_session.session(
-        cluster["address"], int(np.ceil(num_workers * cpus)), cluster.get("runtime_env")
-    ):
+    # Local mode on splits in memory needs no Ray at all: the loop gets the encoded
+    # tensors in its config instead of Ray Data shards (Ray's start alone took ~4 s here).
+    in_memory = local and all(isinstance(split, pd.DataFrame) for split in splits.values())
+    ray_context = (
+        nullcontext()
+        if in_memory
+        else ray_session.session(
+            cluster["address"], int(np.ceil(num_workers * cpus)), cluster.get("runtime_env")
+        )
+    )
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # INFO: a line per report
+    with ray_context, local_threads(int(np.ceil(cpus)) if local else None):
         use_gpu = resolve_use_gpu(train_cfg["use_gpu"])
         backend = "nccl" if use_gpu else "gloo"
         log.info(
-            "training %s (%s, %d inputs) for %d epochs on %d %s worker(s), %s, %s",
+            "training %s (%s, %d inputs) for %d epochs %s, %s, %s",
             meta["model"]["_target_"],
             meta["task"],
             width,
             train_cfg["epochs"],
-            num_workers,
+            "in this process (Ray Train local mode) on the "
+            if local
+            else f"on {num_workers} worker(s), ",
             "GPU" if use_gpu else "CPU",
-            backend,
             train_cfg["precision"],
         )
         with tempfile.TemporaryDirectory(prefix="ray-train-") as tmp:
@@ -242,6 +300,9 @@ def fit(
                     "class_weights": meta.get("class_weights"),
                     "precision": train_cfg["precision"],
                     "distill": distill if teacher is not None else None,
+                    # local mode keeps the checkpoint it is given: not a folder deleted after
+                    "checkpoint_dir": str(Path(tmp) / "local") if local else None,
+                    "arrays": in_memory_tensors(splits, meta, teacher) if in_memory else None,
                 },
                 torch_config=ray.train.torch.TorchConfig(backend=backend),
                 scaling_config=scaling(train_cfg, use_gpu),
@@ -251,7 +312,7 @@ def fit(
                     checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
                     failure_config=ray.train.FailureConfig(max_failures=train_cfg["max_failures"]),
                 ),
-                datasets=build_datasets(splits, meta, teacher),
+                datasets=None if in_memory else build_datasets(splits, meta, teacher),
                 dataset_config=ray.train.DataConfig(
                     datasets_to_split=["train"],  # every worker scores all of val
                     execution_options=ExecutionOptions(preserve_order=True),

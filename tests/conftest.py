@@ -15,10 +15,11 @@ from stages.ingest import ingest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
-SMALL = ["train.epochs=3", "train.num_workers=1", "compress.latency_repeats=3"]
+SMALL = ["train.epochs=3", "compress.latency_repeats=3"]  # train: local mode (the default)
 # the report's extra pipelines and Inductor compiling: tests/test_compress.py, test_pipeline.py
 SMALL += ["~compress.pipelines", "compress.compile=false"]
-# The session's model: 40 epochs at about 0.15 s each leave time to kill a worker mid-run.
+# The session's model; with one worker (not local mode) 40 epochs at about 0.15 s each leave
+# time to kill the worker mid-run (tests/test_train.py).
 FP32_RUN = [*SMALL, "train.epochs=40", "train.early_stopping.patience=null"]
 
 
@@ -44,7 +45,7 @@ def in_repo_root(monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture(scope="session")
 def fp32_dir(cfg: DictConfig, curated: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model trained once per session by the real train stage (Ray Train, 1 worker)."""
+    """A model trained once per session by the real train stage (Ray Train local mode)."""
     from stages.train import train
 
     out = tmp_path_factory.mktemp("models") / "fp32"

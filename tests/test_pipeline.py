@@ -18,7 +18,7 @@ from fullstack_ml.stage import ROOT
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-SHRUNK = ["train.epochs=6", "train.num_workers=1", "distil.epochs=4", "compress.latency_repeats=5"]
+SHRUNK = ["train.epochs=6", "distil.epochs=4", "compress.latency_repeats=5"]
 SHRUNK += ["serve.slo.duration_s=1", "serve.slo.p99_ms=60000", "serve.slo.min_rps=1"]  # see below
 SHRUNK += ["~compress.pipelines"]  # the report's candidates: tests/test_compress.py
 # the default run's report: the distil stage's student, quantized; the student learns from

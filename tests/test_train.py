@@ -71,6 +71,7 @@ def test_use_gpu_true_without_a_gpu_fails_instead_of_waiting() -> None:
     [
         ({"train": {"lr": "abc"}}, r"train.lr: expected a number > 0, got 'abc'"),
         ({"train": {"epochs": 0}}, r"train.epochs: expected an integer >= 1, got 0"),
+        ({"train": {"num_workers": -1}}, r"train.num_workers: expected an integer >= 0, got -1"),
         ({"model": {"hidden_sizes": "wide"}}, r"model: cannot build it"),
         ({"model": {"_target_": "fullstack_ml.model.Nope"}}, r"model: cannot build it"),
         ({"train": {"optimizer": {"_target_": "torch.optim.Nope"}}}, "train.optimizer: cannot"),
@@ -112,7 +113,7 @@ def test_streams_part_folders_and_learns_categories_with_gaps(tmp_path: Path, cf
     overrides.append("data.quality.max_duplicate_rows=0.2")  # rows with x missing repeat
     ingest(compose(overrides).data, 0, tmp_path / "curated")
     assert (tmp_path / "curated/train.parquet").is_dir()
-    shrunk = ["train.epochs=4", "train.num_workers=1", "train.batch_size=128"]
+    shrunk = ["train.epochs=4", "train.batch_size=128"]  # local mode, on Ray Data
     # streamed through Ray Data, not cached in the worker
     run = compose([*overrides, *shrunk, "train.cache_shard_mb=0"])
     history = train(run, tmp_path / "curated", tmp_path / "model")
@@ -142,7 +143,6 @@ def test_early_stopping_keeps_the_best_epoch_and_the_schedule_steps(
     run = compose(
         [
             "train.epochs=20",
-            "train.num_workers=1",
             "train.early_stopping.metric=val_accuracy",
             "train.early_stopping.mode=max",
             "train.early_stopping.min_delta=1.0",
@@ -168,7 +168,8 @@ def test_killed_worker_resumes_from_the_last_checkpoint(
     """SIGKILL the training worker once a checkpoint is registered: Ray Train restarts it
     (train.max_failures), it resumes after that checkpoint's epoch, not epoch 1, and ends
     as accurate as the undisturbed session model trained with the same config; in fact
-    with identical weights (seeded one-worker runs are reproducible, resumed or not)."""
+    with identical weights: a seeded run gives the same weights with one worker, resumed or
+    not, as in local mode (`num_workers: 0`, the session model)."""
     import threading
 
     import psutil
@@ -178,7 +179,8 @@ def test_killed_worker_resumes_from_the_last_checkpoint(
     from stages.train import train
 
     storage = tmp_path / "checkpoints"
-    run = compose([*FP32_RUN, "train.checkpoint_every=5", f"cluster.storage_path={storage}"])
+    checkpoints = ["train.checkpoint_every=5", f"cluster.storage_path={storage}"]
+    run = compose([*FP32_RUN, "train.num_workers=1", *checkpoints])
     outcome: dict = {}
 
     def target() -> None:
@@ -215,6 +217,6 @@ def test_killed_worker_resumes_from_the_last_checkpoint(
         for name, d in (("resumed", tmp_path / "m"), ("undisturbed", fp32_dir))
     }
     assert abs(accuracy["resumed"] - accuracy["undisturbed"]) <= 0.01, accuracy
-    # more: a seeded one-worker run, killed and resumed or not, gives identical weights
+    # more: a seeded one-worker run, killed and resumed, and local mode: identical weights
     a, b = (torch.load(d / "model.pt", weights_only=True) for d in (fp32_dir, tmp_path / "m"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
