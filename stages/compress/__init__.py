@@ -2,10 +2,12 @@
 
 Builds the configured model (`compress.prune`, then `compress.method`: one INC method by
 name, or `auto`, INC's autotune over `compress.tune.methods`) and every pipeline of
-`compress.pipelines` (steps: `distil`, `prune_structured`, `prune_global_unstructured`,
-then one quantization method). Each result is saved as a torch.export program and measured
+`compress.pipelines` (none by default; `experiment=compression_study` lists them all;
+steps: `distil`, `prune_structured`, `prune_global_unstructured`, then one quantization
+method). Each result is saved as a torch.export program and measured
 on the test split against FP32: file size, score (accuracy, or R^2) and latency at several
-batch sizes, eager and compiled by Inductor. `compress.select` says which one is written to
+batch sizes, eager and compiled by Inductor (FP32 compiled only when it may ship or is
+compared with pipelines). `compress.select` says which one is written to
 `models/compressed/` (with the execution path to serve per batch size in `model.json`);
 fails past `compress.max_accuracy_drop`. Writes `metrics/compress.json`,
 `plots/compress.csv` and `reports/compress.html`.
@@ -245,7 +247,11 @@ def _compress(
     with atomic_dir(out_dir) as tmp:
         data["scratch"] = tmp
         log.info("measuring FP32 on %d test rows", len(test[0]))
-        results = {"fp32": measure(fp32[0], tmp / "fp32.pt2", test, meta, cfg)}
+        # FP32 compiled only where it may ship or is compared: eager is the ratios' baseline
+        study = cfg.fp32_fallback or len(pipelines) > 1
+        results = {
+            "fp32": measure(fp32[0], tmp / "fp32.pt2", test, meta, cfg, cfg.compile and study)
+        }
         built = {}
         for key, steps in pipelines.items():
             log.info("pipeline %s: %s", key, " -> ".join(steps))

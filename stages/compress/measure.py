@@ -30,12 +30,14 @@ def median_latency_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def latencies(model: nn.Module, x: np.ndarray, cfg: DictConfig) -> dict[str, dict[str, float]]:
-    """Latency (ms) of `model` eager and, if `compress.compile`, Inductor-compiled, at each
-    batch size of `compress.batch_sizes` (rows of `x`, cycled)."""
+def latencies(
+    model: nn.Module, x: np.ndarray, cfg: DictConfig, compile: bool
+) -> dict[str, dict[str, float]]:
+    """Latency (ms) of `model` eager and, if `compile`, Inductor-compiled, at each batch
+    size of `compress.batch_sizes` (rows of `x`, cycled)."""
     xt = torch.from_numpy(x)
     paths = {"eager": model}
-    if cfg.compile:
+    if compile:
         torch._dynamo.reset()
         try:
             paths["compiled"] = compile_module(model, x.shape[1])
@@ -51,14 +53,20 @@ def latencies(model: nn.Module, x: np.ndarray, cfg: DictConfig) -> dict[str, dic
 
 
 def measure(
-    module: nn.Module, path: Path, test: tuple[np.ndarray, np.ndarray], meta: dict, cfg: DictConfig
+    module: nn.Module,
+    path: Path,
+    test: tuple[np.ndarray, np.ndarray],
+    meta: dict,
+    cfg: DictConfig,
+    compile: bool | None = None,
 ) -> dict[str, Any]:
     """Save `module` to `path`, load it back and measure the loaded program: file size,
-    score on `test`, latency per execution path and batch size."""
+    score on `test`, latency per execution path (compiled too if `compile`, by default
+    `compress.compile`) and batch size."""
     x, y = test
     save_program(module, path, torch.from_numpy(x[:2]))
     program = load_program(path)
-    times = latencies(program, x, cfg)
+    times = latencies(program, x, cfg, cfg.compile if compile is None else compile)
     best = {b: min(t[b] for t in times.values()) for b in times["eager"]}
     first, last = str(min(cfg.batch_sizes)), str(max(cfg.batch_sizes))
     return {
