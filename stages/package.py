@@ -96,13 +96,20 @@ def package(
         for name, path in files.items():
             shutil.copyfile(path, model.path_of(name))
     log.info("saved BentoML model %s", model.tag)
-    bento = bentoml.bentos.build_bentofile(
-        str(BENTOFILE),
-        build_ctx=str(ROOT),
-        version=bento_version,
-        args={"model_tag": str(model.tag)},
-        labels={"git_commit": metadata["git_commit"][:63]},
-    )
+    with tempfile.TemporaryDirectory(prefix="bento-ctx-") as ctx:
+        # BentoML walks its whole build context (every file of .venv/ too, ~70k here) to
+        # match `include`: a context of the shipped files alone builds the same bento faster.
+        for path in [BENTOFILE, *shipped_files()]:
+            copy = Path(ctx) / path.relative_to(ROOT)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, copy)
+        bento = bentoml.bentos.build_bentofile(
+            str(Path(ctx) / BENTOFILE.name),
+            build_ctx=ctx,
+            version=bento_version,
+            args={"model_tag": str(model.tag)},
+            labels={"git_commit": metadata["git_commit"][:63]},
+        )
     log.info("built bento %s", bento.tag)
     with atomic_dir(out_dir) as tmp:
         archive = tmp.resolve() / f"{serve_cfg.service_name}.bento"

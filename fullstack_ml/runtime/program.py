@@ -11,6 +11,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+# Inductor's own caches (generated C++ kernels built as shared objects, autotuning results)
+# in a folder that outlives /tmp clean-ups: a rerun, a new clone or a restarted server reuses
+# them. Its FX graph cache cannot hold our graphs (frozen CPU weights are prepacked mkldnn
+# tensors, "unpickleable"), so tracing and lowering still run each time.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "torchinductor"))
+
 # Node metadata torch.export keeps for debugging (stack traces, provenance); not needed to
 # load or run a program, and a large part of a small model's file.
 DEBUG_META = ("stack_trace", "from_node", "nn_module_stack", "source_fn_stack", "torch_fn")
