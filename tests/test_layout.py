@@ -86,6 +86,31 @@ def test_the_runtime_imports_only_numpy_pandas_torch_and_whylogs() -> None:
         assert project <= {"fullstack_ml"}, f"{path.relative_to(ROOT)} imports {project}"
 
 
+def test_whylogs_is_imported_only_after_the_compat_module_has_patched_it() -> None:
+    """whylogs 1.6 needs `np.unicode_` on numpy 2 and profiles float columns a value at a
+    time; fullstack_ml/runtime/whylogs_compat.py fixes both, so it is imported first."""
+    compat = "fullstack_ml.runtime.whylogs_compat"
+
+    def names(node: ast.AST) -> list[str]:
+        if isinstance(node, ast.Import):
+            return [a.name for a in node.names]
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            return [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        return []
+
+    files = [*ROOT.glob("*.py")] + [
+        p for d in ("stages", "fullstack_ml", "tests", "bench") for p in (ROOT / d).rglob("*.py")
+    ]
+    for path in sorted(set(files) - {ROOT / (compat.replace(".", "/") + ".py")}):
+        tree = ast.parse(path.read_text())
+        first = min((n.lineno for n in ast.walk(tree) if compat in names(n)), default=None)
+        uses = [
+            n.lineno for n in ast.walk(tree) if any(m.split(".")[0] == "whylogs" for m in names(n))
+        ]
+        name = path.relative_to(ROOT)
+        assert not uses or (first and first < min(uses)), f"{name}: whylogs before {compat}"
+
+
 def test_the_service_imports_only_the_runtime_of_the_project() -> None:
     project = imported_modules(ROOT / "service.py") - {"fullstack_ml", "fullstack_ml.runtime"}
     assert project and all(m.startswith("fullstack_ml.runtime.") for m in project), project

@@ -5,22 +5,23 @@ Only whylogs and pandas: the service imports this module inside the bento.
 
 import logging
 import math
-import os
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("WHYLOGS_NO_ANALYTICS", "1")  # before the first whylogs import
+import numpy as np
+import pandas as pd
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import whylogs as why  # noqa: E402
-from whylogs.core import DatasetProfileView  # noqa: E402
-from whylogs.core.metrics.metrics import MetricConfig  # noqa: E402
-from whylogs.core.schema import DatasetSchema  # noqa: E402
-from whylogs.viz.drift.column_drift_algorithms import KS, ChiSquare  # noqa: E402
+from fullstack_ml.runtime import whylogs_compat  # noqa: F401  before whylogs: it patches it
+
+# isort: split
+import whylogs as why
+from whylogs.core import DatasetProfileView
+from whylogs.core.metrics.metrics import MetricConfig
+from whylogs.core.schema import DatasetSchema
+from whylogs.viz.drift.column_drift_algorithms import KS, ChiSquare
 
 logging.getLogger("whylogs").setLevel(logging.WARNING)  # INFO logs a line per column read
 # Large enough to keep the numeric sketches exact on moderate splits, so drift is reproducible.

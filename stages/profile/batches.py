@@ -16,6 +16,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pds
 from google.protobuf.internal.decoder import _DecodeVarint32
 from google.protobuf.internal.encoder import _VarintBytes
+
+from fullstack_ml.runtime import whylogs_compat  # noqa: F401  before whylogs: it patches it
+
+# isort: split
 from whylogs.core.proto import ChunkHeader, ChunkMessage, DatasetProfileHeader, DatasetSegmentHeader
 from whylogs.core.view.dataset_profile_view import WHYLOGS_MAGIC_HEADER_BYTES
 

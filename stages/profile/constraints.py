@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from fullstack_ml.runtime import whylogs_compat  # noqa: F401  before whylogs: it patches it
+
+# isort: split
 from whylogs.core.constraints import ConstraintsBuilder
 from whylogs.core.constraints.factories import (
     is_in_range,
