@@ -20,7 +20,7 @@ from functools import cache, cached_property
 from operator import attrgetter
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
 import bentoml
@@ -33,14 +33,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+# torch and whylogs are imported where they are used, in the serving workers: `bentoml
+# build` and the `bentoml serve` supervisor import this module too, and need neither
+# (each took several seconds of every package and serve start).
 with bentoml.importing():
     import numpy as np
-    import torch
 
-    from fullstack_ml.runtime.drift import CATEGORIES, cached_profile, drifted, window_drift
     from fullstack_ml.runtime.meta import read_meta
     from fullstack_ml.runtime.preprocess import Preprocessor
-    from fullstack_ml.runtime.program import load_runner
+if TYPE_CHECKING:
+    import torch
 
 SERVE: dict[str, Any] = yaml.safe_load(Path(__file__).with_name("params.yaml").read_text())["serve"]
 if SERVE["max_records"] > SERVE["max_batch_size"]:
@@ -193,6 +195,8 @@ class DriftMonitor:
         metrics().window.set(len(rows))
         if len(rows) < self.min_records:
             return {**result, "status": "insufficient_data", "min_records": self.min_records}
+        from fullstack_ml.runtime.drift import CATEGORIES, drifted, window_drift
+
         scores = self.scorer.submit(window_drift, rows, self.features, self.reference).result()
         for feature, s in scores.items():
             metrics().pvalue.labels(feature=feature).set(s["pvalue"])
@@ -340,6 +344,11 @@ class Classifier:
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
+        import torch
+
+        from fullstack_ml.runtime.drift import cached_profile
+        from fullstack_ml.runtime.program import load_runner
+
         # Idle OpenMP threads spin between the many small ops of the INT8 graph and take the
         # CPU the event loop needs; one intra-op thread per worker serves more, not less.
         torch.set_num_threads(SERVE["torch_threads"])
@@ -361,15 +370,19 @@ class Classifier:
         gc.freeze()
         gc.set_threshold(50_000, 20, 20)
 
-    def outputs(self, records: list[Any]) -> torch.Tensor:
+    def outputs(self, records: list[Any]) -> "torch.Tensor":
         """The model's outputs on raw records, encoded by the training preprocessing."""
         columns = dict(zip(FEATURES, zip(*map(feature_values, records), strict=True), strict=True))
+        import torch
+
         if PRE.numeric:
             MONITOR.add(np.array([columns[f] for f in PRE.numeric], dtype=np.float32).T)
         with torch.inference_mode():
             return self.model(torch.from_numpy(PRE.encode(columns)))
 
-    def probabilities(self, records: list[Any]) -> torch.Tensor:
+    def probabilities(self, records: list[Any]) -> "torch.Tensor":
+        import torch
+
         probs = torch.softmax(self.outputs(records), dim=1)
         for index, n in Counter(probs.argmax(1).tolist()).items():
             metrics().predictions.labels(label=str(CLASSES[index])).inc(n)
