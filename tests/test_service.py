@@ -35,6 +35,17 @@ def server(bento: Path) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="module")
+def guarded(bento: Path) -> Iterator[Server]:
+    """A second server, with a bearer token: the drift, auth and shutdown tests, in that
+    order (the drift window starts nearly empty; the shutdown test stops it)."""
+    with serve_bento(bento, env={"FULLSTACK_ML_API_TOKEN": TOKEN}) as server:
+        yield server
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
 def test_split(curated: Path) -> pd.DataFrame:
     return pd.read_parquet(curated / "test.parquet")
 
@@ -192,56 +203,55 @@ def test_metrics_count_predictions_records_and_failures(
     assert "bentoml_service_request_total" in after
 
 
-def test_drift_window_against_the_training_profile(bento: Path, curated: Path) -> None:
+def test_drift_window_against_the_training_profile(guarded: Server, curated: Path) -> None:
     """Training rows show no drift; shifted rows that fill the window drift, in /drift and
-    in the gauges (a server of its own: the window holds what was served)."""
+    in the gauges (the window holds what was served: the guarded server has served at most
+    a few records before)."""
     train = pd.read_parquet(curated / "train.parquet")
-    with serve_bento(bento) as server:
-        empty = requests.get(f"{server.url}/drift", timeout=30).json()
-        assert empty["status"] == "insufficient_data" and empty["window_records"] == 0
-        for start in range(0, len(train), 200):
-            chunk = records(train.iloc[start : start + 200])
-            assert requests.post(f"{server.url}/predict", json={"records": chunk}).ok
-        same = requests.get(f"{server.url}/drift", timeout=30).json()
-        assert same["status"] == "ok" and same["window_records"] == len(train)
-        assert same["drifted"] == []
-        feature = next(iter(same["features"]))
-        assert same["features"][feature]["drift_category"] == "NO_DRIFT"
-        shifted = (train.drop(columns="target").iloc[:200] + 8).clip(upper=16)
-        for _ in range(10):  # 2000 records: the whole window
-            assert requests.post(
-                f"{server.url}/predict", json={"records": shifted.to_dict("records")}
-            ).ok
-        moved = requests.get(f"{server.url}/drift", timeout=30).json()
-        assert moved["window_records"] == 2000 and len(moved["drifted"]) > 32
-        text = requests.get(f"{server.url}/metrics", timeout=10).text
-        drifted = moved["drifted"][0]
-        assert metric(text, "fullstack_ml_drift_category", feature=drifted) == 2
-        assert metric(text, "fullstack_ml_drift_pvalue", feature=drifted) < 0.05
-        assert metric(text, "fullstack_ml_drift_window_records") == 2000
+    url = guarded.url
+    empty = requests.get(f"{url}/drift", headers=AUTH, timeout=30).json()
+    assert empty["status"] == "insufficient_data" and empty["window_records"] < 200
+    for start in range(0, len(train), 200):
+        chunk = records(train.iloc[start : start + 200])
+        assert requests.post(f"{url}/predict", json={"records": chunk}, headers=AUTH).ok
+    same = requests.get(f"{url}/drift", headers=AUTH, timeout=30).json()
+    assert same["status"] == "ok" and same["window_records"] >= len(train)
+    assert same["drifted"] == []
+    feature = next(iter(same["features"]))
+    assert same["features"][feature]["drift_category"] == "NO_DRIFT"
+    shifted = (train.drop(columns="target").iloc[:200] + 8).clip(upper=16)
+    for _ in range(10):  # 2000 records: the whole window
+        body = {"records": shifted.to_dict("records")}
+        assert requests.post(f"{url}/predict", json=body, headers=AUTH).ok
+    moved = requests.get(f"{url}/drift", headers=AUTH, timeout=30).json()
+    assert moved["window_records"] == 2000 and len(moved["drifted"]) > 32
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    drifted = moved["drifted"][0]
+    assert metric(text, "fullstack_ml_drift_category", feature=drifted) == 2
+    assert metric(text, "fullstack_ml_drift_pvalue", feature=drifted) < 0.05
+    assert metric(text, "fullstack_ml_drift_window_records") == 2000
 
 
 def test_bearer_token_guards_every_route_but_health_and_metrics(
-    bento: Path, test_split: pd.DataFrame
+    guarded: Server, test_split: pd.DataFrame
 ) -> None:
     body = {"records": records(test_split)[:2]}
-    with serve_bento(bento, env={"FULLSTACK_ML_API_TOKEN": TOKEN}) as server:
-        for path in ("/healthz", "/livez", "/readyz", "/metrics"):
-            assert requests.get(f"{server.url}{path}", timeout=10).status_code == 200, path
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
-            r = requests.post(f"{server.url}/predict", json=body, headers=headers, timeout=10)
-            assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
-            assert "authorization" in json.dumps(r.json()["detail"])
-        for path in ("/metadata", "/drift", "/docs.json"):
-            assert requests.get(f"{server.url}{path}", timeout=10).status_code == 401, path
-        good = {"Authorization": f"Bearer {TOKEN}"}
-        r = requests.post(f"{server.url}/predict", json=body, headers=good, timeout=10)
-        assert r.status_code == 200 and len(r.json()) == 2
-        assert requests.get(f"{server.url}/metadata", headers=good, timeout=10).ok
-        with bentoml.SyncHTTPClient(server.url, token=TOKEN) as client:  # as the README shows
-            assert len(client.predict(records=body["records"])) == 2
-            one = client.predict_proba(records=body["records"][:1])
-            assert len(one) == 1 and len(one[0]["probabilities"]) == 10
+    url = guarded.url
+    for path in ("/healthz", "/livez", "/readyz", "/metrics"):
+        assert requests.get(f"{url}{path}", timeout=10).status_code == 200, path
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        r = requests.post(f"{url}/predict", json=body, headers=headers, timeout=10)
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+        assert "authorization" in json.dumps(r.json()["detail"])
+    for path in ("/metadata", "/drift", "/docs.json"):
+        assert requests.get(f"{url}{path}", timeout=10).status_code == 401, path
+    r = requests.post(f"{url}/predict", json=body, headers=AUTH, timeout=10)
+    assert r.status_code == 200 and len(r.json()) == 2
+    assert requests.get(f"{url}/metadata", headers=AUTH, timeout=10).ok
+    with bentoml.SyncHTTPClient(url, token=TOKEN) as client:  # as the README shows
+        assert len(client.predict(records=body["records"])) == 2
+        one = client.predict_proba(records=body["records"][:1])
+        assert len(one) == 1 and len(one[0]["probabilities"]) == 10
 
 
 def server_rss(server: Server) -> int:
@@ -302,25 +312,27 @@ def test_mixed_load_no_5xx_every_answer_matches_memory_returns(
 
 
 def test_graceful_shutdown_finishes_the_request_in_flight(
-    bento: Path, test_split: pd.DataFrame
+    guarded: Server, test_split: pd.DataFrame
 ) -> None:
-    """SIGTERM while a request is half sent: the server still answers it, then exits."""
+    """SIGTERM while a request is half sent: the server still answers it, then exits (the
+    guarded server's last test)."""
     body = json.dumps({"records": records(test_split)[:3]}).encode()
-    with serve_bento(bento) as server:
-        conn = socket.create_connection(("127.0.0.1", server.port))
-        head = "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        conn.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body[:10])
-        time.sleep(2)  # the server has the request's head: it is in flight
-        os.killpg(server.proc.pid, signal.SIGTERM)
-        time.sleep(2)
-        conn.sendall(body[10:])
-        answer = b""
-        while chunk := conn.recv(65536):
-            answer += chunk
-            if b"\r\n\r\n" in answer and answer.rstrip().endswith(b"]"):
-                break
-        conn.close()
-        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
-        assert server.proc.wait(timeout=60) is not None
-        with pytest.raises(OSError):
-            socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    server = guarded
+    conn = socket.create_connection(("127.0.0.1", server.port))
+    head = "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += f"Authorization: Bearer {TOKEN}\r\n"
+    conn.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body[:10])
+    time.sleep(2)  # the server has the request's head: it is in flight
+    os.killpg(server.proc.pid, signal.SIGTERM)
+    time.sleep(2)
+    conn.sendall(body[10:])
+    answer = b""
+    while chunk := conn.recv(65536):
+        answer += chunk
+        if b"\r\n\r\n" in answer and answer.rstrip().endswith(b"]"):
+            break
+    conn.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert server.proc.wait(timeout=60) is not None
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=5)
