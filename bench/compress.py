@@ -9,6 +9,12 @@ ratio to FP32 eager measured in the same run. Latency uses `compress.threads` to
 
     python -m bench.compress                      # the default config
     python -m bench.compress compress.latency_repeats=200 compress.fp32_fallback=true
+    python -m bench.compress --smoke              # a model trained for 1 epoch here: seconds
+
+`--smoke` builds its own FP32 model and student in a temporary folder (the ingest, train
+and distil stages' functions, 1 epoch each, Ray Train's local mode), then measures three
+pipelines (distil, structured pruning, 4-bit weights) eager only, few repeats: the same
+code paths as the full run, without the `make repro` models or Inductor's compile time.
 """
 
 import logging
@@ -17,35 +23,80 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
+from omegaconf import DictConfig, open_dict
 
 from fullstack_ml.model import SCORE_NAME, encode_split, encode_targets, load_fp32
 from fullstack_ml.stage import ROOT, compose
 from stages.compress import compress
 
+SMOKE = [
+    "train.epochs=1",
+    "train.num_workers=0",
+    "distil.epochs=1",
+    "compress.compile=false",
+    "compress.latency_repeats=2",
+    "compress.batch_sizes=[1,16]",
+    "compress.calibration_batches=1",
+    "compress.prune.finetune_epochs=1",
+    "compress.max_accuracy_drop=100",  # 1 epoch: accuracy is not the point
+]
+SMOKE_PIPELINES = {  # replace compress.pipelines (an override would merge into it)
+    "distil_int8": ["distil", "int8_static"],
+    "structured_int8": ["prune_structured", "int8_static"],
+    "woq_int4": ["woq_int4"],
+}
 
-def main(overrides: list[str]) -> None:
+
+def build_small(cfg: DictConfig, work: Path) -> tuple[Path, Path, Path]:
+    """FP32 model, curated splits and student built in `work` by the stages' functions."""
+    from stages.distil import distil
+    from stages.ingest import ingest
+    from stages.train import train
+
+    fp32_dir, curated, student = work / "fp32", work / "curated", work / "student"
+    ingest(cfg.data, cfg.seed, curated)
+    train(cfg, curated, fp32_dir)
+    distil(cfg, curated, fp32_dir, student)
+    return fp32_dir, curated, student
+
+
+def main(args: list[str]) -> None:
     logging.basicConfig(level=logging.WARNING)
-    cfg = compose(overrides)
-    fp32_dir, curated = ROOT / "models/fp32", ROOT / "data/curated"
-    if not (fp32_dir / "model.pt").exists():
-        sys.exit("error: models/fp32 not found; run make repro first")
+    smoke = "--smoke" in args
+    overrides = [a for a in args if a != "--smoke"]
+    cfg = compose([*SMOKE, *overrides] if smoke else overrides)
+    if smoke:
+        with open_dict(cfg):
+            cfg.compress.pipelines = SMOKE_PIPELINES
+    with tempfile.TemporaryDirectory() as tmp:
+        if smoke:
+            fp32_dir, curated, student = build_small(cfg, Path(tmp) / "built")
+        else:
+            fp32_dir, curated = ROOT / "models/fp32", ROOT / "data/curated"
+            student = ROOT / "models/student"
+            if not (fp32_dir / "model.pt").exists():
+                sys.exit("error: models/fp32 not found; run make repro first")
+        report(cfg, fp32_dir, curated, student, Path(tmp) / "compressed")
+
+
+def report(cfg: DictConfig, fp32_dir: Path, curated: Path, student: Path, out: Path) -> None:
+    """Run `compress` on the model in `fp32_dir` into `out` and print the ratios."""
     _, meta = load_fp32(fp32_dir)
     splits = {s: pd.read_parquet(curated / f"{s}.parquet") for s in ("train", "val", "test")}
     val_x, val_y = encode_split(splits["val"], meta)
     train_x = encode_split(splits["train"], meta)[0]
     train = (train_x, encode_targets(splits["train"][meta["target"]], meta))
-    with tempfile.TemporaryDirectory() as tmp:
-        result = compress(
-            fp32_dir,
-            val_x,
-            encode_split(splits["test"], meta),
-            cfg.compress,
-            Path(tmp) / "compressed",
-            val_y=val_y,
-            train=train,
-            student_dir=ROOT / "models/student",
-            seed=cfg.seed,
-        )
+    result = compress(
+        fp32_dir,
+        val_x,
+        encode_split(splits["test"], meta),
+        cfg.compress,
+        out,
+        val_y=val_y,
+        train=train,
+        student_dir=student,
+        seed=cfg.seed,
+    )
     name = SCORE_NAME[meta["task"]]
     base = result["fp32"]["latency_ms"]["eager"]
     small, large = min(base, key=int), max(base, key=int)

@@ -21,6 +21,8 @@ mapped by its processes, counts once). Then the ratios: time against the floor a
 rows, and each path's peak memory at the most rows over the fewest (streaming: near 1).
 
     python -m bench.ingest --rows 1000000,5000000 --paths floor,pandas,ray
+    python -m bench.ingest --smoke    # 2,000 rows, floor and pandas, a folder of its own
+    python -m bench.ingest --smoke --paths floor,pandas,ray    # the Ray path too (+60 s here)
 """
 
 import argparse
@@ -51,6 +53,8 @@ SEED = 42
 POLL_S = 0.2
 TARGET_TIME = 2.0  # the Ray path's total time over the floor's, at most
 TARGET_MEMORY = 1.25  # the Ray path's peak memory at the most rows over the fewest, at most
+SMOKE_ROWS = [2000]
+SMOKE_PATHS = ["floor", "pandas"]  # Ray's start alone took 60+ s of a 117 s smoke (2 cores)
 
 
 # ---------------------------------------------------------------- setup (not timed)
@@ -271,19 +275,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     parser.add_argument("--rows", default=[1_000_000, 5_000_000], type=ints, help="row counts")
-    parser.add_argument(
-        "--paths", default=list(PATHS), type=lambda s: s.split(","), help="floor,pandas,ray"
-    )
+    parser.add_argument("--paths", type=lambda s: s.split(","), help="default floor,pandas,ray")
     parser.add_argument(
         "--work", type=Path, help="where the CSVs and outputs go (default: TMPDIR/bench-ingest)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the CSVs, and reuse kept ones")
+    parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_ROWS} rows: seconds")
     parser.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)
     parser.add_argument("--csv", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.csv, args.out)
+    if args.smoke:  # a folder of its own: test runs side by side do not share the CSV
+        args.rows, args.paths = SMOKE_ROWS, args.paths or SMOKE_PATHS
+        args.work = args.work or Path(tempfile.mkdtemp(prefix="bench-ingest-smoke-"))
+    args.paths = args.paths or list(PATHS)
     unknown = [p for p in args.paths if p not in PATHS]
     if unknown:
         parser.error(f"--paths: unknown {unknown} ({', '.join(PATHS)})")

@@ -10,9 +10,12 @@ process) posting one JSON record per request (`--records` changes it):
 Each server is warmed up at each concurrency before it is measured. The models are built in
 a temporary directory by the stage functions (ingest, profile, train, compress, package)
 with the current conf/ and service.py; a model other than the default trains for a few
-epochs only and skips the compress accuracy budget (accuracy does not matter here).
+epochs only and skips the compress accuracy budget (accuracy does not matter here). Only
+the configured compression method is built: the report's other candidates
+(`compress.pipelines`) are not served, so they are not built (nor the distil stage's student).
 
     python -m bench.serve --models default,mlp_xl --duration 10 --concurrency 1,8,64
+    python -m bench.serve --smoke     # the default model trained 1 epoch, 1 s cells: seconds
 """
 
 import argparse
@@ -35,6 +38,13 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 LUA = Path(__file__).with_name("post.lua")
 IN_PROCESS_BATCH = 1024
+SMOKE_BUILD = [  # the smoke's model: 1 epoch in Ray Train's local mode, eager only
+    "train.epochs=1",
+    "train.num_workers=0",
+    "compress.compile=false",
+    "compress.max_accuracy_drop=100",
+]
+SMOKE_ARGS = {"models": ["default"], "duration": 1, "warmup": 1, "concurrency": [4], "rounds": 1}
 
 
 @dataclass
@@ -44,15 +54,18 @@ class Built:
     body: Path  # the request body file
 
 
-def overrides_for(model: str, epochs: int) -> list[str]:
-    """Config overrides of a bench model: the default as configured, others shrunk."""
-    quick = ["compress.latency_repeats=5"]
+def overrides_for(model: str, epochs: int, smoke: bool = False) -> list[str]:
+    """Config overrides of a bench model: the default as configured, others shrunk; the
+    configured compression method only (`++`: whether or not conf/ has the key)."""
+    quick = ["compress.latency_repeats=5", "++compress.pipelines=null"]
+    if smoke:
+        return [*quick, *SMOKE_BUILD]
     if model == "default":
         return quick
     return [f"model={model}", f"train.epochs={epochs}", "compress.max_accuracy_drop=100", *quick]
 
 
-def build(model: str, epochs: int, records: int, work: Path) -> Built:
+def build(model: str, epochs: int, records: int, work: Path, smoke: bool = False) -> Built:
     """Ingest, profile, train, compress and package `model` under `work` with the stages."""
     from fullstack_ml.curated import load_split
     from fullstack_ml.model import encode_split, load_fp32
@@ -64,7 +77,7 @@ def build(model: str, epochs: int, records: int, work: Path) -> Built:
     from stages.profile import profile
     from stages.train import train
 
-    cfg = compose(overrides_for(model, epochs))
+    cfg = compose(overrides_for(model, epochs, smoke))
     data, fp32, out = work / "data", work / "fp32", work / "compressed"
     if not (out / "reference_profile.bin").is_file():  # else kept (--keep) from an earlier run
         schema = ingest(cfg.data, cfg.seed, data)
@@ -161,7 +174,7 @@ def in_process(model_file: Path, body: Path, duration: float) -> float:
 
 def bench_model(model: str, args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     """Rows of results of one model: one per (server, concurrency), then the in-process one."""
-    built = build(model, args.epochs, args.records, work / model)
+    built = build(model, args.epochs, args.records, work / model, args.smoke)
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "BENTOML_DO_NOT_TRACK": "true"}
     env["BENCH_MODEL_DIR"] = str(built.model_dir)
     env.pop("FULLSTACK_ML_API_TOKEN", None)  # no bearer auth: (b) has none either
@@ -254,7 +267,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="for models other than default")
     parser.add_argument("--bentoml-config", help="a BentoML configuration YAML for (a)")
     parser.add_argument("--keep", type=Path, help="keep the built models and logs here")
+    parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_ARGS}, a tiny model")
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE_ARGS)
     if not shutil.which("wrk"):
         sys.exit("error: wrk not found (apt-get install wrk)")
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-serve-"))

@@ -12,6 +12,7 @@ start to the first epoch, Ray's start and dataset building included) and the med
 epoch, samples/s, and the per-epoch ratio (a)/(b, 1 thread). Target: <= 1.15 at 1 worker.
 
     python -m bench.train --rows 200000 --epochs 5 --workers 1,2
+    python -m bench.train --smoke      # 2,000 rows, 2 epochs, Ray Train's local mode (0 workers)
 
 `--gpu` (on a machine with a GPU; bench/gpu_check.sh) instead trains with one Ray Train
 worker on the CPU, on the GPU in FP32 and on the GPU with bf16 autocast, and prints
@@ -30,6 +31,7 @@ from typing import Any
 
 BIN = Path(sys.executable)
 TARGET = 1.15
+SMOKE = {"rows": 2000, "epochs": 2, "workers": "0"}  # seconds: the same runs, tiny
 
 
 GPU_RUNS = {
@@ -140,13 +142,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=200_000, help="synthetic rows (all splits)")
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--workers", default="1,2", help="Ray Train worker counts")
+    parser.add_argument("--workers", default="1,2", help="Ray Train worker counts (0: local mode)")
     parser.add_argument("--gpu", action="store_true", help="CPU vs GPU training (see above)")
     parser.add_argument("--set", nargs="*", default=[], help="Hydra overrides for every run")
+    parser.add_argument("--smoke", action="store_true", help=f"{SMOKE}: seconds, for the tests")
     parser.add_argument("--child", choices=["ray", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
     from fullstack_ml.stage import compose
 
     cfg = compose(overrides(args.rows, args.epochs) + args.set)
@@ -174,9 +179,8 @@ def main() -> None:
         runs = {"torch, 1 thread": run_child([*common, "--child", "torch", "--n", "1"])}
         runs["torch, default threads"] = run_child([*common, "--child", "torch"])
         for k in (int(w) for w in args.workers.split(",")):
-            runs[f"Ray Train, {k} worker(s)"] = run_child(
-                [*common, "--child", "ray", "--n", str(k)]
-            )
+            label = f"Ray Train, {k} worker(s)" if k else "Ray Train, local mode"
+            runs[label] = run_child([*common, "--child", "ray", "--n", str(k)])
     base = runs["torch, 1 thread"]["epoch"]
     train_rows = runs["torch, 1 thread"]["rows"]
     print(f"\n{args.rows} synthetic rows ({train_rows} train), {args.epochs} epochs")
