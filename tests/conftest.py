@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,21 @@ def curated(cfg: DictConfig, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("curated")
     ingest(cfg.data, cfg.seed, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """One local Ray for every test that runs Ray in this process (Ray Data ingest and
+    profile, training on Ray Data or on a worker group): `ray_session.session()` joins it
+    instead of starting its own (about 5 s a start here)."""
+    import ray
+
+    from fullstack_ml import ray_session
+
+    started = ray_session.start()
+    yield
+    if started:
+        ray.shutdown()
 
 
 @pytest.fixture

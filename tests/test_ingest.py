@@ -224,6 +224,7 @@ def test_stage_cli_reports_one_line_and_exit_status(tmp_path: Path, in_repo_root
     assert len(lines) == 1 and lines[0].startswith(f"error: {missing}") and "not found" in lines[0]
 
 
+@pytest.mark.usefixtures("ray_local")
 def test_ray_engine_streams_the_same_rows_into_part_folders(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -234,7 +235,7 @@ def test_ray_engine_streams_the_same_rows_into_part_folders(
     )  # cut the CSV into ~10 ranges
     by_group = ["data.split.strategy=group", "data.split.column=shop"]
     pandas = ingest(file_cfg(src, *by_group), 0, tmp_path / "pandas")
-    with ray_session.session():  # one Ray for both runs of the Ray engine
+    with ray_session.session():  # the session's Ray (ray_local), or one of its own
         ray = ingest(file_cfg(src, *by_group, "data.engine=ray"), 0, tmp_path / "ray")
         # parts are named by their rows, not by a random id: a rerun writes the same files
         ingest(file_cfg(src, *by_group, "data.engine=ray"), 0, tmp_path / "again")
@@ -262,6 +263,7 @@ def test_ray_engine_streams_the_same_rows_into_part_folders(
     pd.testing.assert_frame_equal(rows(list(parts.values())), rows(expected), check_dtype=False)
 
 
+@pytest.mark.usefixtures("ray_local")
 def test_ray_engine_fails_with_the_same_one_line_errors(tmp_path: Path) -> None:
     df = mixed_frame(500)
     df["shop"] = df["shop"].astype(str)
@@ -273,7 +275,7 @@ def test_ray_engine_fails_with_the_same_one_line_errors(tmp_path: Path) -> None:
         (["data.columns={shop: integer}"], r"column 'shop': 1 values are not integer"),
         (["data.bad_rows=drop"], "feature 'copy' is a copy of the target 'label'"),
     ]
-    with ray_session.session():  # one Ray for every case
+    with ray_session.session():  # the session's Ray (ray_local), or one of its own
         for overrides, message in cases:
             with pytest.raises(StageError, match=message) as err:
                 ingest(file_cfg(src, "data.engine=ray", *overrides), 0, out)

@@ -210,6 +210,7 @@ def test_mixed_splits_profiled_with_report(
     assert "Drift against train" in html and "Constraints: " in html
 
 
+@pytest.mark.usefixtures("ray_local")
 def test_ray_engine_profiles_the_parts(mixed: dict[str, Path]) -> None:
     local = profile_split(mixed["train"], batch_rows=64)
     ray = profile_split(mixed["train"], batch_rows=64, engine="ray")

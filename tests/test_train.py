@@ -54,16 +54,10 @@ def test_use_gpu_values() -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+@pytest.mark.usefixtures("ray_local")
 def test_use_gpu_true_without_a_gpu_fails_instead_of_waiting() -> None:
-    import ray
-
-    if not ray.is_initialized():  # an earlier test's Ray serves as well
-        ray.init(num_cpus=1, include_dashboard=False)
-    try:
-        with pytest.raises(StageError, match="train.use_gpu: true, but the Ray cluster has no"):
-            resolve_use_gpu(True)
-    finally:
-        ray.shutdown()
+    with pytest.raises(StageError, match="train.use_gpu: true, but the Ray cluster has no"):
+        resolve_use_gpu(True)
 
 
 @pytest.mark.parametrize(
@@ -95,6 +89,7 @@ def test_bad_config_fails_before_ray_starts(cfg, override: dict, message: str) -
         check_config(merged["model"], merged["train"], 64, 10)
 
 
+@pytest.mark.usefixtures("ray_local")
 def test_streams_part_folders_and_learns_categories_with_gaps(tmp_path: Path, cfg) -> None:
     """data.engine=ray splits (folders of Parquet parts) are streamed through Ray Data; the
     label here depends on a category and a number with missing values."""
@@ -162,6 +157,7 @@ def test_early_stopping_keeps_the_best_epoch_and_the_schedule_steps(
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")
 def test_killed_worker_resumes_from_the_last_checkpoint(
     fp32_dir: Path, curated: Path, tmp_path: Path
 ) -> None:
