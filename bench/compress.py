@@ -1,7 +1,8 @@
-"""Compression benchmark: every configured method and pipeline against FP32 eager, one run.
+"""Compression benchmark: every candidate of the compression study against FP32 eager, one run.
 
 Runs `stages.compress.compress` on the pipeline's FP32 model (`models/fp32`) and curated
 splits (`data/curated`; run `make repro` first) into a temporary folder, with conf/ composed
+with `experiment=compression_study` (its candidates; another `experiment=` replaces it)
 plus the overrides given, then prints per candidate (FP32 first): file size, test score and
 median latency at batch 1 and at the largest batch, eager and Inductor-compiled, each as a
 ratio to FP32 eager measured in the same run. Latency uses `compress.threads` torch threads
@@ -64,6 +65,8 @@ def main(args: list[str]) -> None:
     logging.basicConfig(level=logging.WARNING)
     smoke = "--smoke" in args
     overrides = [a for a in args if a != "--smoke"]
+    if not smoke and not any(o.startswith("experiment=") for o in overrides):
+        overrides = ["experiment=compression_study", *overrides]
     cfg = compose([*SMOKE, *overrides] if smoke else overrides)
     if smoke:
         with open_dict(cfg):

@@ -2,8 +2,8 @@
 
 The same model (conf/model/), data (the synthetic source, ingested and encoded by the
 stages), batch size, optimizer, epochs and validation pass each epoch:
-  (a) the train stage's `fit` on Ray Train (`TorchTrainer`, Ray Data shards), with 1 and
-      2 CPU workers;
+  (a) the train stage's `fit` on Ray Train (`TorchTrainer`): in local mode (0 workers, the
+      default: in the calling process) and with 1 and 2 CPU workers (Ray Data shards);
   (b) a single-process PyTorch loop over the same encoded arrays, shuffled each epoch, with
       1 torch thread (what one Ray worker gets: Ray sets OMP_NUM_THREADS to its CPUs) and
       with torch's default threads.
@@ -11,7 +11,7 @@ Each run is a fresh process, one at a time. Prints wall time split into start-up
 start to the first epoch, Ray's start and dataset building included) and the median
 epoch, samples/s, and the per-epoch ratio (a)/(b, 1 thread). Target: <= 1.15 at 1 worker.
 
-    python -m bench.train --rows 200000 --epochs 5 --workers 1,2
+    python -m bench.train --rows 200000 --epochs 5 --workers 0,1,2
     python -m bench.train --smoke      # 2,000 rows, 2 epochs, Ray Train's local mode (0 workers)
 
 `--gpu` (on a machine with a GPU; bench/gpu_check.sh) instead trains with one Ray Train
@@ -142,7 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=200_000, help="synthetic rows (all splits)")
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--workers", default="1,2", help="Ray Train worker counts (0: local mode)")
+    parser.add_argument("--workers", default="0,1,2", help="Ray Train workers (0: local mode)")
     parser.add_argument("--gpu", action="store_true", help="CPU vs GPU training (see above)")
     parser.add_argument("--set", nargs="*", default=[], help="Hydra overrides for every run")
     parser.add_argument("--smoke", action="store_true", help=f"{SMOKE}: seconds, for the tests")
