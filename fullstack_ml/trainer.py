@@ -268,14 +268,14 @@ def fit(
         use_gpu = resolve_use_gpu(train_cfg["use_gpu"])
         backend = "nccl" if use_gpu else "gloo"
         log.info(
-            "training %s (%s, %d inputs) for %d epochs %s, %s, %s",
+            "training %s (%s, %d inputs) for %d epochs %s on the %s, %s",
             meta["model"]["_target_"],
             meta["task"],
             width,
             train_cfg["epochs"],
-            "in this process (Ray Train local mode) on the "
+            "in this process (Ray Train local mode)"
             if local
-            else f"on {num_workers} worker(s), ",
+            else f"with {num_workers} Ray Train worker(s) ({backend})",
             "GPU" if use_gpu else "CPU",
             train_cfg["precision"],
         )
