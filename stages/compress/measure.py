@@ -4,6 +4,7 @@ file size, score on the test split and latency per execution path and batch size
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,9 @@ def latencies(
 ) -> dict[str, dict[str, float]]:
     """Latency (ms) of `model` eager and, if `compile`, Inductor-compiled, at each batch
     size of `compress.batch_sizes` (rows of `x`, cycled)."""
-    xt = torch.from_numpy(x)
+    with torch.inference_mode():  # inference tensors, as served: what was compiled for
+        xt = torch.from_numpy(x)
+        batches = {b: xt[np.arange(b) % len(xt)] for b in cfg.batch_sizes}
     paths = {"eager": model}
     if compile:
         torch._dynamo.reset()
@@ -45,8 +48,7 @@ def latencies(
             log.warning("torch.compile failed (%s: %s)", type(err).__name__, err)
     return {
         path: {
-            str(b): median_latency_ms(m, xt[np.arange(b) % len(xt)], cfg.latency_repeats)
-            for b in cfg.batch_sizes
+            str(b): median_latency_ms(m, batch, cfg.latency_repeats) for b, batch in batches.items()
         }
         for path, m in paths.items()
     }
@@ -59,19 +61,24 @@ def measure(
     meta: dict,
     cfg: DictConfig,
     compile: bool | None = None,
+    check: Callable[[float], Any] | None = None,
 ) -> dict[str, Any]:
     """Save `module` to `path`, load it back and measure the loaded program: file size,
-    score on `test`, latency per execution path (compiled too if `compile`, by default
-    `compress.compile`) and batch size."""
+    score on `test` (passed to `check`, which may raise before anything is timed), latency
+    per execution path (compiled too if `compile`, by default `compress.compile`) and batch
+    size."""
     x, y = test
     save_program(module, path, torch.from_numpy(x[:2]))
     program = load_program(path)
+    value = score(y, decode(predict_logits(program, x), meta), meta["task"])
+    if check:
+        check(value)
     times = latencies(program, x, cfg, cfg.compile if compile is None else compile)
     best = {b: min(t[b] for t in times.values()) for b in times["eager"]}
     first, last = str(min(cfg.batch_sizes)), str(max(cfg.batch_sizes))
     return {
         "size_bytes": path.stat().st_size,
-        SCORE_NAME[meta["task"]]: score(y, decode(predict_logits(program, x), meta), meta["task"]),
+        SCORE_NAME[meta["task"]]: value,
         "latency_ms_batch1": best[first],
         "latency_ms_batch256": best[last],
         "latency_ms": times,
