@@ -87,7 +87,7 @@ def wait_ready(port: int, proc: subprocess.Popen, log_file: Path, timeout_s: flo
                 return
         except OSError:  # not listening yet
             pass
-        time.sleep(0.5)
+        time.sleep(0.1)
     raise StageError(f"bentoml serve not ready after {timeout_s:.0f} s (see its log)")
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +31,20 @@ from fullstack_ml.stage import StageError, read_json, run, write_json
 log = logging.getLogger("stages.validate")
 
 
-def check_answers(port: int, test: pd.DataFrame, model_file: Path, batch: int = 64) -> int:
-    """Served answers on every test row (raw values in) equal the compressed model's in
-    process (eager): the same label, or for regression the same value to 1e-3 relative (the
-    service may run the program compiled by Inductor, whose INT8 kernels round differently
-    from eager's by about 1e-4 relative)."""
+def in_process_answers(test: pd.DataFrame, model_file: Path) -> np.ndarray:
+    """The compressed model's decoded answers on `test`, run eager in this process."""
     meta = load_meta(model_file.parent)
-    x, _ = encode_split(test, meta)
-    expected = decode(predict_logits(load_program(model_file), x), meta)
+    return decode(predict_logits(load_program(model_file), encode_split(test, meta)[0]), meta)
+
+
+def check_answers(
+    port: int, test: pd.DataFrame, model_file: Path, expected: np.ndarray, batch: int = 64
+) -> int:
+    """Served answers on every test row (raw values in) equal `expected`, the compressed
+    model's in process (eager): the same label, or for regression the same value to 1e-3
+    relative (the service may run the program compiled by Inductor, whose INT8 kernels round
+    differently from eager's by about 1e-4 relative)."""
+    meta = load_meta(model_file.parent)
     classify = meta["task"] == "classification"
     records = raw_records(test, meta["features"])
     for start in range(0, len(records), batch):
@@ -121,9 +128,13 @@ def validate(
     wrong answer or a missed SLO."""
     if not bento_file.is_file():
         raise StageError(f"{bento_file}: not found (run the package stage first)")
+    # the in-process answers are made while the server starts (on the other core: ~1.5 s)
+    pool = ThreadPoolExecutor(1)
+    expected = pool.submit(in_process_answers, test, model_file)
+    pool.shutdown(wait=False)
     with serve_bento(bento_file) as server:
         port = server.port
-        checked = check_answers(port, test, model_file)
+        checked = check_answers(port, test, model_file, expected.result())
         log.info("served answers equal the in-process model on %d test rows", checked)
         features = load_meta(model_file.parent)["features"]
         bodies = [json.dumps({"records": r}).encode() for r in raw_records(test, features)]
