@@ -7,6 +7,7 @@
 #      --from) and the wheelhouse mounted where the base's uv.toml points uv (no index).
 # Usage: deploy/container.sh [IMAGE] [BENTO_FILE]
 #   IMAGE defaults to fullstack-ml:latest, BENTO_FILE to the one dist/bento.json names.
+#        deploy/container.sh --base    # step 1 alone (the test suite starts it early)
 # Exit status 3: this machine cannot build or run containers (a tool missing, podman broken).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,7 @@ ROOT=$PWD
 IMAGE=${1:-fullstack-ml:latest}
 BENTO=${2:-}
 UV_VERSION=0.13.4 # bentoml's Dockerfile installs this uv unless the base image has it
-BASE=localhost/fullstack-ml-base:bookworm-uv$UV_VERSION
+BASE=localhost/fullstack-ml-base:bookworm-build-uv$UV_VERSION
 PY=$ROOT/.venv/bin/python
 WORK=$ROOT/build/container
 export CONTAINERS_CONF=${CONTAINERS_CONF:-$ROOT/deploy/containers.conf}
@@ -29,11 +30,6 @@ mkdir -p "$WORK"
 exec 9>"$WORK/lock" && flock 9 # one build at a time: they share build/container
 podman info >/dev/null 2>"$WORK/info.err" ||
   unusable "podman info failed: $(tail -1 "$WORK/info.err")"
-if [ -z "$BENTO" ]; then
-  [ -f dist/bento.json ] || die "no dist/bento.json; run make repro first"
-  BENTO=$ROOT/dist/$("$PY" -c 'import json; print(json.load(open("dist/bento.json"))["file"])')
-fi
-BENTO=$(realpath "$BENTO")
 
 if ! podman image exists "$BASE"; then
   command -v debootstrap >/dev/null || unusable "debootstrap not found (apt-get install debootstrap)"
@@ -41,7 +37,10 @@ if ! podman image exists "$BASE"; then
   rootfs=$WORK/rootfs
   rm -rf "$rootfs" "$WORK/uv"
   echo "== base image $BASE: debootstrap bookworm"
-  debootstrap --variant=minbase --include=python3,ca-certificates bookworm "$rootfs" \
+  # + what the bento's Dockerfile apt-installs (BentoML's default install command), so that
+  # its step finds them installed (13 s of every image build here) rather than fetching them
+  debootstrap --variant=minbase --include=python3,ca-certificates,gnupg2,build-essential,git \
+    bookworm "$rootfs" \
     >"$WORK/debootstrap.log" || die "debootstrap failed; see $WORK/debootstrap.log"
   "$PY" -m pip install -q --no-deps --target "$WORK/uv" "uv==$UV_VERSION" 2>/dev/null
   install -m 755 "$WORK/uv/bin/uv" "$rootfs/usr/local/bin/uv"
@@ -64,6 +63,12 @@ if ! podman image exists "$BASE"; then
 fi
 podman run --rm --network none "$BASE" true 2>"$WORK/run.err" ||
   unusable "podman run $BASE failed: $(grep -m1 -i error "$WORK/run.err" || tail -1 "$WORK/run.err")"
+[ "$IMAGE" != --base ] || exit 0
+if [ -z "$BENTO" ]; then
+  [ -f dist/bento.json ] || die "no dist/bento.json; run make repro first"
+  BENTO=$ROOT/dist/$("$PY" -c 'import json; print(json.load(open("dist/bento.json"))["file"])')
+fi
+BENTO=$(realpath "$BENTO")
 
 # A model store of this bento alone; containerize copies its models into the image.
 rm -rf "$BENTOML_HOME"

@@ -2,8 +2,11 @@
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +25,31 @@ SMALL += ["~compress.pipelines", "compress.compile=false"]
 # The session's model; with one worker (not local mode) 40 epochs at about 0.15 s each leave
 # time to kill the worker mid-run (tests/test_train.py).
 FP32_RUN = [*SMALL, "train.epochs=40", "train.early_stopping.patience=null"]
+
+
+BASE_IMAGE: list[subprocess.Popen] = []  # the container base build started at collection
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Start `deploy/container.sh --base` (debootstrap of the container's base image, ~45 s,
+    much of it network and disk) in the background when tests/test_container.py will run,
+    so that it overlaps the tests before it; the test's own build waits for it (a lock) and
+    makes the base itself, reporting any failure, if this one failed."""
+    wanted = any(item.path.name == "test_container.py" for item in items)
+    if wanted and shutil.which("podman") and shutil.which("runc") and os.geteuid() == 0:
+        env = {**os.environ, "CONTAINERS_CONF": str(ROOT / "deploy/containers.conf")}
+        cmd = ["bash", str(ROOT / "deploy/container.sh"), "--base"]
+        out = subprocess.DEVNULL
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out, start_new_session=True)
+        threading.Thread(target=proc.wait, daemon=True).start()  # reaped when done: no zombie
+        BASE_IMAGE.append(proc)
+
+
+def pytest_sessionfinish() -> None:
+    for proc in BASE_IMAGE:  # not left running (debootstrap and all) if nothing waited for it
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
 
 
 @pytest.fixture(scope="session")
