@@ -192,8 +192,8 @@ def test_killed_worker_resumes_from_the_last_checkpoint(
         time.sleep(0.02)
     workers = [
         p
-        for p in psutil.process_iter(["cmdline"])
-        if "ray::RayTrainWorker" in (p.cmdline() or [""])[0]
+        for p in psutil.process_iter(["cmdline"])  # None where unreadable (a zombie)
+        if "ray::RayTrainWorker" in (p.info["cmdline"] or [""])[0]
     ]
     assert thread.is_alive() and len(workers) == 1, "the run ended before the kill"
     workers[0].kill()
