@@ -19,6 +19,7 @@ the configured compression method is built: the report's other candidates
 """
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -109,27 +110,31 @@ def post(url: str, body: bytes) -> int:
         return err.code
 
 
-def start(cmd: list[str], env: dict[str, str], url: str, body: Path, log: Path) -> subprocess.Popen:
-    """Start a server and wait until it answers a prediction with 200."""
+def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     with log.open("w") as out:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
+
+
+def wait_ready(proc: subprocess.Popen, cmd: list[str], url: str, body: Path, log: Path) -> None:
+    """Wait until the server answers a prediction with 200; exit naming it if it never does."""
     for _ in range(240):
         if proc.poll() is not None:
             sys.exit(f"error: {' '.join(cmd)} exited:\n{log.read_text()}")
         try:
             if post(url, body.read_bytes()) == 200:
-                return proc
+                return
         except OSError:  # not listening yet
             pass
         time.sleep(0.5)
-    stop(proc)
     sys.exit(f"error: {' '.join(cmd)} not ready after 120 s:\n{log.read_text()}")
 
 
 def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, 15)
+    """SIGTERM to the server's process group, SIGKILL after 30 s; nothing if it is gone."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, 15)
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
@@ -190,15 +195,18 @@ def bench_model(model: str, args: argparse.Namespace, work: Path) -> list[dict[s
             {"(b) fastapi def": "/predict_proba", "(b) fastapi async def": "/predict_proba_async"},
         ),
     }
-    urls, procs = {}, []
+    urls, procs, starting = {}, [], []
     try:
-        for name, (cmd, routes) in servers.items():
+        for name, (cmd, routes) in servers.items():  # started together, then waited for
             port = free_port()
             base, log = f"http://127.0.0.1:{port}", work / model / f"{name}.log"
             cmd = [*cmd, "--host", "127.0.0.1", "--port", str(port)]
-            procs.append(start(cmd, env, base + next(iter(routes.values())), built.body, log))
+            procs.append(start(cmd, env, log))
+            starting.append((procs[-1], cmd, base + next(iter(routes.values())), log))
             print(f"{model}: {name} on port {port}, log {log}", file=sys.stderr)
             urls.update({label: base + route for label, route in routes.items()})
+        for proc, cmd, url, log in starting:
+            wait_ready(proc, cmd, url, built.body, log)
         rows = []
         for c in args.concurrency:
             for url in urls.values():  # steady state at this concurrency
