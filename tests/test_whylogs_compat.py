@@ -46,6 +46,8 @@ def frames() -> dict[str, pd.DataFrame]:
                 np.where(rng.random(ROWS) < 0.1, None, rng.normal(size=ROWS)), dtype="Float64"
             ),
             "strings": rng.choice(["red", "green", "blue", None], size=ROWS),
+            "strings_nan": rng.choice(np.array(["x", "y", np.nan], dtype=object), size=ROWS),
+            "strings_only": rng.choice(["x", "yy", "zzz"], size=ROWS).astype(object),
             "bools": rng.random(ROWS) < 0.3,
             "nullable_bools": pd.array(
                 np.where(rng.random(ROWS) < 0.1, None, rng.random(ROWS) < 0.5), dtype="boolean"
@@ -147,12 +149,28 @@ def test_profiles_with_the_patch_equal_those_of_unpatched_whylogs(tmp_path: Path
         pd.Series([1.5, None], dtype="Float64"),
         pd.Series([1, 2.5, None, math.inf, "x"], dtype=object),
         pd.Series([1, 2, None], dtype="Int64"),
+        pd.Series(["a", None, "b", np.nan, np.str_("c")], index=[4, 3, 2, 1, 0], dtype=object),
+        pd.Series(["a", "b"], dtype=object),
+        pd.Series([None, np.nan], dtype=object),
+        pd.Series(["a", 1], dtype=object),
     ],
-    ids=["float64", "float32_inf", "empty", "all_nan", "Float64", "object", "Int64"],
+    ids=[
+        "float64",
+        "float32_inf",
+        "empty",
+        "all_nan",
+        "Float64",
+        "object",
+        "Int64",
+        "strings_nulls",
+        "strings",
+        "nulls_only",
+        "string_and_int",
+    ],
 )
 def test_the_split_gives_whylogs_own_counts_and_values(series: pd.Series) -> None:
     ours, theirs = PreprocessedColumn(), PreprocessedColumn()
-    whylogs_compat.split_numpy_floats(ours, series)
+    whylogs_compat.split_fast(ours, series)
     whylogs_compat._whylogs_split(theirs, series)
     for key in ("null_count", "nan_count", "inf_count", "bool_count", "bool_count_where_true"):
         assert getattr(ours, key) == getattr(theirs, key), key
@@ -162,21 +180,31 @@ def test_the_split_gives_whylogs_own_counts_and_values(series: pd.Series) -> Non
         if a is not None:
             np.testing.assert_array_equal(a, b)
             assert a.dtype == b.dtype, key
+    for key in ("strings", "tensors", "objs"):
+        a, b = getattr(ours.pandas, key), getattr(theirs.pandas, key)
+        assert (a is None) == (b is None), key
+        if a is not None:
+            pd.testing.assert_series_equal(a, b)
 
 
 def test_the_vectorised_split_is_what_whylogs_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     assert whylogs_compat.patched()
-    assert PreprocessedColumn._pandas_split is whylogs_compat.split_numpy_floats
+    assert PreprocessedColumn._pandas_split is whylogs_compat.split_fast
     whylogs_compat.patch()  # idempotent
     assert PreprocessedColumn._pandas_split.__wrapped__ is whylogs_compat._whylogs_split
 
     def per_value(*args, **kwargs):
-        raise AssertionError("a per-value apply ran on a float column")
+        raise AssertionError("a per-value apply ran on a float or string column")
 
     monkeypatch.setattr(pd.Series, "apply", per_value)
-    floats = pd.DataFrame({"x": [1.0, np.nan, np.inf], "y": [0.5, 2.0, -np.inf]})
-    counts = why.log(pandas=floats).view().get_column("x").to_summary_dict()
+    frame = pd.DataFrame(
+        {"x": [1.0, np.nan, np.inf], "y": [0.5, 2.0, -np.inf], "s": ["a", "b", "a"]}
+    )  # (a string column's nulls, a few, still go through whylogs' own per-value check)
+    view = why.log(pandas=frame).view()
+    counts = view.get_column("x").to_summary_dict()
     assert (counts["counts/n"], counts["counts/nan"], counts["counts/inf"]) == (3, 1, 1)
+    strings = view.get_column("s").to_summary_dict()
+    assert (strings["counts/n"], strings["types/string"]) == (3, 3)
 
 
 def test_the_numpy_2_alias_is_added_only_where_numpy_lacks_it() -> None:

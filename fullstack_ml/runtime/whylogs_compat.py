@@ -8,8 +8,12 @@ process on import:
 - whylogs checks a float column for infinities with a Python lambda per value
   (`floats.apply(lambda x: np.isinf(x))` in `core/preprocessing.py`): 94% of profiling time
   on float columns (cProfile here). Columns of a numpy float dtype are split here with whole-
-  array numpy calls into exactly the counts and values whylogs computes; every other column
-  (objects, extension dtypes, ints, strings) still takes whylogs' own path.
+  array numpy calls into exactly the counts and values whylogs computes.
+- For object columns whylogs runs six lambdas per value to sort floats, ints, bools, strings
+  and tensors apart: 27 of 36 s of profiling 1M rows of 40 float and 10 string columns here.
+  Object columns whose values are all strings (pandas' `infer_dtype`, in C) are split here
+  into the same counts and series; whylogs still checks the nulls, a few, its own way.
+Every other column (mixed objects, extension dtypes, ints) takes whylogs' own path.
 
 tests/test_whylogs_compat.py holds the profiles equal to unpatched whylogs' on the same data.
 """
@@ -32,8 +36,9 @@ def alias_unicode(numpy: ModuleType) -> None:
 alias_unicode(np)
 
 import pandas as pd  # noqa: E402
+import pandas.api.types as pdc  # noqa: E402
 import whylogs  # noqa: E402
-from whylogs.core.preprocessing import PreprocessedColumn  # noqa: E402
+from whylogs.core.preprocessing import NumpyView, PreprocessedColumn  # noqa: E402
 
 PATCHED_VERSIONS = ("1.6.",)  # the whylogs whose `_pandas_split` the fast path was checked against
 # whylogs' own split, also when this module is reloaded over an installed patch
@@ -42,16 +47,41 @@ _whylogs_split = getattr(
 )
 
 
-def split_numpy_floats(
+def split_fast(
     self: PreprocessedColumn, series: pd.Series, parse_numeric_string: bool = False
 ) -> None:
-    """`PreprocessedColumn._pandas_split` for a series of a numpy float dtype, vectorised.
+    """`PreprocessedColumn._pandas_split`, vectorised for a series of a numpy float dtype
+    and for an object series of strings (and nulls); other series go to whylogs."""
+    if isinstance(series.dtype, np.dtype) and series.dtype.kind == "f":
+        return split_floats(self, series)
+    if series.dtype == object and not parse_numeric_string:
+        nulls = series.isnull()
+        rest = series[~nulls]
+        if len(rest) and pdc.infer_dtype(rest, skipna=False) == "string":
+            return split_strings(self, series[nulls], rest)
+    return _whylogs_split(self, series, parse_numeric_string)
 
-    For these whylogs counts every null as a null and as a NaN (each is a float NaN), counts
-    the infinities among the rest, and keeps the rest as float64 in `numpy.floats`; these
-    are the same counts and values from whole-array calls. Other series go to whylogs."""
-    if not (isinstance(series.dtype, np.dtype) and series.dtype.kind == "f"):
-        return _whylogs_split(self, series, parse_numeric_string)
+
+def split_strings(self: PreprocessedColumn, nulls: pd.Series, strings: pd.Series) -> None:
+    """whylogs' split of an object series whose non-null values, `strings`, are all `str`:
+    every type mask but the string one is empty, so no float, int, bool or tensor is kept."""
+    self.null_count = len(nulls)
+    if self.null_count:  # NaN (a float) counts as a NaN too, None does not
+        numbers = nulls[nulls.apply(pdc.is_number)]
+        if not numbers.empty:
+            self.nan_count = numbers.astype(float).isna().sum()
+    none = strings[np.zeros(len(strings), dtype=bool)]
+    self.numpy = NumpyView(floats=none.to_numpy(), ints=pd.Series(dtype=int).to_numpy())
+    self.pandas.strings = strings
+    self.pandas.tensors = pd.Series([], dtype="object")
+    self.pandas.objs = none
+    self.bool_count = self.bool_count_where_true = 0
+
+
+def split_floats(self: PreprocessedColumn, series: pd.Series) -> None:
+    """For a numpy float series whylogs counts every null as a null and as a NaN (each is a
+    float NaN), counts the infinities among the rest, and keeps the rest as float64 in
+    `numpy.floats`; these are the same counts and values from whole-array calls."""
     values = series.to_numpy(dtype=np.float64)
     nulls = np.isnan(values)
     self.null_count = self.nan_count = int(nulls.sum())
@@ -60,18 +90,18 @@ def split_numpy_floats(
     self.numpy.floats = floats
 
 
-split_numpy_floats.__wrapped__ = _whylogs_split
+split_fast.__wrapped__ = _whylogs_split
 
 
 def patch() -> None:
     """Install the vectorised split (idempotent); whylogs outside `PATCHED_VERSIONS` is
     left as it is, and `patched()` then says so (a test fails)."""
     if whylogs.__version__.startswith(PATCHED_VERSIONS):
-        PreprocessedColumn._pandas_split = split_numpy_floats
+        PreprocessedColumn._pandas_split = split_fast
 
 
 def patched() -> bool:
-    return PreprocessedColumn._pandas_split is split_numpy_floats and hasattr(np, "unicode_")
+    return PreprocessedColumn._pandas_split is split_fast and hasattr(np, "unicode_")
 
 
 patch()
