@@ -54,7 +54,7 @@ def prepare(data_cfg: DictConfig, seed: int) -> tuple[dict[str, pd.DataFrame], d
     duplicates = check_quality(df, numeric + categorical, target, data_cfg.quality, source)
     parts = split_table(df, target, data_cfg.split, seed, task)
     check_unknown_categories(parts, categorical, data_cfg.quality.max_unknown_categories)
-    train, whole = parts["train"], pd.concat(parts.values())
+    train = parts["train"]
     schema = build_schema(
         source=source,
         task=task,
@@ -63,14 +63,20 @@ def prepare(data_cfg: DictConfig, seed: int) -> tuple[dict[str, pd.DataFrame], d
         categorical=categorical,
         target=target,
         target_dtype=str(train[target].dtype),
-        nullable={c for c in numeric + categorical if whole[c].isna().any()},
+        nullable={
+            c for c in numeric + categorical if any(p[c].isna().any() for p in parts.values())
+        },
         ranges={
             c: (float(train[c].min()), float(train[c].max()))
             for c in numeric
             if train[c].notna().any()
         },
         categories={c: train[c].dropna().unique().tolist() for c in categorical},
-        classes=whole[target].unique().tolist() if task == "classification" else [],
+        classes=(
+            pd.concat([p[target] for p in parts.values()]).unique().tolist()
+            if task == "classification"
+            else []
+        ),
         rows={name: len(part) for name, part in parts.items()},
         dropped_rows=dropped,
         duplicate_rows=duplicates,
