@@ -23,28 +23,30 @@ from omegaconf import DictConfig
 
 from fullstack_ml.bento import raw_records, request, serve_bento
 from fullstack_ml.curated import load_split
-from fullstack_ml.model import decode, encode_split, load_meta, predict_logits
 from fullstack_ml.paths import COMPRESSED_DIR, DIST_DIR, METRICS
-from fullstack_ml.runtime.program import load_program
 from fullstack_ml.stage import StageError, read_json, run, write_json
 
 log = logging.getLogger("stages.validate")
 
 
-def in_process_answers(test: pd.DataFrame, model_file: Path) -> np.ndarray:
-    """The compressed model's decoded answers on `test`, run eager in this process."""
+def in_process_answers(test: pd.DataFrame, model_file: Path) -> tuple[dict, np.ndarray]:
+    """The compressed model's meta and decoded answers on `test`, run eager in this process.
+    torch is imported here, beside the server's start-up, not before it (1 s here)."""
+    from fullstack_ml.model import decode, encode_split, load_meta, predict_logits
+    from fullstack_ml.runtime.program import load_program
+
     meta = load_meta(model_file.parent)
-    return decode(predict_logits(load_program(model_file), encode_split(test, meta)[0]), meta)
+    x, _ = encode_split(test, meta)
+    return meta, decode(predict_logits(load_program(model_file), x), meta)
 
 
 def check_answers(
-    port: int, test: pd.DataFrame, model_file: Path, expected: np.ndarray, batch: int = 64
+    port: int, test: pd.DataFrame, meta: dict, expected: np.ndarray, batch: int = 64
 ) -> int:
     """Served answers on every test row (raw values in) equal `expected`, the compressed
     model's in process (eager): the same label, or for regression the same value to 1e-3
     relative (the service may run the program compiled by Inductor, whose INT8 kernels round
     differently from eager's by about 1e-4 relative)."""
-    meta = load_meta(model_file.parent)
     classify = meta["task"] == "classification"
     records = raw_records(test, meta["features"])
     for start in range(0, len(records), batch):
@@ -134,10 +136,10 @@ def validate(
     pool.shutdown(wait=False)
     with serve_bento(bento_file) as server:
         port = server.port
-        checked = check_answers(port, test, model_file, expected.result())
+        meta, answers = expected.result()
+        checked = check_answers(port, test, meta, answers)
         log.info("served answers equal the in-process model on %d test rows", checked)
-        features = load_meta(model_file.parent)["features"]
-        bodies = [json.dumps({"records": r}).encode() for r in raw_records(test, features)]
+        bodies = [json.dumps({"records": r}).encode() for r in raw_records(test, meta["features"])]
         load(port, bodies, slo.concurrency, 1.0)  # warm-up
         result = load(port, bodies, slo.concurrency, slo.duration_s)
     result["answers_checked"] = checked
