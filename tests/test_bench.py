@@ -6,6 +6,8 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -14,19 +16,51 @@ from fullstack_ml.stage import ROOT
 GUARD_S = 900  # against a hung run, not a speed check
 
 
-def smoke(name: str) -> str:
-    """stdout of `python -m bench.<name> --smoke` from the repo root; fails on a non-zero exit."""
+def start(name: str, out: Path) -> subprocess.Popen:
+    """`python -m bench.<name> --smoke` from the repo root, its output to `out`.{out,err}."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "BENTOML_DO_NOT_TRACK": "true"}
-    proc = subprocess.run(
-        [sys.executable, "-m", f"bench.{name}", "--smoke"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=GUARD_S,
-    )
-    assert proc.returncode == 0, f"bench.{name} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
-    return proc.stdout
+    with out.with_suffix(".out").open("w") as stdout, out.with_suffix(".err").open("w") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", f"bench.{name}", "--smoke"],
+            cwd=ROOT,
+            env=env,
+            stdout=stdout,
+            stderr=err,
+            text=True,
+        )
+
+
+def finish(name: str, proc: subprocess.Popen, out: Path) -> str:
+    """The smoke's stdout once it has exited; fails on a non-zero exit."""
+    try:
+        proc.wait(timeout=GUARD_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    err = out.with_suffix(".err").read_text()
+    assert proc.returncode == 0, f"bench.{name} exited {proc.returncode}:\n{err[-4000:]}"
+    return out.with_suffix(".out").read_text()
+
+
+def smoke(name: str, tmp: Path) -> str:
+    """stdout of `python -m bench.<name> --smoke`; fails on a non-zero exit."""
+    return finish(name, start(name, tmp / name), tmp / name)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def serve_smoke(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[subprocess.Popen, Path] | None]:
+    """bench.serve's smoke (the longest, much of it servers starting and waiting) started
+    with the module, where its test is selected, so that it runs beside the other smokes."""
+    test = test_serve_smoke_measures_bentoml_against_fastapi_and_the_model_in_process
+    wanted = any(i.name == test.__name__ for i in request.session.items)
+    out = tmp_path_factory.mktemp("bench") / "serve"
+    proc = start("serve", out) if wanted else None
+    yield (proc, out) if proc else None
+    if proc and proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def tables(text: str) -> list[list[dict[str, str]]]:
@@ -59,8 +93,8 @@ def test_tables_parses_rows_and_ratio_rejects_what_is_not_a_figure() -> None:
 
 
 @pytest.mark.slow
-def test_pipeline_smoke_times_each_stage_against_its_own_work() -> None:
-    out = smoke("pipeline")
+def test_pipeline_smoke_times_each_stage_against_its_own_work(tmp_path: Path) -> None:
+    out = smoke("pipeline", tmp_path)
     (rows,) = tables(out)
     assert [r["stage"] for r in rows] == ["ingest", "profile", "total"]
     for r in rows:
@@ -69,16 +103,16 @@ def test_pipeline_smoke_times_each_stage_against_its_own_work() -> None:
 
 
 @pytest.mark.slow
-def test_ingest_smoke_compares_every_path_with_the_pyarrow_floor() -> None:
-    runs = tables(smoke("ingest"))[0]
+def test_ingest_smoke_compares_every_path_with_the_pyarrow_floor(tmp_path: Path) -> None:
+    runs = tables(smoke("ingest", tmp_path))[0]
     assert [r["path"] for r in runs] == ["floor", "pandas"]
     assert all(r["rows"] == "2,000" for r in runs)
     assert [ratio(r["time / floor"]) for r in runs][0] == 1.0
 
 
 @pytest.mark.slow
-def test_train_smoke_compares_ray_train_with_a_plain_loop() -> None:
-    runs = tables(smoke("train"))[0]
+def test_train_smoke_compares_ray_train_with_a_plain_loop(tmp_path: Path) -> None:
+    runs = tables(smoke("train", tmp_path))[0]
     assert [r["run"] for r in runs] == [
         "torch, 1 thread",
         "torch, default threads",
@@ -88,8 +122,8 @@ def test_train_smoke_compares_ray_train_with_a_plain_loop() -> None:
 
 
 @pytest.mark.slow
-def test_compress_smoke_measures_each_pipeline_against_fp32() -> None:
-    lines = smoke("compress").splitlines()
+def test_compress_smoke_measures_each_pipeline_against_fp32(tmp_path: Path) -> None:
+    lines = smoke("compress", tmp_path).splitlines()
     head = next(i for i, line in enumerate(lines) if line.split()[:1] == ["name"])
     end = next(i for i, line in enumerate(lines) if line.startswith("selected:"))
     rows = {line.split()[0]: line.split()[1:] for line in lines[head + 1 : end]}
@@ -101,8 +135,10 @@ def test_compress_smoke_measures_each_pipeline_against_fp32() -> None:
 
 
 @pytest.mark.slow
-def test_serve_smoke_measures_bentoml_against_fastapi_and_the_model_in_process() -> None:
-    results, ratios = tables(smoke("serve"))
+def test_serve_smoke_measures_bentoml_against_fastapi_and_the_model_in_process(
+    serve_smoke: tuple[subprocess.Popen, Path],
+) -> None:  # the smoke was started by the `serve_smoke` fixture
+    results, ratios = tables(finish("serve", *serve_smoke))
     servers = {r["server"] for r in results}
     assert {"(a) bentoml", "(b) fastapi def", "(b) fastapi async def"} <= servers
     assert all(r["non-2xx"] == "0" and r["socket err"] == "0" for r in results if r["concurrency"])
