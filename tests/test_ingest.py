@@ -281,3 +281,23 @@ def test_ray_engine_fails_with_the_same_one_line_errors(tmp_path: Path) -> None:
                 ingest(file_cfg(src, "data.engine=ray", *overrides), 0, out)
             assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
             assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_duplicate_rows_counts_as_pandas_duplicated_does() -> None:
+    """The hashed count equals `DataFrame.duplicated` where equality is subtle: -0.0 and
+    0.0, NaNs of other bit patterns, None / NaN / pd.NA in strings, and hash-free rows."""
+    from stages.ingest.gates import duplicate_rows
+
+    rng = np.random.default_rng(3)
+    other_nan = np.array([0x7FF8000000000001], dtype=np.uint64).view(np.float64)[0]
+    base = pd.DataFrame(
+        {
+            "x": rng.choice([0.0, -0.0, 1.5, np.nan, other_nan], size=400),
+            "y": rng.integers(0, 3, size=400),
+            "s": pd.array(rng.choice(["a", "b", None], size=400), dtype="string"),
+            "o": rng.choice(np.array(["u", None, np.nan], dtype=object), size=400),
+        }
+    )
+    for df in (base, base.drop_duplicates(), base.iloc[::-1], base.head(0)):
+        assert duplicate_rows(df) == int(df.duplicated().sum())
+    assert duplicate_rows(base) > 0 and duplicate_rows(base.drop_duplicates()) == 0

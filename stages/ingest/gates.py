@@ -1,5 +1,6 @@
 """The quality gates of `data.quality`: duplicate rows, label leakage, unseen categories."""
 
+import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
@@ -10,10 +11,28 @@ def check_quality(
     df: pd.DataFrame, features: list[str], target: str, quality: DictConfig, source: str
 ) -> int:
     """Duplicate rows and label leakage gates (`data.quality`); returns the duplicates."""
-    duplicates = int(df.duplicated().sum())
+    duplicates = duplicate_rows(df)
     leaking = [c for c in features if quality.fail_on_leakage and leaks(df[c], df[target])]
     quality_gates(duplicates, len(df), leaking, target, quality, source)
     return duplicates
+
+
+def duplicate_rows(df: pd.DataFrame) -> int:
+    """`df.duplicated().sum()`, exactly, without one hash table per column (a float column
+    took 0.64 s at 5M rows here, 33 s of a 94 s ingest). Each row is hashed to 64 bits from
+    whole columns, floats by value (-0.0 as 0.0, every NaN alike), other columns by their
+    factorize code (pandas' equality, nulls alike), so equal rows hash alike; then only the
+    rows whose hash repeats are compared as `duplicated` compares them."""
+    keys = {}
+    for i, (_, column) in enumerate(df.items()):
+        if isinstance(column.dtype, np.dtype) and column.dtype.kind == "f":
+            values = column.to_numpy(dtype=np.float64) + 0.0  # a new array; -0.0 + 0.0 is 0.0
+            values[np.isnan(values)] = np.nan
+            keys[i] = values.view(np.uint64)
+        else:
+            keys[i] = pd.factorize(column)[0]
+    repeated = pd.util.hash_pandas_object(pd.DataFrame(keys), index=False).duplicated(keep=False)
+    return int(df[repeated.to_numpy()].duplicated().sum())
 
 
 def quality_gates(
