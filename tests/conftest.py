@@ -1,5 +1,6 @@
 """Shared fixtures: the real config, shrunk, and small curated splits in tmp_path."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -31,10 +32,11 @@ BASE_IMAGE: list[subprocess.Popen] = []  # the container base build started at c
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Start `deploy/container.sh --base` (debootstrap of the container's base image, ~45 s,
-    much of it network and disk) in the background when tests/test_container.py will run,
-    so that it overlaps the tests before it; the test's own build waits for it (a lock) and
-    makes the base itself, reporting any failure, if this one failed."""
+    """Start `deploy/container.sh --base` (debootstrap of the container's base image, about
+    a minute here, much of it network and disk) in the background when
+    tests/test_container.py will run, so that it overlaps the tests before it; the test's
+    own build waits for it (a lock) and makes the base itself, reporting any failure, if
+    this one failed."""
     wanted = any(item.path.name == "test_container.py" for item in items)
     if wanted and shutil.which("podman") and shutil.which("runc") and os.geteuid() == 0:
         env = {**os.environ, "CONTAINERS_CONF": str(ROOT / "deploy/containers.conf")}
@@ -48,7 +50,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_sessionfinish() -> None:
     for proc in BASE_IMAGE:  # not left running (debootstrap and all) if nothing waited for it
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):  # it may end meanwhile
+                os.killpg(proc.pid, signal.SIGTERM)
         proc.wait()
 
 
