@@ -23,16 +23,18 @@ def duplicate_rows(df: pd.DataFrame) -> int:
     whole columns, floats by value (-0.0 as 0.0, every NaN alike), other columns by their
     factorize code (pandas' equality, nulls alike), so equal rows hash alike; then only the
     rows whose hash repeats are compared as `duplicated` compares them."""
-    keys = {}
-    for i, (_, column) in enumerate(df.items()):
+    rows = np.zeros(len(df), dtype=np.uint64)
+    for _, column in df.items():
         if isinstance(column.dtype, np.dtype) and column.dtype.kind == "f":
             values = column.to_numpy(dtype=np.float64) + 0.0  # a new array; -0.0 + 0.0 is 0.0
             values[np.isnan(values)] = np.nan
-            keys[i] = values.view(np.uint64)
+            key = values.view(np.uint64)
         else:
-            keys[i] = pd.factorize(column)[0]
-    repeated = pd.util.hash_pandas_object(pd.DataFrame(keys), index=False).duplicated(keep=False)
-    return int(df[repeated.to_numpy()].duplicated().sum())
+            key = pd.factorize(column)[0]
+        rows *= np.uint64(1_000_003)  # combined in order, wrapping around as uint64 does
+        rows ^= pd.util.hash_array(key)
+    repeated = pd.Series(rows).duplicated(keep=False).to_numpy()
+    return int(df[repeated].duplicated().sum())
 
 
 def quality_gates(
@@ -71,7 +73,7 @@ def check_unknown_categories(
 ) -> None:
     """Fail when val or test has too many values of a categorical feature unseen in train."""
     for c in categorical:
-        known = set(parts["train"][c].dropna())
+        known = parts["train"][c].dropna().unique()  # not a set: a Python loop over the rows
         for name in ("val", "test"):
             values = parts[name][c].dropna()
             unknown_gate(

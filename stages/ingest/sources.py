@@ -275,8 +275,9 @@ def _arrow_to_pandas(table: Any) -> pd.DataFrame:
             plain = table.column(i).cast(field.type.value_type)
             table = table.set_column(i, field.name, plain)
     frame = table.to_pandas(date_as_object=False)
-    if isinstance(frame.index, pd.RangeIndex):
-        return frame.reset_index(drop=True)
+    if isinstance(frame.index, pd.RangeIndex):  # a new index: `reset_index` copies the data
+        frame.index = pd.RangeIndex(len(frame))
+        return frame
     return frame.reset_index()
 
 

@@ -71,7 +71,9 @@ def split_table(
         except ValueError as err:
             raise StageError(f"data.split: cannot split {n} rows: {err}") from None
         idx = [train, val, test]
-    parts = {name: df.iloc[i].reset_index(drop=True) for name, i in zip(SPLITS, idx, strict=True)}
+    parts = {name: df.take(i) for name, i in zip(SPLITS, idx, strict=True)}
+    for part in parts.values():  # a new index, not `reset_index`: that copies every column
+        part.index = pd.RangeIndex(len(part))
     for name, part in parts.items():
         if part.empty:
             raise StageError(f"data.split: the {name} split of {n} rows is empty ({strategy})")
