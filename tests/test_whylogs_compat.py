@@ -48,6 +48,9 @@ def frames() -> dict[str, pd.DataFrame]:
             "strings": rng.choice(["red", "green", "blue", None], size=ROWS),
             "strings_nan": rng.choice(np.array(["x", "y", np.nan], dtype=object), size=ROWS),
             "strings_only": rng.choice(["x", "yy", "zzz"], size=ROWS).astype(object),
+            # frequent items keep 128 characters: one column cut, one exactly at the limit
+            "long_strings": rng.choice(["s" * 200, "t" * 129, "u", None], size=ROWS),
+            "limit_strings": rng.choice(["v" * 128, "w"], size=ROWS).astype(object),
             "bools": rng.random(ROWS) < 0.3,
             "nullable_bools": pd.array(
                 np.where(rng.random(ROWS) < 0.1, None, rng.random(ROWS) < 0.5), dtype="boolean"

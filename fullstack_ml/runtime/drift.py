@@ -17,8 +17,7 @@ import pandas as pd
 from fullstack_ml.runtime import whylogs_compat  # noqa: F401  before whylogs: it patches it
 
 # isort: split
-import whylogs as why
-from whylogs.core import DatasetProfileView
+from whylogs.core import DatasetProfile, DatasetProfileView
 from whylogs.core.metrics.metrics import MetricConfig
 from whylogs.core.schema import DatasetSchema
 from whylogs.viz.drift.column_drift_algorithms import KS, ChiSquare
@@ -30,10 +29,17 @@ CATEGORIES = ("NO_DRIFT", "POSSIBLE_DRIFT", "DRIFT")  # drift_category, in order
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+def new_profile() -> DatasetProfile:
+    """An empty whylogs profile with this project's schema: `.track(pandas=...)` each part
+    of a table in turn, then `reproducible(profile.view())`."""
+    return DatasetProfile(schema=DatasetSchema(default_configs=MetricConfig(kll_k_large=KLL_K)))
+
+
 def profile_frame(df: pd.DataFrame) -> DatasetProfileView:
     """The whylogs profile of an in-memory frame (profiles of parts merge with `.merge`)."""
-    schema = DatasetSchema(default_configs=MetricConfig(kll_k_large=KLL_K))
-    return reproducible(why.log(pandas=df, schema=schema).view())
+    profile = new_profile()
+    profile.track(pandas=df)
+    return reproducible(profile.view())
 
 
 def reproducible(view: DatasetProfileView) -> DatasetProfileView:

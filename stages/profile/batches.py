@@ -23,7 +23,13 @@ from fullstack_ml.runtime import whylogs_compat  # noqa: F401  before whylogs: i
 from whylogs.core.proto import ChunkHeader, ChunkMessage, DatasetProfileHeader, DatasetSegmentHeader
 from whylogs.core.view.dataset_profile_view import WHYLOGS_MAGIC_HEADER_BYTES
 
-from fullstack_ml.runtime.drift import DatasetProfileView, json_safe, profile_frame
+from fullstack_ml.runtime.drift import (
+    DatasetProfileView,
+    json_safe,
+    new_profile,
+    profile_frame,
+    reproducible,
+)
 from fullstack_ml.stage import StageError
 
 BATCH_ROWS = 65_536  # default rows per record batch (profile.batch_rows)
@@ -144,14 +150,21 @@ class SplitProfile:
         return {**c, "rate": c["outside"] / c["values"] if c["values"] else 0.0}
 
 
-def profile_batch(batch: pa.Table, checks: Iterable[SetCheck]) -> SplitProfile:
-    """One batch profiled; `checks` on columns the batch lacks are skipped."""
+def check_counts(batch: pa.Table, checks: Iterable[SetCheck]) -> SplitProfile:
+    """A batch's set-check counts (no profile); `checks` on columns it lacks are skipped."""
     counts = {}
     for check in checks:
         if check.column in batch.column_names:
             n, bad, examples = outside(batch.column(check.column), check.values)
             counts[check.key] = {"values": n, "outside": bad, "examples": examples}
-    return SplitProfile(profile_frame(batch_frame(batch)), batch.num_rows, counts)
+    return SplitProfile(None, batch.num_rows, counts)
+
+
+def profile_batch(batch: pa.Table, checks: Iterable[SetCheck]) -> SplitProfile:
+    """One batch profiled, with its set-check counts."""
+    part = check_counts(batch, checks)
+    part.view = profile_frame(batch_frame(batch))
+    return part
 
 
 def _profile_block(batch: pa.Table, checks: list[SetCheck]) -> pa.Table:
@@ -174,9 +187,15 @@ def profile_split(
         return _profile_split_ray(Path(source), checks, batch_rows)
     if engine not in ("pandas", "ray"):
         raise StageError(f"engine: unknown engine {engine!r} (pandas | ray)")
-    merged = SplitProfile()
+    # One profile tracks every batch: a new profile per batch and a merge cost 0.26 s per
+    # batch of 65,536 rows x 51 columns here (whylogs deep-copies each column's metric
+    # configs), 3 s of 11 s at 1M rows; the sketches are those of the whole split at once.
+    profile, merged = new_profile(), SplitProfile()
     for batch in iter_batches(source, batch_rows):
-        merged = merged.merge(profile_batch(batch, checks))
+        profile.track(pandas=batch_frame(batch))
+        merged = merged.merge(check_counts(batch, checks))
+    if merged.rows:
+        merged.view = reproducible(profile.view())
     return merged
 
 
