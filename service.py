@@ -50,6 +50,7 @@ if SERVE["max_records"] > SERVE["max_batch_size"]:
 LOG = logging.getLogger("bentoml.fullstack_ml")  # BentoML sets up its loggers in workers
 TOKEN_ENV = "FULLSTACK_ML_API_TOKEN"  # the bearer token; never in params or the bento
 OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})  # no auth, ever
+API_PATHS = frozenset({"/predict", "/predict_proba"})  # JSON bodies only (415 otherwise)
 # The bento pins its model with the `model_tag` argument; run from source, MODEL_TAG or latest.
 MODEL_TAG = (
     getattr(bentoml.use_arguments(), "model_tag", None)
@@ -120,15 +121,29 @@ def observe_records(records: list[Any]) -> list[Any]:
     return records
 
 
-# Numeric features: any finite JSON number or null (missing: imputed as in training);
-# strings, booleans, NaN and infinities are 400s naming the field. Categorical features: a
-# string or null (a value unseen in training counts as unknown). Every feature is required.
-Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+# Numeric features: a JSON number or null (missing: imputed as in training) that the model's
+# float32 input can hold; strings, booleans, NaN, infinities and numbers out of that range
+# are 400s naming the field. Categorical features: a string or null (a value unseen in
+# training counts as unknown). Every feature is required.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def number(mean: float, std: float) -> Any:
+    """A finite number that fits float32 both as sent and standardized (`(x - mean) / std`,
+    what the network takes): 1e39, or 1e38 over a std of 0.1, would reach it as infinity."""
+    reach = FLOAT32_MAX * std
+    low, high = max(-FLOAT32_MAX, mean - reach), min(FLOAT32_MAX, mean + reach)
+    return Annotated[float, Field(strict=True, allow_inf_nan=False, ge=low, le=high)]
+
+
 Category = Annotated[str, Field(strict=True)]
 Record = create_model(
     "Record",
     __config__=ConfigDict(extra="forbid"),
-    **{name: (Number | None, ...) for name in PRE.numeric},
+    **{
+        name: (number(mean, std) | None, ...)
+        for name, mean, std in zip(PRE.numeric, PRE.mean, PRE.std, strict=True)
+    },
     **{name: (Category | None, ...) for name in PRE.categorical},
 )
 
@@ -237,7 +252,8 @@ def error_body(kind: str, loc: list[str], msg: str) -> bytes:
 
 class Gate:
     """ASGI middleware in front of every route: bearer-token auth (health, readiness and
-    metrics stay open), the request body limit (413) and validation failures by reason."""
+    metrics stay open), JSON bodies only on the API routes (415), the request body limit
+    (413) and validation failures by reason."""
 
     def __init__(self, app: Any, max_body_bytes: int) -> None:
         self.app, self.max_body = app, max_body_bytes
@@ -252,6 +268,12 @@ class Gate:
         if self.expected and not hmac.compare_digest(given, self.expected):
             body = error_body("unauthorized", ["header", "authorization"], "bearer token required")
             return await respond(send, 401, body, [(b"www-authenticate", b"Bearer")])
+        if scope["path"] in API_PATHS and media_type(headers) != b"application/json":
+            # BentoML parses forms and multipart bodies too, and answered 500 to some
+            metrics().failures.labels(reason="unsupported_media_type").inc()
+            msg = "Content-Type must be application/json"
+            body = error_body("unsupported_media_type", ["header", "content-type"], msg)
+            return await respond(send, 415, body)
         length = headers.get(b"content-length", b"")
         if (int(length) if length.isdigit() else 0) > self.max_body or not length:
             body, too_large = await read_body(receive, self.max_body)
@@ -271,6 +293,11 @@ class Gate:
             await send(message)
 
         await self.app(scope, receive, counting_send)
+
+
+def media_type(headers: dict[bytes, bytes]) -> bytes:
+    """The request's media type, without parameters (`; charset=utf-8`), lower case."""
+    return headers.get(b"content-type", b"").split(b";")[0].strip().lower()
 
 
 def count_failures(body: bytes) -> None:

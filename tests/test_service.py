@@ -43,6 +43,8 @@ def guarded(bento: Path) -> Iterator[Server]:
 
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+JSON_TYPE = "application/json"
+JSON = {"Content-Type": JSON_TYPE}
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +81,7 @@ def test_openapi_shows_the_training_schema(server: Server, test_split: pd.DataFr
     assert list(record["properties"]) == features
     types = record["properties"][features[0]]["anyOf"]  # a number, or null: imputed
     assert [t["type"] for t in types] == ["number", "null"]
+    assert types[0]["maximum"] <= np.finfo(np.float32).max  # what float32 holds, no more
     assert record["additionalProperties"] is False
 
 
@@ -129,6 +132,8 @@ def bad_request(kind: str, record: dict, max_records: int) -> tuple[bytes, str]:
         return json.dumps({"records": [{**record, first: float("nan")}]}).encode(), first
     if kind == "infinity":
         return json.dumps({"records": [{**record, first: float("inf")}]}).encode(), first
+    if kind == "beyond_float32":  # finite in JSON, infinite as the model's float32 input
+        return json.dumps({"records": [{**record, first: 1e39}]}).encode(), first
     if kind == "empty":
         return b'{"records": []}', "records"
     if kind == "too_many":
@@ -147,6 +152,7 @@ BAD = [
     "unknown",
     "nan",
     "infinity",
+    "beyond_float32",
     "empty",
     "too_many",
     "no_records",
@@ -162,11 +168,47 @@ def test_client_errors_are_4xx_naming_the_field(
     r = requests.post(
         f"{server.url}/predict",
         data=body,
-        headers={"Content-Type": "application/json"},
+        headers=JSON,
         timeout=30,
     )
     assert r.status_code == (413 if kind == "oversized" else 400), r.text
     assert field in json.dumps(r.json()["detail"])
+
+
+# Bodies that are not JSON: each answered 415 on both routes (multipart without a boundary,
+# and with 5000 fields, were 500s from BentoML's form parser).
+NOT_JSON = {
+    "text": ("text/plain", b'{"records": []}'),
+    "form": ("application/x-www-form-urlencoded", b"records=1"),
+    "multipart_no_boundary": ("multipart/form-data", b"--x\r\n\r\n--x--\r\n"),
+    "multipart_5000_fields": (
+        "multipart/form-data; boundary=x",
+        b"".join(
+            b'--x\r\nContent-Disposition: form-data; name="f%d"\r\n\r\n1\r\n' % i
+            for i in range(5000)
+        )
+        + b"--x--\r\n",
+    ),
+    "no_content_type": (None, b'{"records": []}'),
+}
+
+
+@pytest.mark.parametrize("kind", list(NOT_JSON))
+def test_bodies_that_are_not_json_are_415_naming_the_type(server: Server, kind: str) -> None:
+    content_type, body = NOT_JSON[kind]
+    for path in ("/predict", "/predict_proba"):
+        r = requests.post(
+            f"{server.url}{path}",
+            data=body,
+            headers={"Content-Type": content_type} if content_type else {},
+            timeout=30,
+        )
+        assert r.status_code == 415, (path, r.text)
+        assert "application/json" in r.json()["error"]
+        assert "content-type" in json.dumps(r.json()["detail"])
+    charset = {"Content-Type": "application/json; charset=utf-8"}
+    r = requests.post(f"{server.url}/predict", data=b"{}", headers=charset, timeout=30)
+    assert r.status_code == 400  # JSON with parameters passes the gate; the body is checked
 
 
 def test_oversized_chunked_body_is_413(server: Server) -> None:
@@ -176,7 +218,7 @@ def test_oversized_chunked_body_is_413(server: Server) -> None:
             yield b" " * 100_000
         yield b"]}"
 
-    r = requests.post(f"{server.url}/predict", data=chunks(), timeout=30)
+    r = requests.post(f"{server.url}/predict", data=chunks(), headers=JSON, timeout=30)
     assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]
 
 
@@ -187,7 +229,8 @@ def test_metrics_count_predictions_records_and_failures(
     rows = records(test_split)
     requests.post(f"{server.url}/predict", json={"records": rows[:10]}, timeout=30)
     requests.post(f"{server.url}/predict", json={"records": []}, timeout=30)
-    requests.post(f"{server.url}/predict", data=b"{", timeout=30)
+    requests.post(f"{server.url}/predict", data=b"{", headers=JSON, timeout=30)
+    requests.post(f"{server.url}/predict", data=b"{", timeout=30)  # no Content-Type
     after = requests.get(f"{server.url}/metrics", timeout=10).text
 
     def delta(name: str, **labels: str) -> float:
@@ -200,6 +243,7 @@ def test_metrics_count_predictions_records_and_failures(
     assert delta("fullstack_ml_records_per_request_sum") == 10
     assert delta("fullstack_ml_validation_failures_total", reason="too_short") == 1
     assert delta("fullstack_ml_validation_failures_total", reason="json_invalid") == 1
+    assert delta("fullstack_ml_validation_failures_total", reason="unsupported_media_type") == 1
     assert "bentoml_service_request_total" in after
 
 
@@ -260,29 +304,35 @@ def server_rss(server: Server) -> int:
     return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
 
 
+Job = tuple[str, bytes, str | None, int, object]  # path, body, Content-Type, status, answer
+
+
 def test_mixed_load_no_5xx_every_answer_matches_memory_returns(
     server: Server, test_split: pd.DataFrame, expected: list[int], cfg: DictConfig
 ) -> None:
     """3000 requests on 32 concurrent connections, valid and every kind of invalid."""
     rows = records(test_split)
     rng = random.Random(0)
-    kinds = [k for k in BAD if k != "oversized"] * 3 + ["oversized"]
+    kinds = [k for k in BAD if k != "oversized"] * 3 + ["oversized", *NOT_JSON]
 
-    def make(i: int) -> tuple[str, bytes, int, object]:
+    def make(i: int) -> Job:
         if i % 3:  # two in three valid: one record, or a slice of the test split
             start, n = rng.randrange(len(rows)), rng.choice([1, 1, 1, 7, 64])
             chosen = [(start + k) % len(rows) for k in range(n)]
             body = {"records": rows[chosen[0]] if n == 1 else [rows[k] for k in chosen]}
             path = rng.choice(["/predict", "/predict_proba"])
-            return path, json.dumps(body).encode(), 200, [expected[k] for k in chosen]
+            return path, json.dumps(body).encode(), JSON_TYPE, 200, [expected[k] for k in chosen]
         kind = rng.choice(kinds)
+        if kind in NOT_JSON:
+            return "/predict", NOT_JSON[kind][1], NOT_JSON[kind][0], 415, "content-type"
         body, field = bad_request(kind, rows[rng.randrange(len(rows))], cfg.serve.max_records)
-        return "/predict", body, 413 if kind == "oversized" else 400, field
+        return "/predict", body, JSON_TYPE, 413 if kind == "oversized" else 400, field
 
-    def send(job: tuple[str, bytes, int, object], session: requests.Session) -> str | None:
-        path, body, status, want = job
+    def send(job: Job, session: requests.Session) -> str | None:
+        path, body, content_type, status, want = job
+        headers = {"Content-Type": content_type} if content_type else {}
         try:
-            r = session.post(f"{server.url}{path}", data=body, timeout=60)
+            r = session.post(f"{server.url}{path}", data=body, headers=headers, timeout=60)
         except requests.RequestException as err:
             return f"{path}: {type(err).__name__}: {err}"
         if r.status_code != status:
@@ -296,7 +346,7 @@ def test_mixed_load_no_5xx_every_answer_matches_memory_returns(
 
     sessions: dict[int, requests.Session] = {}
 
-    def worker(job: tuple[str, bytes, int, object]) -> str | None:
+    def worker(job: Job) -> str | None:
         session = sessions.setdefault(threading.get_ident(), requests.Session())
         return send(job, session)
 
