@@ -31,6 +31,7 @@ class Server(NamedTuple):
     url: str
     port: int
     proc: subprocess.Popen
+    log_file: Path  # the server's stdout and stderr
 
 
 @contextmanager
@@ -60,7 +61,7 @@ def serve_bento(
             )
         try:
             wait_ready(port, proc, log_file, ready_timeout_s)
-            yield Server(f"http://127.0.0.1:{port}", port, proc)
+            yield Server(f"http://127.0.0.1:{port}", port, proc, log_file)
         finally:
             stop(proc)
 

@@ -211,6 +211,34 @@ def test_bodies_that_are_not_json_are_415_naming_the_type(server: Server, kind: 
     assert r.status_code == 400  # JSON with parameters passes the gate; the body is checked
 
 
+def test_a_400_logs_one_line_naming_the_field_never_the_values(
+    server: Server, test_split: pd.DataFrame
+) -> None:
+    record = records(test_split)[0]
+    first = next(iter(record))
+    start = server.log_file.stat().st_size
+    bodies = [
+        json.dumps({"records": [{**record, first: "secret-7f3a"}]}).encode(),
+        b'{"records": ["secret-7f3a"',
+    ]
+    for body in bodies:
+        r = requests.post(f"{server.url}/predict", data=body, headers=JSON, timeout=30)
+        assert r.status_code == 400, r.text
+    deadline = time.monotonic() + 30  # the access log line comes after ours
+    while time.monotonic() < deadline:
+        with server.log_file.open() as log:
+            log.seek(start)
+            new = log.read()
+        if new.count("status=400") == 2:
+            break
+        time.sleep(0.1)
+    ours = [line for line in new.splitlines() if "400 on /predict" in line]
+    assert len(ours) == 2, new
+    assert f"records.0.{first} float_type" in ours[0] and "json_invalid" in ours[1]
+    assert "secret-7f3a" not in new and "Traceback" not in new
+    assert len(new.splitlines()) == 4, new  # ours and BentoML's access line, per request
+
+
 def test_oversized_chunked_body_is_413(server: Server) -> None:
     def chunks() -> Iterator[bytes]:
         yield b'{"records": ['
