@@ -123,6 +123,8 @@ def test_declared_schema_fails_or_drops_unparseable_values(tmp_path: Path) -> No
         (lambda d: d, ["data.split.strategy=group"], r"data.split.column: None"),
         (lambda d: d, ["data.split.strategy=alphabetical"], "not random | stratified"),
         (lambda d: d, ["data.task=regression"], "'label' is object, not numeric"),
+        (lambda d: d.assign(label="low"), [], "'label' has 1 class: a classifier needs two"),
+        (lambda d: d.assign(label=1), ["data.task=classification"], "has 1 class"),
     ],
 )
 def test_quality_gates_and_config_errors_name_the_problem(
@@ -132,6 +134,33 @@ def test_quality_gates_and_config_errors_name_the_problem(
     change(mixed_frame()).to_parquet(src)
     with pytest.raises(StageError, match=message):
         ingest(file_cfg(src, *overrides), 0, tmp_path / "out")
+
+
+def test_a_number_column_with_some_text_names_the_column_count_and_value(
+    tmp_path: Path,
+) -> None:
+    """Read as text, it would become a category and fail an unrelated gate (unseen values)."""
+    df = mixed_frame()
+    df["spend"] = df["spend"].astype(str)
+    df.loc[[5, 9, 11], "spend"] = ["unknown", "?", "unknown"]
+    src = tmp_path / "t.parquet"
+    df.to_parquet(src)
+    with pytest.raises(
+        StageError,
+        match=r"column 'spend' holds numbers but 3 values are not \(first: 'unknown'\): "
+        r"declare it in data.columns as number",
+    ):
+        ingest(file_cfg(src), 0, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    drop = ingest(
+        file_cfg(src, "data.columns={spend: number}", "data.bad_rows=drop"), 0, tmp_path / "out"
+    )
+    assert drop["dropped_rows"] == 3 and drop["columns"]["spend"] == "number"
+    keep = ["data.columns={spend: string}", "data.quality.max_unknown_categories=1.0"]
+    assert ingest(file_cfg(src, *keep), 0, tmp_path / "out")["columns"]["spend"] == "string"
+    df["shop"] = df["shop"].astype(str).where(df.index != 3, "n/a")  # 20 codes: a category
+    df.to_parquet(src)
+    ingest(file_cfg(src, "data.columns={spend: number}", "data.bad_rows=drop"), 0, tmp_path / "out")
 
 
 def test_unknown_categories_in_val_fail_past_the_threshold(tmp_path: Path) -> None:

@@ -82,17 +82,38 @@ def decide_task(
     declared: str | None, dtype: Any, integral: bool, distinct: int | None, name: str
 ) -> str:
     """The declared task, checked, or: text labels and up to MAX_CLASSES distinct integers
-    are classes, other numbers a regression target (`distinct` None: too many to count)."""
+    are classes, other numbers a regression target (`distinct` None: too many to count).
+    A classification target needs two classes at least."""
     if declared is not None:
         if declared not in ("classification", "regression"):
             raise StageError(f"data.task: {declared!r} is not classification | regression")
         if declared == "regression" and not is_number(dtype):
             raise StageError(f"target column {name!r} is {dtype}, not numeric (data.task)")
-        return declared
-    if not is_number(dtype):
-        return "classification"
-    few = distinct is not None and distinct <= MAX_CLASSES
-    return "classification" if integral and few else "regression"
+        task = declared
+    elif not is_number(dtype):
+        task = "classification"
+    else:
+        few = distinct is not None and distinct <= MAX_CLASSES
+        task = "classification" if integral and few else "regression"
+    if task == "classification" and distinct is not None and distinct < 2:
+        raise StageError(
+            f"target column {name!r} has {distinct} class: a classifier needs two at least"
+            " (data.target)"
+        )
+    return task
+
+
+def numbers_with_text(values: pd.Series) -> tuple[int, Any] | None:
+    """(values that are not numbers, the first of them) of a text column whose distinct
+    values are numbers, more than MAX_CLASSES of them (a few number codes stay a category)
+    and 90% at least; None for any other column."""
+    distinct = pd.unique(values.to_numpy())
+    distinct = pd.Series(distinct[~pd.isna(distinct)])
+    numbers = int(pd.to_numeric(distinct, errors="coerce").notna().sum())
+    if numbers <= MAX_CLASSES or numbers < 0.9 * len(distinct) or numbers == len(distinct):
+        return None
+    bad = values.notna() & pd.to_numeric(values, errors="coerce").isna()
+    return int(bad.sum()), values[bad].iloc[0]
 
 
 def feature_columns(
@@ -115,6 +136,14 @@ def feature_columns(
                 raise StageError(f"data.categorical: {c!r} is not a feature column")
     else:
         categorical = [c for c in features if types[c] in ("string", "boolean")]
+        declared = set(cfg.columns or {})
+        for c in categorical:
+            if types[c] == "string" and c not in declared and (bad := numbers_with_text(df[c])):
+                raise StageError(
+                    f"{source}: column {c!r} holds numbers but {bad[0]} values are not (first:"
+                    f" {bad[1]!r}): declare it in data.columns as number (data.bad_rows=drop"
+                    " drops those rows) or as string to keep it a category"
+                )
     for c in features:
         if types[c] == "datetime" or (types[c] == "string" and c not in categorical):
             raise StageError(
