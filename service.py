@@ -10,12 +10,12 @@ import gc
 import hmac
 import json
 import logging
-import multiprocessing
 import os
 import threading
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import cache, cached_property
 from operator import attrgetter
 from pathlib import Path
@@ -235,7 +235,16 @@ class DriftMonitor:
             return {**result, "status": "insufficient_data", "min_records": self.min_records}
         from fullstack_ml.runtime.drift import CATEGORIES, drifted, window_drift
 
-        scores = self.scorer.submit(window_drift, rows, self.features, self.reference).result()
+        scorer = self.scorer
+        try:
+            scores = scorer.submit(window_drift, rows, self.features, self.reference).result()
+        except BrokenProcessPool:  # the helper died (killed, out of memory): start another
+            LOG.warning("drift helper process died; starting a new one")
+            with self.lock:
+                if self.__dict__.get("scorer") is scorer:
+                    del self.scorer  # the cached_property makes a new pool on next use
+            scores = self.scorer.submit(window_drift, rows, self.features, self.reference)
+            scores = scores.result()
         for feature, s in scores.items():
             metrics().pvalue.labels(feature=feature).set(s["pvalue"])
             metrics().category.labels(feature=feature).set(CATEGORIES.index(s["drift_category"]))
@@ -246,7 +255,9 @@ class DriftMonitor:
     def scorer(self) -> ProcessPoolExecutor:
         """A helper process: whylogs holds the GIL for ~0.15 s per score, which in the
         serving process stalls every request in flight (p99 x3 at 64 concurrent)."""
-        return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        from fullstack_ml.runtime.drift import helper_pool
+
+        return helper_pool()
 
     def refresh_forever(self, every_s: float) -> None:
         while True:

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -337,3 +338,28 @@ def test_part_with_an_all_null_column_merges(tmp_path: Path) -> None:
     (folder / "_SUCCESS").touch()  # as Spark and Hadoop writers leave it
     city = profile_split(folder, batch_rows=25).view.get_column("city").to_summary_dict()
     assert (city["counts/n"], city["counts/null"], city["types/string"]) == (120, 60, 60)
+
+
+HELPER = """
+import os
+from fullstack_ml.runtime.drift import helper_pool
+print(helper_pool().submit(os.getpid).result(), flush=True)
+os._exit(0)  # as a SIGKILLed worker: no shutdown of the pool
+"""
+
+
+def test_the_drift_helper_exits_when_the_process_that_started_it_dies() -> None:
+    import psutil
+
+    out = subprocess.run([sys.executable, "-c", HELPER], capture_output=True, text=True)
+    helper = int(out.stdout)
+    deadline = time.monotonic() + 60  # it looks once a second; an orphan never goes
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(helper).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"the helper {helper} outlived its parent")

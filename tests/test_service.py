@@ -304,6 +304,31 @@ def test_drift_window_against_the_training_profile(guarded: Server, curated: Pat
     assert metric(text, "fullstack_ml_drift_window_records") == 2000
 
 
+def drift_helpers(server: Server) -> list[psutil.Process]:
+    """The server's drift helper processes (spawned by multiprocessing in its worker)."""
+    helpers = []
+    for p in psutil.Process(server.proc.pid).children(recursive=True):
+        try:  # a helper just killed may be a zombie, whose cmdline raises
+            if "spawn_main" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+                helpers.append(p)
+        except psutil.Error:
+            pass
+    return helpers
+
+
+def test_a_killed_drift_helper_is_replaced_and_drift_still_answers(guarded: Server) -> None:
+    """(After the drift test: the window is full.) /drift answered 500 on every call once
+    its helper process was killed."""
+    (helper,) = drift_helpers(guarded)
+    helper.kill()
+    helper.wait(30)
+    r = requests.get(f"{guarded.url}/drift", headers=AUTH, timeout=120)
+    assert r.status_code == 200 and r.json()["status"] == "ok", r.text
+    (new,) = drift_helpers(guarded)
+    assert new.pid != helper.pid
+    assert requests.get(f"{guarded.url}/drift", headers=AUTH, timeout=120).json()["drifted"]
+
+
 def test_bearer_token_guards_every_route_but_health_and_metrics(
     guarded: Server, test_split: pd.DataFrame
 ) -> None:
