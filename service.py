@@ -315,7 +315,7 @@ class Gate:
                 metrics().failures.labels(reason="body_too_large").inc()
                 msg = f"request body larger than {self.max_body} bytes (serve.max_body_bytes)"
                 return await respond(send, 413, error_body("body_too_large", ["body"], msg))
-            receive = replay(body)
+            receive = replay(body, receive)
         status = 0
 
         async def counting_send(message: dict) -> None:
@@ -361,17 +361,20 @@ async def read_body(receive: Any, limit: int) -> tuple[bytes, bool]:
     return b"".join(chunks), size > limit
 
 
-def replay(body: bytes) -> Any:
+def replay(body: bytes, receive: Any) -> Any:
+    """An ASGI receive that gives the body already read, then waits on the connection's own
+    `receive` (for the client's disconnect). Reporting a disconnect at once made responses
+    that listen for one, the docs page at `/`, send 0 bytes of their body."""
     sent = False
 
-    async def receive() -> dict:
+    async def replayed() -> dict:
         nonlocal sent
         if sent:
-            return {"type": "http.disconnect"}
+            return await receive()
         sent = True
         return {"type": "http.request", "body": body, "more_body": False}
 
-    return receive
+    return replayed
 
 
 async def respond(send: Any, status: int, body: bytes, headers: list | None = None) -> None:

@@ -85,6 +85,13 @@ def test_openapi_shows_the_training_schema(server: Server, test_split: pd.DataFr
     assert record["additionalProperties"] is False
 
 
+def test_the_docs_page_is_sent_whole(server: Server) -> None:
+    r = requests.get(f"{server.url}/", timeout=10)
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    assert len(r.content) == int(r.headers["content-length"]) > 1000  # it was 0 bytes
+    assert "<title>" in r.text and r.text.rstrip().endswith("</html>")
+
+
 def test_one_record_or_a_list_and_probabilities(
     server: Server, test_split: pd.DataFrame, expected: list[int]
 ) -> None:
