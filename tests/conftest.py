@@ -10,7 +10,6 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from omegaconf import DictConfig
@@ -30,11 +29,6 @@ FP32_RUN = [*SMALL, "train.epochs=40", "train.early_stopping.patience=null"]
 
 
 BASE_IMAGE: list[subprocess.Popen] = []  # the container base build started at collection
-CONTAINER_IMAGE = "localhost/fullstack-ml:test"  # what tests/test_container.py runs
-# The image build of the session's bento, started in the background as soon as the bento
-# exists when tests/test_container.py will run (its process and its log file).
-IMAGE_BUILD: list[tuple[subprocess.Popen, Path]] = []
-CONTAINERS_WANTED: list[bool] = []
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -45,22 +39,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     this one failed."""
     wanted = any(item.path.name == "test_container.py" for item in items)
     if wanted and shutil.which("podman") and shutil.which("runc") and os.geteuid() == 0:
-        CONTAINERS_WANTED.append(True)
-        BASE_IMAGE.append(container_sh(["--base"], subprocess.DEVNULL))
-
-
-def container_sh(args: list[str], out: Any) -> subprocess.Popen:
-    """`deploy/container.sh args` in the background (its own session, reaped when done)."""
-    env = {**os.environ, "CONTAINERS_CONF": str(ROOT / "deploy/containers.conf")}
-    cmd = ["bash", str(ROOT / "deploy/container.sh"), *args]
-    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out, start_new_session=True)
-    threading.Thread(target=proc.wait, daemon=True).start()  # no zombie
-    return proc
+        env = {**os.environ, "CONTAINERS_CONF": str(ROOT / "deploy/containers.conf")}
+        cmd = ["bash", str(ROOT / "deploy/container.sh"), "--base"]
+        out = subprocess.DEVNULL
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out, start_new_session=True)
+        threading.Thread(target=proc.wait, daemon=True).start()  # reaped when done: no zombie
+        BASE_IMAGE.append(proc)
 
 
 def pytest_sessionfinish() -> None:
-    """Background builds not waited for are not left running (debootstrap, podman build)."""
-    for proc in [*BASE_IMAGE, *(build for build, _ in IMAGE_BUILD)]:
+    for proc in BASE_IMAGE:  # not left running (debootstrap and all) if nothing waited for it
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):  # it may end meanwhile
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -132,12 +120,7 @@ def bento(fp32_dir: Path, curated: Path, cfg: DictConfig, tmp_path_factory) -> P
     (work / "serving.json").write_text(json.dumps(result["serving"]))
     (work / "schema.json").write_bytes((curated / "schema.json").read_bytes())
     package_bento(work, work / "dist")
-    bento_file = work / "dist/fullstack_ml.bento"
-    if CONTAINERS_WANTED:  # its image builds beside the tests before test_container.py
-        log = work / "container-build.log"
-        with log.open("w") as out:
-            IMAGE_BUILD.append((container_sh([CONTAINER_IMAGE, str(bento_file)], out), log))
-    return bento_file
+    return work / "dist/fullstack_ml.bento"
 
 
 def package_bento(work: Path, out: Path) -> dict:

@@ -14,13 +14,12 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from conftest import CONTAINER_IMAGE, IMAGE_BUILD
 
 from fullstack_ml.bento import free_port
 from fullstack_ml.stage import ROOT
 
 pytestmark = pytest.mark.slow
-IMAGE = CONTAINER_IMAGE
+IMAGE = "localhost/fullstack-ml:test"
 UNUSABLE = 3  # deploy/container.sh: this machine cannot build or run containers
 ENV = {"CONTAINERS_CONF": str(ROOT / "deploy/containers.conf"), **os.environ}  # as container.sh
 TOKEN = "container-test-token"  # a throwaway; the service reads FULLSTACK_ML_API_TOKEN
@@ -35,20 +34,20 @@ def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def image(bento: Path) -> str:
-    """The bento's image: the build the `bento` fixture started (see conftest), or one now."""
     for tool in ("podman", "runc"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} not found on PATH (apt-get install podman runc debootstrap)")
-    if IMAGE_BUILD:
-        proc, log = IMAGE_BUILD[0]
-        returncode, output = proc.wait(), log.read_text()
-    else:
-        cmd = ["bash", ROOT / "deploy/container.sh", IMAGE, bento]
-        build = subprocess.run(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        returncode, output = build.returncode, build.stdout.decode(errors="replace")
-    if returncode == UNUSABLE:
-        pytest.skip(f"deploy/container.sh: {output.strip().splitlines()[-1]}")
-    assert returncode == 0, f"deploy/container.sh failed:\n{output[-6000:]}"
+    build = subprocess.run(
+        ["bash", ROOT / "deploy/container.sh", IMAGE, bento],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    if build.returncode == UNUSABLE:
+        pytest.skip(f"deploy/container.sh: {build.stderr.strip().splitlines()[-1]}")
+    assert build.returncode == 0, (
+        f"deploy/container.sh failed:\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}"
+    )
     return IMAGE
 
 
