@@ -73,7 +73,7 @@ def check_unknown_categories(
 ) -> None:
     """Fail when val or test has too many values of a categorical feature unseen in train."""
     for c in categorical:
-        known = parts["train"][c].dropna().unique()  # not a set: a Python loop over the rows
+        known = parts["train"][c].dropna().unique()  # a set of every row took a Python loop
         for name in ("val", "test"):
             values = parts[name][c].dropna()
             unknown_gate(
