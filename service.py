@@ -39,6 +39,7 @@ from starlette.routing import Route
 with bentoml.importing():
     import numpy as np
 
+    from fullstack_ml.runtime.batching import Batcher
     from fullstack_ml.runtime.meta import read_meta
     from fullstack_ml.runtime.preprocess import Preprocessor
 if TYPE_CHECKING:
@@ -104,12 +105,18 @@ def metrics() -> SimpleNamespace:
     from prometheus_client import Counter, Gauge, Histogram
 
     buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if b < SERVE["max_records"]]
+    most = SERVE["max_batch_size"]
     return SimpleNamespace(
         predictions=Counter("fullstack_ml_predictions", "Predictions per class", ["label"]),
         records=Histogram(
             "fullstack_ml_records_per_request",
             "Records per accepted prediction request",
             buckets=[*buckets, SERVE["max_records"]],
+        ),
+        batch=Histogram(
+            "fullstack_ml_batch_records",
+            "Records per model call (requests batched together)",
+            buckets=[b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if b < most] + [most],
         ),
         failures=Counter(
             "fullstack_ml_validation_failures", "Rejected requests by reason", ["reason"]
@@ -383,14 +390,6 @@ async def respond(send: Any, status: int, body: bytes, headers: list | None = No
     await send({"type": "http.response.body", "body": body})
 
 
-BATCHING = {
-    "batchable": True,
-    "max_batch_size": SERVE["max_batch_size"],
-    "max_latency_ms": SERVE["max_latency_ms"],
-    "input_spec": PredictRequest,
-}
-
-
 # @bentoml.api routes are POST; the GET routes come from a small mounted Starlette app.
 @bentoml.asgi_app(
     Starlette(routes=[Route("/metadata", metadata), Route("/drift", drift)]), path="/"
@@ -398,7 +397,6 @@ BATCHING = {
 @bentoml.service(
     name=SERVE["service_name"],
     workers=SERVE["workers"],
-    threads=SERVE["threads"],
     traffic={"timeout": SERVE["timeout"]},
     # BentoML records spans for every request even when none is sampled: a quarter of the
     # per-request CPU. Drop this to trace the prediction routes with an exporter.
@@ -428,6 +426,9 @@ class Classifier:
             target=MONITOR.refresh_forever, args=(SERVE["drift"]["refresh_s"],), daemon=True
         )
         refresh.start()
+        most, observe = SERVE["max_batch_size"], metrics().batch.observe
+        self.batched_labels = Batcher(self.labels, most, observe)
+        self.batched_probabilities = Batcher(self.labels_probabilities, most, observe)
         # BentoML's per-request middleware leaves cyclic garbage that reaches the oldest
         # generation, whose full passes then stall every request for 0.1-0.25 s under load.
         # Freeze what is loaded now; collect the young generation less often.
@@ -452,9 +453,7 @@ class Classifier:
             metrics().predictions.labels(label=str(CLASSES[index])).inc(n)
         return probs
 
-    @bentoml.api(**BATCHING)
-    def predict(self, records: list[Record]) -> Predictions:  # type: ignore[valid-type]
-        """The predicted label (or value, for a regression model) of each record."""
+    def labels(self, records: list[Any]) -> list[Label | Value]:
         if not CLASSIFY:
             values = (self.outputs(records)[:, 0] * PRE.target_std + PRE.target_mean).tolist()
             metrics().predictions.labels(label="value").inc(len(values))
@@ -462,11 +461,7 @@ class Classifier:
         best = self.probabilities(records).argmax(1).tolist()
         return [Label(label=CLASSES[i]) for i in best]
 
-    @bentoml.api(**BATCHING)
-    def predict_proba(self, records: list[Record]) -> LabelsProbabilities:  # type: ignore[valid-type]
-        """The predicted label and the probability of every class, for each record."""
-        if not CLASSIFY:
-            raise InvalidArgument("a regression model has no class probabilities: use /predict")
+    def labels_probabilities(self, records: list[Any]) -> list[LabelProbabilities]:
         probs = self.probabilities(records)
         return [
             LabelProbabilities(
@@ -474,6 +469,20 @@ class Classifier:
             )
             for best, p in zip(probs.argmax(1).tolist(), probs.tolist(), strict=True)
         ]
+
+    # Batched across requests by the service itself (fullstack_ml.runtime.batching says why
+    # not by BentoML's adaptive batching).
+    @bentoml.api(input_spec=PredictRequest)
+    async def predict(self, records: list[Record]) -> Predictions:  # type: ignore[valid-type]
+        """The predicted label (or value, for a regression model) of each record."""
+        return await self.batched_labels(records)
+
+    @bentoml.api(input_spec=PredictRequest)
+    async def predict_proba(self, records: list[Record]) -> LabelsProbabilities:  # type: ignore[valid-type]
+        """The predicted label and the probability of every class, for each record."""
+        if not CLASSIFY:
+            raise InvalidArgument("a regression model has no class probabilities: use /predict")
+        return await self.batched_probabilities(records)
 
 
 Classifier.add_asgi_middleware(Gate, max_body_bytes=SERVE["max_body_bytes"])

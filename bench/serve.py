@@ -2,7 +2,7 @@
 
 For each model it compares, at each concurrency, with wrk as the load generator (a separate
 process) posting one JSON record per request (`--records` changes it):
-  (a) the bento built by the package stage, served by `bentoml serve` (adaptive batching),
+  (a) the bento built by the package stage, served by `bentoml serve` (its own batching),
       POST /predict_proba: label and class probabilities;
   (b) bench/fastapi_app.py on one uvicorn worker, one model call per request, the same
       answer from a `def` route and from an `async def` route; the ratios take the better;

@@ -3,9 +3,11 @@
 Serves `dist/<service>.bento` as a real server (`bentoml serve` on a free loopback port,
 with an empty model store: the bento carries its model), checks that its answers on the
 test split equal the compressed model's predictions in process, then sends one-record
-/predict requests at `serve.slo.concurrency` for `serve.slo.duration_s`. Writes p50/p99
-latency, throughput and error rate to `metrics/validate.json`; fails, writing nothing,
-when an SLO in `conf/serve/` is missed or an answer differs.
+/predict requests at `serve.slo.concurrency` for `serve.slo.duration_s`, then a burst at
+`serve.slo.burst_concurrency` and, `serve.slo.settle_s` after it, lone requests again: a
+server that stays slow after a burst fails. Writes p50/p99 latency, throughput, error rate
+and the lone-request p50 before and after the burst to `metrics/validate.json`; fails,
+writing nothing, when an SLO in `conf/serve/` is missed or an answer differs.
 """
 
 import http.client
@@ -111,8 +113,33 @@ def load(port: int, bodies: list[bytes], concurrency: int, duration_s: float) ->
     }
 
 
+def burst_recovery(port: int, bodies: list[bytes], slo: DictConfig) -> dict[str, float]:
+    """The p50 of one client's back-to-back requests (each alone on the server) on the warm
+    server, and again `slo.settle_s` after `slo.burst_s` at `slo.burst_concurrency`."""
+    lone_s = 1.0
+    before = load(port, bodies, 1, lone_s)["p50_ms"]
+    burst = load(port, bodies, slo.burst_concurrency, slo.burst_s)
+    time.sleep(slo.settle_s)
+    after = load(port, bodies, 1, lone_s)["p50_ms"]
+    return {
+        "lone_p50_ms": before,
+        "after_burst_p50_ms": after,
+        "after_burst_ratio": after / before,
+        "burst_error_rate": burst["error_rate"],
+    }
+
+
 def missed_slos(result: dict[str, float], slo: DictConfig) -> list[str]:
     checks = [
+        (
+            result["after_burst_ratio"] <= slo.max_after_burst_ratio,
+            f"lone requests {result['after_burst_ratio']:.2f}x slower {slo.settle_s} s after "
+            f"a burst than before it (> {slo.max_after_burst_ratio}x)",
+        ),
+        (
+            result["burst_error_rate"] <= slo.max_error_rate,
+            f"error rate {result['burst_error_rate']:.4f} in the burst > {slo.max_error_rate}",
+        ),
         (result["p99_ms"] <= slo.p99_ms, f"p99 {result['p99_ms']:.1f} ms > {slo.p99_ms}"),
         (result["rps"] >= slo.min_rps, f"throughput {result['rps']:.1f}/s < {slo.min_rps}"),
         (
@@ -142,14 +169,19 @@ def validate(
         bodies = [json.dumps({"records": r}).encode() for r in raw_records(test, meta["features"])]
         load(port, bodies, slo.concurrency, 1.0)  # warm-up
         result = load(port, bodies, slo.concurrency, slo.duration_s)
+        result |= burst_recovery(port, bodies, slo)
     result["answers_checked"] = checked
     log.info(
-        "load at concurrency %d: %.0f requests/s, p50 %.1f ms, p99 %.1f ms, error rate %.4f",
+        "load at concurrency %d: %.0f requests/s, p50 %.1f ms, p99 %.1f ms, error rate %.4f;"
+        " lone requests p50 %.2f ms, %.2f ms after a burst (%.2fx)",
         slo.concurrency,
         result["rps"],
         result["p50_ms"],
         result["p99_ms"],
         result["error_rate"],
+        result["lone_p50_ms"],
+        result["after_burst_p50_ms"],
+        result["after_burst_ratio"],
     )
     if missed := missed_slos(result, slo):
         raise StageError("; ".join(missed))
