@@ -6,6 +6,7 @@ The model, its schema and the training reference profile come from the BentoML m
 section of params.yaml. Bearer-token auth is on when FULLSTACK_ML_API_TOKEN is set.
 """
 
+import asyncio
 import gc
 import hmac
 import json
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
 import bentoml
+import uvicorn.config
 import yaml
 from bentoml.exceptions import InvalidArgument
 from bentoml.validators import ContentType
@@ -32,6 +34,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 # torch and whylogs are imported where they are used, in the serving workers: `bentoml
 # build` and the `bentoml serve` supervisor import this module too, and need neither
@@ -316,12 +319,12 @@ class Gate:
             body = error_body("unsupported_media_type", ["header", "content-type"], msg)
             return await respond(send, 415, body)
         length = headers.get(b"content-length", b"")
-        if (int(length) if length.isdigit() else 0) > self.max_body or not length:
+        if length.isdigit() and int(length) > self.max_body:
+            return await self.too_large(send)  # refused before reading a byte of it
+        if not length:
             body, too_large = await read_body(receive, self.max_body)
             if too_large:
-                metrics().failures.labels(reason="body_too_large").inc()
-                msg = f"request body larger than {self.max_body} bytes (serve.max_body_bytes)"
-                return await respond(send, 413, error_body("body_too_large", ["body"], msg))
+                return await self.too_large(send)
             receive = replay(body, receive)
         status = 0
 
@@ -334,6 +337,11 @@ class Gate:
             await send(message)
 
         await self.app(scope, receive, counting_send)
+
+    async def too_large(self, send: Any) -> None:
+        metrics().failures.labels(reason="body_too_large").inc()
+        msg = f"request body larger than {self.max_body} bytes (serve.max_body_bytes)"
+        await respond(send, 413, error_body("body_too_large", ["body"], msg))
 
 
 def media_type(headers: dict[bytes, bytes]) -> bytes:
@@ -388,6 +396,60 @@ async def respond(send: Any, status: int, body: bytes, headers: list | None = No
     head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": head + (headers or [])})
     await send({"type": "http.response.body", "body": body})
+
+
+class BoundedHTTP(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, which `bentoml serve` runs, with the bounds it lacks: a
+    connection with no request in flight (idle, or still sending its headers) is closed
+    `serve.idle_timeout_s` after it opened or after its last response (uvicorn times out
+    only connections that have had a response: 500 idle sockets stayed open); one past
+    `serve.max_connections` gets a 503 and is closed; on shutdown, a request still in
+    flight after `serve.shutdown_grace_s` (a stalled body) is cut off rather than awaited
+    for the whole request timeout. BentoML does not let a service configure uvicorn."""
+
+    idle_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > SERVE["max_connections"]:
+            metrics().failures.labels(reason="too_many_connections").inc()
+            msg = f"more than {SERVE['max_connections']} open connections (serve.max_connections)"
+            body = error_body("too_many_connections", ["connection"], msg)
+            head = "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+            transport.write(
+                f"{head}content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+            )
+            transport.write(body)
+            transport.close()
+            return
+        self.close_when_idle()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self.close_when_idle()
+
+    def close_when_idle(self) -> None:
+        if self.idle_timer:
+            self.idle_timer.cancel()
+        self.idle_timer = self.loop.call_later(SERVE["idle_timeout_s"], self.close_if_idle)
+
+    def close_if_idle(self) -> None:
+        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.idle_timer:
+            self.idle_timer.cancel()
+        super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self.loop.call_later(SERVE["shutdown_grace_s"], self.transport.close)
+
+
+# `bentoml serve` builds uvicorn's config itself, with the "auto" protocol: h11 here (no
+# httptools installed). uvicorn's importer takes a class as it is.
+uvicorn.config.HTTP_PROTOCOLS["auto"] = BoundedHTTP  # type: ignore[assignment]
 
 
 # @bentoml.api routes are POST; the GET routes come from a small mounted Starlette app.

@@ -4,6 +4,7 @@ drift, auth, load with faults, graceful shutdown."""
 import json
 import os
 import random
+import selectors
 import signal
 import socket
 import threading
@@ -257,6 +258,55 @@ def test_oversized_chunked_body_is_413(server: Server) -> None:
     assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]
 
 
+def test_a_declared_length_over_the_limit_is_413_before_the_body_is_sent(
+    server: Server, cfg: DictConfig
+) -> None:
+    head = "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
+        conn.sendall(f"{head}Content-Length: {cfg.serve.max_body_bytes + 1}\r\n\r\n".encode())
+        answer = conn.recv(65536)  # no byte of the body was sent
+        while b"}" not in answer and (chunk := conn.recv(65536)):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413") and b"max_body_bytes" in answer, answer
+
+
+def test_idle_and_excess_connections_are_closed(
+    server: Server, cfg: DictConfig, test_split: pd.DataFrame, expected: list[int]
+) -> None:
+    """Connections that send nothing, or half their headers, are closed by the server after
+    `serve.idle_timeout_s`; those past `serve.max_connections` get a 503 at once; a valid
+    request meanwhile is answered."""
+
+    def connect() -> socket.socket:
+        return socket.create_connection(("127.0.0.1", server.port))
+
+    partial = connect()
+    partial.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-")
+    idle = [connect() for _ in range(500)]
+    r = requests.post(
+        f"{server.url}/predict", json={"records": records(test_split)[:1]}, timeout=30
+    )
+    assert r.status_code == 200 and r.json()[0]["label"] == expected[0]
+    idle += [connect() for _ in range(cfg.serve.max_connections + 1 - len(idle))]
+    answers: dict[socket.socket, bytes] = {}
+    deadline = time.monotonic() + 4 * cfg.serve.idle_timeout_s  # a liveness bound, not a benchmark
+    with selectors.DefaultSelector() as waiting:  # select() takes no descriptor past 1023
+        for conn in [partial, *idle]:
+            waiting.register(conn, selectors.EVENT_READ)
+        while len(answers) < len(idle) + 1 and time.monotonic() < deadline:
+            for key, _ in waiting.select(timeout=1):
+                conn, answers[key.fileobj] = key.fileobj, b""
+                while chunk := conn.recv(65536):  # to the server's close
+                    answers[conn] += chunk
+                waiting.unregister(conn)
+    for conn in [partial, *idle]:
+        conn.close()
+    assert len(answers) == len(idle) + 1, f"{len(idle) + 1 - len(answers)} connections left open"
+    assert answers[partial] == answers[idle[0]] == b""  # closed, no answer
+    assert answers[idle[-1]].startswith(b"HTTP/1.1 503"), answers[idle[-1]]
+    assert b"serve.max_connections" in answers[idle[-1]]
+
+
 def test_metrics_count_predictions_records_and_failures(
     server: Server, test_split: pd.DataFrame, expected: list[int]
 ) -> None:
@@ -421,17 +471,19 @@ def test_mixed_load_no_5xx_every_answer_matches_memory_returns(
     assert rss_after < rss_warm * 1.25, (rss_warm, rss_after)
 
 
-def test_graceful_shutdown_finishes_the_request_in_flight(
-    guarded: Server, test_split: pd.DataFrame
+def test_graceful_shutdown_finishes_the_request_in_flight_and_cuts_off_a_stalled_one(
+    guarded: Server, test_split: pd.DataFrame, cfg: DictConfig
 ) -> None:
-    """SIGTERM while a request is half sent: the server still answers it, then exits (the
-    guarded server's last test)."""
+    """SIGTERM while two requests are half sent: the server answers the one whose body comes
+    within `serve.shutdown_grace_s`, cuts the other off, and exits without waiting for the
+    request timeout (the guarded server's last test)."""
     body = json.dumps({"records": records(test_split)[:3]}).encode()
     server = guarded
-    conn = socket.create_connection(("127.0.0.1", server.port))
     head = "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-    head += f"Authorization: Bearer {TOKEN}\r\n"
-    conn.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body[:10])
+    head += f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n"
+    conn, stalled = (socket.create_connection(("127.0.0.1", server.port)) for _ in range(2))
+    for c in (conn, stalled):
+        c.sendall(head.encode() + body[:10])
     time.sleep(2)  # the server has the request's head: it is in flight
     os.killpg(server.proc.pid, signal.SIGTERM)
     time.sleep(2)
@@ -443,6 +495,10 @@ def test_graceful_shutdown_finishes_the_request_in_flight(
             break
     conn.close()
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
-    assert server.proc.wait(timeout=60) is not None
+    stalled.settimeout(60)
+    assert stalled.recv(65536) == b""  # cut off: closed with no answer
+    stalled.close()
+    # before the grace period, the stalled body held the shutdown for the request timeout
+    assert server.proc.wait(timeout=cfg.serve.timeout) is not None
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", server.port), timeout=5)
