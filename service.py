@@ -96,9 +96,6 @@ PRE = Preprocessor.from_dict(META["preprocessing"])  # fitted on train, saved wi
 FEATURES: list[str] = META["features"]
 CLASSES: list[Any] = META["classes"]
 CLASSIFY = META["task"] == "classification"
-feature_values = (
-    attrgetter(*FEATURES) if len(FEATURES) > 1 else lambda r: (getattr(r, FEATURES[0]),)
-)
 
 
 @cache
@@ -170,15 +167,20 @@ def number(mean: float, std: float) -> Any:
 
 
 Category = Annotated[str, Field(strict=True)]
+# Each feature is a field named f0, f1, ... with the feature's name as its alias: a record,
+# its spec and its errors use the real names, and any column name works, `sepal.length`
+# (an attribute path to attrgetter), `_id` (private in pydantic) or `model_config` alike.
+FIELDS = {name: f"f{i}" for i, name in enumerate(FEATURES)}
 Record = create_model(
     "Record",
     __config__=ConfigDict(extra="forbid"),
     **{
-        name: (number(mean, std) | None, ...)
+        FIELDS[name]: (number(mean, std) | None, Field(alias=name))
         for name, mean, std in zip(PRE.numeric, PRE.mean, PRE.std, strict=True)
     },
-    **{name: (Category | None, ...) for name in PRE.categorical},
+    **{FIELDS[name]: (Category | None, Field(alias=name)) for name in PRE.categorical},
 )
+feature_values = attrgetter(*FIELDS.values()) if len(FIELDS) > 1 else lambda r: (r.f0,)
 
 
 class PredictRequest(BaseModel):
@@ -294,6 +296,92 @@ def error_body(kind: str, loc: list[str], msg: str) -> bytes:
     return json.dumps({"error": msg, "detail": detail}).encode()
 
 
+def error_schema(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ClientError"}}},
+    }
+
+
+ERRORS = {  # every error the API routes answer, by status: one body shape (error_body's)
+    "400": error_schema("A field failed validation: `detail` names each, by `loc` and `type`"),
+    "401": error_schema("Bearer token missing or wrong (when FULLSTACK_ML_API_TOKEN is set)"),
+    "413": error_schema("Body larger than serve.max_body_bytes"),
+    "415": error_schema("Content-Type is not application/json"),
+    "503": error_schema("More open connections than serve.max_connections"),
+}
+CLIENT_ERROR = {
+    "type": "object",
+    "required": ["error", "detail"],
+    "properties": {
+        "error": {"type": "string"},
+        "detail": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["type", "loc", "msg"],
+                "properties": {
+                    "type": {"type": "string"},
+                    "loc": {
+                        "type": "array",
+                        "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+                    },
+                    "msg": {"type": "string"},
+                },
+            },
+        },
+    },
+}
+
+
+def json_get(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    ok = {"description": description, "content": {"application/json": {"schema": schema}}}
+    return {"get": {"tags": ["Service APIs"], "responses": {"200": ok, "401": ERRORS["401"]}}}
+
+
+GET_ROUTES = {
+    "/metadata": json_get(
+        "The model's tag, its input schema and the build's lineage and metrics",
+        {"type": "object", "required": ["model_tag", "schema"]},
+    ),
+    "/drift": json_get(
+        "Drift of the latest records served against the training profile, per feature",
+        {
+            "type": "object",
+            "required": ["records_seen", "window_records", "status"],
+            "properties": {
+                "records_seen": {"type": "integer"},
+                "window_records": {"type": "integer"},
+                "status": {"enum": ["ok", "insufficient_data"]},
+                "features": {"type": "object"},
+            },
+        },
+    ),
+}
+
+
+@cache
+def openapi_spec() -> bytes:
+    """BentoML's spec of the service, made true: the error responses the API routes send
+    (BentoML declares `detail` a string, and 404 and 500, which they never answer), their
+    body as required, the GET routes of the mounted app, which BentoML leaves out, and the
+    bearer token where auth is on."""
+    spec = Classifier.openapi_spec.asdict()
+    spec["components"]["schemas"]["ClientError"] = CLIENT_ERROR
+    for path in API_PATHS:
+        post = spec["paths"][path]["post"]
+        post["responses"] = {"200": post["responses"][200], **ERRORS}  # keys: int in BentoML's
+        post["requestBody"]["required"] = True  # a JSON body, always
+    spec["paths"].update(GET_ROUTES)
+    if os.environ.get(TOKEN_ENV):
+        spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        for path, item in spec["paths"].items():
+            for operation in item.values():
+                if path not in OPEN_PATHS:
+                    operation["security"] = [{"bearer": []}]
+    return json.dumps(spec).encode()
+
+
 class Gate:
     """ASGI middleware in front of every route: bearer-token auth (health, readiness and
     metrics stay open), JSON bodies only on the API routes (415), the request body limit
@@ -312,6 +400,8 @@ class Gate:
         if self.expected and not hmac.compare_digest(given, self.expected):
             body = error_body("unauthorized", ["header", "authorization"], "bearer token required")
             return await respond(send, 401, body, [(b"www-authenticate", b"Bearer")])
+        if scope["path"] == "/docs.json" and scope["method"] == "GET":
+            return await respond(send, 200, openapi_spec())
         if scope["path"] in API_PATHS and media_type(headers) != b"application/json":
             # BentoML parses forms and multipart bodies too, and answered 500 to some
             metrics().failures.labels(reason="unsupported_media_type").inc()

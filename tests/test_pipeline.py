@@ -30,16 +30,19 @@ DISTIL += ["distil.alpha=1.0", "distil.epochs=8"]
 # validate stage); tests/test_compress.py checks the compiled paths in process.
 DISTIL += ["compress.compile=false"]
 
-# A regression target, categorical features and missing values, from the synthetic source.
+# A regression target, categorical features, missing values and column names that are not
+# Python identifiers (the service exposes each feature by its own name), from a CSV file.
 MIXED = [
-    "data=synthetic",
-    "data.synthetic.rows=3000",
-    "data.synthetic.classes=0",
-    "data.synthetic.missing_rate=0.05",
+    "data=csv",
+    "data.path=data/raw/mixed.csv",
+    "data.target=label",
     "profile=basic",  # digits' pixel range does not apply
     "compress.max_accuracy_drop=5",  # R^2 points; parity, not the budget, is tested here
     "distil.epochs=2",
 ]
+MIXED_DATA = {"rows": 3000, "numeric": 16, "categorical": 4, "categories": 6, "classes": 0}
+MIXED_DATA["missing_rate"] = 0.05
+ODD_NAMES = {"num_0": "sepal.length", "num_1": "_id", "num_2": "model_config", "cat_1": "records"}
 
 
 def sh(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
@@ -80,7 +83,13 @@ def mixed_run(
     """The mixed-types regression pipeline, started in the background (its own BentoML
     store) before the default one: most stages use one core of two, so the two runs
     overlap. test_mixed_types_regression_served_like_in_process waits for it."""
+    from stages.ingest.sources import synthetic_frame
+
     repo = new_repo(tmp_path_factory, env)
+    frame = synthetic_frame(MIXED_DATA, "label", seed=42).rename(columns=ODD_NAMES)
+    frame.to_csv(repo / "data/raw/mixed.csv", index=False)
+    sh(["git", "add", "data/raw/mixed.csv"], repo, env)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "data"], repo, env)
     own = {**env, "BENTOML_HOME": str(repo.parent / "bentoml-mixed")}
     with (repo.parent / "mixed.log").open("w") as log:
         proc = subprocess.Popen(
@@ -274,6 +283,7 @@ def test_mixed_types_regression_served_like_in_process(
     schema = json.loads((repo / "data/curated/schema.json").read_text())
     assert schema["task"] == "regression"
     assert {f["kind"] for f in schema["features"]} == {"numeric", "categorical"}
+    assert set(ODD_NAMES.values()) <= {f["name"] for f in schema["features"]}
     validate = json.loads((repo / "metrics/validate.json").read_text())
     assert validate["answers_checked"] == schema["rows"]["test"]
     assert json.loads((repo / "metrics/eval.json").read_text())["r2"] > 0.8
@@ -288,10 +298,14 @@ def test_mixed_types_regression_served_like_in_process(
         body = {"records": raw_records(test, meta["features"])}
         served = requests.post(f"{server.url}/predict", json=body, timeout=30)
         proba = requests.post(f"{server.url}/predict_proba", json=body, timeout=30)
+        bad = {"records": [{**body["records"][0], "sepal.length": "x"}]}
+        refused = requests.post(f"{server.url}/predict", json=bad, timeout=30)
     assert served.status_code == 200, served.text
     # served compiled by Inductor: INT8 rounding differs from eager's by about 1e-4 relative
     assert [p["value"] for p in served.json()] == pytest.approx(want.tolist(), rel=1e-3)
     assert proba.status_code == 400 and "regression" in proba.text
+    assert refused.status_code == 400, refused.text  # the error names the feature as sent
+    assert refused.json()["detail"][0]["loc"] == ["records", 0, "sepal.length"]
 
 
 def test_failed_ingest_under_dvc_leaves_nothing_valid_and_checkout_restores(

@@ -7,6 +7,8 @@ import random
 import selectors
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -84,6 +86,14 @@ def test_openapi_shows_the_training_schema(server: Server, test_split: pd.DataFr
     assert [t["type"] for t in types] == ["number", "null"]
     assert types[0]["maximum"] <= np.finfo(np.float32).max  # what float32 holds, no more
     assert record["additionalProperties"] is False
+    # every route it answers, each API route with the errors it sends and their real shape
+    assert {"/metadata", "/drift", "/healthz", "/metrics"} <= set(spec["paths"])
+    responses = spec["paths"]["/predict"]["post"]["responses"]
+    assert set(responses) == {"200", "400", "401", "413", "415", "503"}
+    detail = spec["components"]["schemas"]["ClientError"]["properties"]["detail"]
+    sent = requests.post(f"{server.url}/predict", json={"records": []}, timeout=10).json()
+    assert detail["type"] == "array" and isinstance(sent["detail"], list)
+    assert "securitySchemes" not in spec["components"]  # no token set: no auth
 
 
 def test_the_docs_page_is_sent_whole(server: Server) -> None:
@@ -406,6 +416,22 @@ def test_bearer_token_guards_every_route_but_health_and_metrics(
         assert len(client.predict(records=body["records"])) == 2
         one = client.predict_proba(records=body["records"][:1])
         assert len(one) == 1 and len(one[0]["probabilities"]) == 10
+
+
+def test_schemathesis_finds_no_server_error_and_no_spec_violation(
+    guarded: Server, tmp_path: Path
+) -> None:
+    """Every operation of the served spec (with its bearer auth), fuzzed with all of
+    schemathesis' checks; bounded examples (measured with 200 per operation too)."""
+    spec = requests.get(f"{guarded.url}/docs.json", headers=AUTH, timeout=10).json()
+    assert spec["paths"]["/drift"]["get"]["security"] == [{"bearer": []}]
+    st = [Path(sys.executable).parent / "st", "run", f"{guarded.url}/docs.json"]
+    options = ["--url", guarded.url, "--checks", "all", "--max-examples", "25", "--seed", "1"]
+    options += ["--header", f"Authorization: Bearer {TOKEN}", "--no-color"]
+    run = {"capture_output": True, "text": True, "timeout": 600, "cwd": tmp_path}
+    result = subprocess.run([*st, *options], **run)  # its cache dir goes to cwd
+    assert result.returncode == 0, result.stdout[-5000:]
+    assert "No issues found" in result.stdout
 
 
 def server_rss(server: Server) -> int:
