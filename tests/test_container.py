@@ -58,26 +58,32 @@ def log_errors(name: str) -> str:
     return "\n".join(errors[-10:] or lines[-30:])
 
 
+def wait_ready(name: str, url: str, restarts: int = 0) -> None:
+    """Until the container has restarted `restarts` times and its server is ready."""
+    for _ in range(180):  # bounded: one try a second while the server starts
+        state = podman("inspect", "--format", "{{.State.Status}} {{.RestartCount}}", name)
+        status, count = state.stdout.split()
+        if int(count) > restarts or (restarts == 0 and status != "running"):
+            pytest.fail(f"container {status}, restarted {count} times:\n{log_errors(name)}")
+        try:
+            if int(count) == restarts and requests.get(f"{url}/readyz", timeout=2).ok:
+                return
+        except requests.RequestException:  # not listening yet
+            pass
+        time.sleep(1)
+    pytest.fail(f"never ready:\n{log_errors(name)}")
+
+
 @pytest.fixture(scope="module")
 def container(image: str) -> Iterator[tuple[str, str]]:
-    """The image run detached on a free loopback port, with a bearer token set; removed after."""
+    """The image run detached on a free loopback port, with a bearer token set and the
+    restart policy the README gives; removed after."""
     name, port = f"fullstack-ml-test-{uuid.uuid4().hex[:8]}", free_port()
-    podman("run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:3000",
+    podman("run", "-d", "--name", name, "--restart", "on-failure", "-p", f"127.0.0.1:{port}:3000",
            "-e", f"FULLSTACK_ML_API_TOKEN={TOKEN}", image)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(180):  # bounded: one try a second while the server starts
-            state = podman("inspect", "--format", "{{.State.Status}}", name).stdout.strip()
-            if state != "running":
-                pytest.fail(f"container {state}:\n{log_errors(name)}")
-            try:
-                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:  # not listening yet
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail(f"never ready:\n{log_errors(name)}")
+        wait_ready(name, url)
         yield name, url
     finally:
         podman("rm", "--force", "--time", "5", name, check=False)
@@ -103,3 +109,21 @@ def test_predict_one_label_per_record(bento: Path, container: tuple[str, str]) -
     assert reply.status_code == 200, reply.text
     assert len(reply.json()) == len(body["records"])
     assert all(p["label"] in schema["classes"] for p in reply.json())
+
+
+def test_a_killed_worker_is_brought_back_by_the_restart_policy(
+    container: tuple[str, str],
+) -> None:
+    """In a container BentoML does not respawn a dead worker (BENTOML_CONTAINERIZED): the
+    server exits 1 and the restart policy (`--restart on-failure`, as the README runs it)
+    starts it again (the container's last test)."""
+    name, url = container
+    top = podman("top", name, "pid", "args").stdout.splitlines()
+    worker = next(line.split()[0] for line in top if "_bentoml_impl.worker.service" in line)
+    podman("exec", name, "sh", "-c", f"kill -9 {worker}")
+    wait_ready(name, url, restarts=1)
+    body = {"records": [{}]}  # a 400 naming every missing feature: the service answers again
+    reply = requests.post(
+        f"{url}/predict", json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60
+    )
+    assert reply.status_code == 400 and reply.json()["detail"][0]["type"] == "missing"
