@@ -528,3 +528,40 @@ def test_graceful_shutdown_finishes_the_request_in_flight_and_cuts_off_a_stalled
     assert server.proc.wait(timeout=cfg.serve.timeout) is not None
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", server.port), timeout=5)
+
+
+def test_a_killed_worker_is_replaced_and_leaves_no_orphans(
+    server: Server, test_split: pd.DataFrame, expected: list[int]
+) -> None:
+    """SIGKILL of the serving worker: `bentoml serve` starts another, and the dead one's
+    drift helper and resource tracker exit with it (they outlived it, ~240 MB of orphans).
+    The server's last test."""
+
+    def workers() -> list[psutil.Process]:
+        found = []
+        for p in psutil.Process(server.proc.pid).children(recursive=True):
+            try:
+                if "_bentoml_impl.worker.service" in " ".join(p.cmdline()):
+                    found.append(p)
+            except psutil.Error:  # exited meanwhile
+                pass
+        return found
+
+    (worker,) = workers()
+    children = worker.children(recursive=True)
+    assert len(children) >= 2, children  # the drift helper and multiprocessing's tracker
+    worker.kill()
+    body, r = {"records": records(test_split)[:2]}, None
+    for _ in range(120):  # bounded: one try a second while the new worker starts
+        time.sleep(1)
+        try:
+            r = requests.post(f"{server.url}/predict", json=body, headers=JSON, timeout=10)
+            if r.status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+    assert r is not None and r.status_code == 200, "no new worker answered"
+    assert [p["label"] for p in r.json()] == expected[:2]
+    assert [w.pid for w in workers()] != [worker.pid]
+    _, alive = psutil.wait_procs(children, timeout=30)  # a liveness bound: they look each second
+    assert alive == [], [p.cmdline() for p in alive]
