@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 SHRUNK = ["train.epochs=6", "distil.epochs=4", "compress.latency_repeats=5"]
 SHRUNK += ["serve.slo.duration_s=1", "serve.slo.p99_ms=60000", "serve.slo.min_rps=1"]  # see below
+SHRUNK += ["serve.slo.burst_s=1", "serve.slo.settle_s=0.5", "serve.slo.max_after_burst_ratio=100"]
 SHRUNK += ["~compress.pipelines"]  # the report's candidates: tests/test_compress.py
 # the default run's report: the distil stage's student, quantized; the student learns from
 # the teacher's soft labels alone (alpha=1: the true labels carry no weight)
@@ -138,6 +139,7 @@ def test_pipeline_outputs_metrics_and_experiments(repo: Path, env: dict) -> None
     # relaxed here (a shared test machine), test_failed_stage... checks that a miss fails
     validate = values["metrics/validate.json"]["data"]
     assert validate["answers_checked"] == 270 and validate["error_rate"] == 0
+    assert validate["burst_error_rate"] == 0 and validate["after_burst_ratio"] > 0
     exps = sh(["dvc", "exp", "show", "--json"], repo, env).stdout
     assert "train.epochs" in exps or '"epochs": 6' in exps
     # nothing changed: nothing reruns (a serve key rebuilds only the bento: the sweep below)
