@@ -200,7 +200,7 @@ def work_package(repo: Path, cfg: Any) -> float:
     model, metrics = repo / "models/compressed", repo / "metrics"
     with tempfile.TemporaryDirectory() as tmp:
         plan = Path(tmp) / "serving.json"
-        serving = json.loads((metrics / "compress.json").read_text())["serving"]
+        serving = json.loads((repo / "reports/compress.json").read_text())["serving"]
         plan.write_text(json.dumps(serving))
         files = {
             "model.pt2": model / "model.pt2",

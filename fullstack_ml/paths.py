@@ -18,6 +18,8 @@ DIST_DIR = Path("dist")
 TRAIN_CURVES = Path("plots/train.csv")
 CONFUSION = Path("plots/confusion.csv")
 COMPRESS_PLOT = Path("plots/compress.csv")
+COMPRESS_DETAILS = Path("reports/compress.json")  # every candidate, the serving plan (measured)
+PER_CLASS = Path("plots/per_class.csv")  # precision, recall, F1 and support per class
 METRICS = {
     stage: Path(f"metrics/{stage}.json")
     for stage in ("profile", "train", "eval", "distil", "compress", "validate")

@@ -1,8 +1,9 @@
 """evaluate: score the FP32 model on the test split.
 
-Writes `metrics/eval.json` (classification: accuracy, macro F1, per-class metrics;
-regression: RMSE, MAE, R^2) and `plots/confusion.csv` (actual vs predicted per test row: a
-DVC confusion plot for classes).
+Writes `metrics/eval.json` (classification: accuracy, macro F1; regression: RMSE, MAE,
+R^2), `plots/per_class.csv` (precision, recall, F1 and support per class; a header alone for
+regression) and `plots/confusion.csv` (actual vs predicted per test row: a DVC confusion
+plot for classes).
 """
 
 import logging
@@ -23,7 +24,7 @@ from sklearn.metrics import (
 
 from fullstack_ml.curated import load_split
 from fullstack_ml.model import decode, encode_split, load_fp32, predict_logits
-from fullstack_ml.paths import CONFUSION, FP32_DIR, METRICS
+from fullstack_ml.paths import CONFUSION, FP32_DIR, METRICS, PER_CLASS
 from fullstack_ml.stage import StageError, run, write_atomic, write_json
 
 log = logging.getLogger("stages.evaluate")
@@ -77,7 +78,11 @@ def main(cfg: DictConfig) -> None:
     test = load_split("test")
     log.info("evaluating %s on %d test rows", FP32_DIR, len(test))
     metrics, confusion = evaluate(FP32_DIR, test)
+    # the headline figures are metrics (`dvc exp show`); the per-class ones a plot
+    per_class = pd.DataFrame.from_dict(metrics.pop("per_class", {}), orient="index")
+    per_class = per_class.reindex(columns=["precision", "recall", "f1", "support"])
     write_json(METRICS["eval"], metrics)
+    write_atomic(PER_CLASS, per_class.rename_axis("class").to_csv())
     write_atomic(CONFUSION, confusion.to_csv(index=False))
     shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
     log.info("%s -> %s, %s", shown, METRICS["eval"], CONFUSION)

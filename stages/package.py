@@ -25,6 +25,7 @@ from bentoml.exceptions import NotFound
 from omegaconf import DictConfig
 
 from fullstack_ml.paths import (
+    COMPRESS_DETAILS,
     COMPRESSED_DIR,
     DIST_DIR,
     METRICS,
@@ -121,7 +122,7 @@ def package(
 
 
 def main(cfg: DictConfig) -> None:
-    compressed = read_json(METRICS["compress"])
+    compressed = read_json(COMPRESS_DETAILS)
     with tempfile.TemporaryDirectory() as tmp:
         plan = Path(tmp) / "serving.json"
         plan.write_text(json.dumps(compressed["serving"], indent=2))

@@ -129,8 +129,12 @@ def test_pipeline_outputs_metrics_and_experiments(repo: Path, env: dict) -> None
     assert values["metrics/eval.json"]["data"]["accuracy"] > 0.85
     compressed = values["metrics/compress.json"]["data"]
     assert compressed["size_ratio"] < 0.3
-    # distil -> compress through DVC (metrics show drops lists: read the file)
-    student = json.loads((repo / "metrics/compress.json").read_text())["candidates"]["distil_int8"]
+    # the headline figures only (what `dvc exp show` compares); the details beside them
+    assert len(compressed) == 6 and "per_class" not in values["metrics/eval.json"]["data"]
+    per_class = pd.read_csv(repo / "plots/per_class.csv")
+    assert list(per_class["class"]) == list(range(10)) and per_class["support"].sum() == 270
+    # distil -> compress through DVC
+    student = json.loads((repo / "reports/compress.json").read_text())["candidates"]["distil_int8"]
     assert student["steps"] == ["distil", "int8_static"] and student["size_ratio"] < 0.1
     distil = values["metrics/distil.json"]["data"]
     assert distil["student_parameters"] < distil["teacher_parameters"] / 10

@@ -34,6 +34,7 @@ from fullstack_ml.model import (
     score,
 )
 from fullstack_ml.paths import (
+    COMPRESS_DETAILS,
     COMPRESS_PLOT,
     COMPRESS_REPORT,
     COMPRESSED_DIR,
@@ -316,6 +317,15 @@ def serving_plan(fp32: dict, chosen: dict, cfg: DictConfig) -> dict[str, Any]:
     return {"programs": programs, "latency_ms": latency, "plan": plan}
 
 
+def headline(result: dict[str, Any], name: str) -> dict[str, Any]:
+    """What `dvc exp show` compares: the chosen method, its score and its ratios to FP32
+    (the candidates and per-batch latencies stay in the details file)."""
+    keys = ["size_ratio", "accuracy_drop_points", "latency_ratio_batch1", "latency_ratio_batch256"]
+    return {"method": result["method"], name: result["compressed"][name]} | {
+        k: result[k] for k in keys
+    }
+
+
 def main(cfg: DictConfig) -> None:
     torch.manual_seed(cfg.seed)
     _, meta = load_fp32(FP32_DIR)
@@ -337,8 +347,9 @@ def main(cfg: DictConfig) -> None:
         student_dir=STUDENT_DIR if STUDENT_DIR.exists() else None,
         seed=cfg.seed,
     )
-    write_json(METRICS["compress"], result)
     name = SCORE_NAME[meta["task"]]
+    write_json(COMPRESS_DETAILS, result)
+    write_json(METRICS["compress"], headline(result, name))
     write_report(result, name, COMPRESS_PLOT, COMPRESS_REPORT)
     log.info("\n%s", table(result, name).to_string(index=False, float_format="%.4g"))
     log.info(
