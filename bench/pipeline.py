@@ -137,7 +137,7 @@ def work_train(repo: Path, cfg: Any) -> float:
 
     from bench.train import child_torch
 
-    run = json.loads((repo / "metrics/train.json").read_text())["epochs_run"]
+    run = json.loads((repo / "dvclive/train/metrics.json").read_text())["epochs_run"]
     loop = OmegaConf.merge(cfg, {"train": {"epochs": run}})
     return timed(lambda: child_torch(loop, repo / "data/curated", 1))
 

@@ -15,15 +15,19 @@ STUDENT_DIR = Path("models/student")
 COMPRESSED_DIR = Path("models/compressed")
 COMPRESS_REPORT = Path("reports/compress.html")
 DIST_DIR = Path("dist")
-TRAIN_CURVES = Path("plots/train.csv")
+# DVCLive's folders (metrics.json, plots/metrics/*.tsv), written by the training loop
+LIVE = {"train": Path("dvclive/train"), "distil": Path("dvclive/distil")}
+TRAIN_CURVES = LIVE["train"] / "plots/metrics"
+DISTIL_CURVES = LIVE["distil"] / "plots/metrics"
+DISTIL_LIVE_SUMMARY = LIVE["distil"] / "metrics.json"  # an output; metrics/distil.json heads it
 CONFUSION = Path("plots/confusion.csv")
 COMPRESS_PLOT = Path("plots/compress.csv")
 COMPRESS_DETAILS = Path("reports/compress.json")  # every candidate, the serving plan (measured)
 PER_CLASS = Path("plots/per_class.csv")  # precision, recall, F1 and support per class
 METRICS = {
     stage: Path(f"metrics/{stage}.json")
-    for stage in ("profile", "train", "eval", "distil", "compress", "validate")
-}
+    for stage in ("profile", "eval", "distil", "compress", "validate")
+} | {"train": LIVE["train"] / "metrics.json"}
 
 
 def split_file(name: str, data_dir: Path = DATA_DIR) -> Path:

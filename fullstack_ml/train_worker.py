@@ -20,6 +20,7 @@ import numpy as np
 import ray.train
 import ray.train.torch
 import torch
+from dvclive import Live
 from hydra.utils import instantiate
 from ray.data.collate_fn import NumpyBatchCollateFn
 from torch import nn
@@ -135,6 +136,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         cache = [] if config["cache_shard"] else None
     history: list[dict[str, float]] = state["history"]
     stop = config["early_stopping"]
+    live = open_live(config["live_dir"], resumed=bool(history)) if rank == 0 else None
     best_state: dict[str, torch.Tensor] = state["best_state"]
     for epoch in range(state["epoch"] + 1, config["epochs"] + 1):
         began = time.perf_counter()
@@ -179,6 +181,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if best == epoch:  # kept in memory; checkpoints carry the best weights, not the last
             best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
         stopping = stop["patience"] is not None and epoch - best >= stop["patience"]
+        if live is not None:
+            log_epoch(live, metrics, history[best - 1], score)
         if rank == 0:
             print(  # reaches the driver's console through Ray's log forwarding
                 f"epoch {epoch}/{config['epochs']}: train loss {train_loss:.4f}"
@@ -213,6 +217,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 print(f"early stop: no {stop['metric']} gain since epoch {best}", flush=True)
             break
+
+
+def open_live(live_dir: str | None, resumed: bool) -> Live | None:
+    """DVCLive's logger for the per-epoch metrics and plots (`dvc exp show` and `dvc plots`
+    read them while the run goes on); a run resumed after a failure continues its files."""
+    if live_dir is None:
+        return None
+    return Live(live_dir, resume=resumed, save_dvc_exp=False, dvcyaml=None)
+
+
+def log_epoch(live: Live, metrics: dict[str, float], best: dict[str, float], score: str) -> None:
+    """One epoch's figures at step = epoch, and the best epoch's in the summary
+    (`metrics.json`: what the stage's metric shows)."""
+    live.step = int(metrics["epoch"])
+    names = ("train_loss", f"train_{score}", "val_loss", f"val_{score}", "lr", "epoch_s", "attempt")
+    for name in names:
+        live.log_metric(name, metrics[name])
+    live.summary.update(
+        {f"best_{k}": best[k] for k in ("val_loss", f"val_{score}")}
+        | {"best_epoch": best["epoch"], "epochs_run": metrics["epoch"]}
+    )
+    live.make_summary()
 
 
 def val_batches(data: Any, device: torch.device) -> Iterator[tuple[torch.Tensor, ...]]:

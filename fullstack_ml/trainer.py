@@ -227,10 +227,12 @@ def fit(
     train_rows: int | None = None,
     teacher: nn.Module | None = None,
     distill: dict[str, float] | None = None,
+    live_dir: Path | None = None,
 ) -> tuple[nn.Module, list[dict[str, float]], dict[str, Any]]:
     """Train the network in `meta` on `splits` ("train", "val") with Ray Train, on the
     cluster at `cluster["address"]` (none: a local Ray). With a `teacher`, the loss mixes
-    in `distillation_loss` on its outputs (`distill`: temperature, alpha).
+    in `distillation_loss` on its outputs (`distill`: temperature, alpha). With `live_dir`,
+    the rank-0 worker logs every epoch there with DVCLive.
 
     Returns:
         The best epoch's model (eval mode), the per-epoch history, and what it was
@@ -302,6 +304,8 @@ def fit(
                     "distill": distill if teacher is not None else None,
                     # local mode keeps the checkpoint it is given: not a folder deleted after
                     "checkpoint_dir": str(Path(tmp) / "local") if local else None,
+                    # absolute: a worker actor's working directory is not this one
+                    "live_dir": str(Path(live_dir).resolve()) if live_dir else None,
                     "arrays": in_memory_tensors(splits, meta, teacher) if in_memory else None,
                 },
                 torch_config=ray.train.torch.TorchConfig(backend=backend),

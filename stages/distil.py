@@ -2,7 +2,8 @@
 conf/model/) from the FP32 teacher's soft labels, trained on Ray Train like the teacher.
 
 Writes `models/student/` (the same format as `models/fp32/`: the compress stage can prune and
-quantize it) and `metrics/distil.json` (teacher vs student score, parameters, file size).
+quantize it) and `metrics/distil.json` (teacher vs student score, parameters, file size);
+its per-epoch curves through DVCLive in `dvclive/distil/`.
 """
 
 import logging
@@ -23,7 +24,7 @@ from fullstack_ml.model import (
     save_fp32,
 )
 from fullstack_ml.model import score as score_of
-from fullstack_ml.paths import DATA_DIR, FP32_DIR, METRICS, STUDENT_DIR
+from fullstack_ml.paths import DATA_DIR, FP32_DIR, LIVE, METRICS, STUDENT_DIR
 from fullstack_ml.stage import StageError, atomic_dir, run, write_json
 from fullstack_ml.train_worker import best_epoch
 from fullstack_ml.trainer import SAMPLE_ROWS, fit
@@ -51,9 +52,16 @@ def file_size(model: nn.Module, meta: dict[str, Any]) -> int:
         return (Path(tmp) / "model.pt").stat().st_size
 
 
-def distil(cfg: DictConfig, data_dir: Path, teacher_dir: Path, out_dir: Path) -> dict[str, Any]:
+def distil(
+    cfg: DictConfig,
+    data_dir: Path,
+    teacher_dir: Path,
+    out_dir: Path,
+    live_dir: Path | None = None,
+) -> dict[str, Any]:
     """Train `cfg.distil.student` on the splits in `data_dir` from the teacher in
-    `teacher_dir`, save it to `out_dir` and return the comparison on the test split."""
+    `teacher_dir`, save it to `out_dir` and return the comparison on the test split; with
+    `live_dir`, log each epoch there with DVCLive."""
     distil_cfg = OmegaConf.to_container(cfg.distil, resolve=True)
     check_distil(distil_cfg)
     teacher, teacher_meta = load_fp32(teacher_dir)
@@ -84,6 +92,7 @@ def distil(cfg: DictConfig, data_dir: Path, teacher_dir: Path, out_dir: Path) ->
         rows,
         teacher=teacher,
         distill={k: distil_cfg[k] for k in ("temperature", "alpha")},
+        live_dir=live_dir,
     )
     x, y = encode_split(load_split("test", data_dir), teacher_meta)
     name, task = SCORE_NAME[meta["task"]], meta["task"]
@@ -110,7 +119,7 @@ def distil(cfg: DictConfig, data_dir: Path, teacher_dir: Path, out_dir: Path) ->
 
 
 def main(cfg: DictConfig) -> None:
-    result = distil(cfg, DATA_DIR, FP32_DIR, STUDENT_DIR)
+    result = distil(cfg, DATA_DIR, FP32_DIR, STUDENT_DIR, LIVE["distil"])
     write_json(METRICS["distil"], result)
     name = next(n for n in SCORE_NAME.values() if f"student_{n}" in result)
     log.info(

@@ -1,7 +1,8 @@
 """train: the model from conf/model/ trained with Ray Train (`TorchTrainer`, Ray Data shards).
 
-Writes `models/fp32/` (weights, architecture config, fitted preprocessing, metadata),
-`plots/train.csv` (per-epoch loss and accuracy) and `metrics/train.json`.
+Writes `models/fp32/` (weights, architecture config, fitted preprocessing, metadata) and,
+through DVCLive while it trains, `dvclive/train/` (per-epoch loss, score, learning rate as
+plots; `metrics.json`: the last epoch's figures and the best epoch's).
 """
 
 import logging
@@ -14,10 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from fullstack_ml.curated import read_schema, read_splits
 from fullstack_ml.model import label_indices, save_fp32
-from fullstack_ml.paths import DATA_DIR, FP32_DIR, METRICS, TRAIN_CURVES
+from fullstack_ml.paths import DATA_DIR, FP32_DIR, LIVE
 from fullstack_ml.runtime.preprocess import fit_preprocessor
 from fullstack_ml.schema import Schema
-from fullstack_ml.stage import StageError, atomic_dir, run, write_atomic, write_json
+from fullstack_ml.stage import StageError, atomic_dir, run
 from fullstack_ml.train_worker import best_epoch
 from fullstack_ml.trainer import SAMPLE_ROWS, fit
 
@@ -69,8 +70,11 @@ def model_meta(
     }
 
 
-def train(cfg: DictConfig, data_dir: Path, model_dir: Path) -> list[dict[str, float]]:
-    """Train on the curated splits in `data_dir` and save the model to `model_dir`."""
+def train(
+    cfg: DictConfig, data_dir: Path, model_dir: Path, live_dir: Path | None = None
+) -> list[dict[str, float]]:
+    """Train on the curated splits in `data_dir` and save the model to `model_dir`; with
+    `live_dir`, log each epoch there with DVCLive."""
     schema = read_schema(data_dir)
     splits, fit_on = read_splits(data_dir, SAMPLE_ROWS)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
@@ -78,7 +82,7 @@ def train(cfg: DictConfig, data_dir: Path, model_dir: Path) -> list[dict[str, fl
     meta = model_meta(schema, fit_on, model_cfg, train_cfg)
     cluster = OmegaConf.to_container(cfg.cluster, resolve=True)
     model, history, trained_on = fit(
-        splits, meta, train_cfg, cfg.seed, cluster, schema.rows["train"]
+        splits, meta, train_cfg, cfg.seed, cluster, schema.rows["train"], live_dir=live_dir
     )
     with atomic_dir(model_dir) as tmp:
         save_fp32(model, tmp, {**meta, "trained_on": trained_on})
@@ -86,20 +90,17 @@ def train(cfg: DictConfig, data_dir: Path, model_dir: Path) -> list[dict[str, fl
 
 
 def main(cfg: DictConfig) -> None:
-    history = train(cfg, DATA_DIR, FP32_DIR)
-    write_atomic(TRAIN_CURVES, pd.DataFrame(history).to_csv(index=False))
+    history = train(cfg, DATA_DIR, FP32_DIR, LIVE["train"])
     best = best_epoch(history, OmegaConf.to_container(cfg.train.early_stopping))
-    write_json(
-        METRICS["train"], {**history[best - 1], "best_epoch": best, "epochs_run": len(history)}
-    )
     score = next(k for k in history[-1] if k.startswith("val_") and k != "val_loss")
     log.info(
-        "%s %.4f after %d epochs -> %s, %s",
+        "%s %.4f at the best of %d epochs (%d) -> %s, %s",
         score,
-        history[-1][score],
+        history[best - 1][score],
         len(history),
+        best,
         FP32_DIR,
-        TRAIN_CURVES,
+        LIVE["train"],
     )
 
 

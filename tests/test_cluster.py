@@ -86,6 +86,9 @@ def test_train_stage_runs_one_worker_per_node(
         "precision": "bf16",
         "restarts": 0,
     }
-    assert json.loads((work / "metrics/train.json").read_text())["epochs_run"] == 5
+    # DVCLive's files, written by the rank-0 worker (an actor on one of the two nodes)
+    assert json.loads((work / "dvclive/train/metrics.json").read_text())["epochs_run"] == 5
+    curve = (work / "dvclive/train/plots/metrics/val_loss.tsv").read_text().splitlines()
+    assert curve[0] == "step\tval_loss" and [r.split("\t")[0] for r in curve[1:]] == list("12345")
     x, y = encode_split(pd.read_parquet(work / "data/curated/test.parquet"), meta)
     assert (predict_logits(model, x).argmax(1) == y).mean() > 0.9

@@ -120,6 +120,8 @@ def test_pipeline_outputs_metrics_and_experiments(repo: Path, env: dict) -> None
         "models/fp32/model.pt",
         "models/student/model.pt",
         "plots/confusion.csv",
+        "dvclive/train/plots/metrics/val_accuracy.tsv",
+        "dvclive/distil/plots/metrics/val_loss.tsv",
         "models/compressed/model.pt2",
         "dist/bento.json",
     ]:
@@ -136,6 +138,13 @@ def test_pipeline_outputs_metrics_and_experiments(repo: Path, env: dict) -> None
     # distil -> compress through DVC
     student = json.loads((repo / "reports/compress.json").read_text())["candidates"]["distil_int8"]
     assert student["steps"] == ["distil", "int8_static"] and student["size_ratio"] < 0.1
+    # DVCLive's per-epoch curves and summary (train: local mode, in the stage's process)
+    live = values["dvclive/train/metrics.json"]["data"]
+    assert live["epochs_run"] == 6 and 1 <= live["best_epoch"] <= 6
+    curve = pd.read_csv(repo / "dvclive/train/plots/metrics/val_accuracy.tsv", sep="\t")
+    assert list(curve["step"]) == list(range(1, 7)) and curve["val_accuracy"].max() > 0.8
+    plots = sh(["dvc", "plots", "show", "--json"], repo, env).stdout
+    assert "Loss per epoch" in plots and "val_loss.tsv" in plots
     distil = values["metrics/distil.json"]["data"]
     assert distil["student_parameters"] < distil["teacher_parameters"] / 10
     assert distil["student_accuracy"] > 0.8  # 10 classes: chance is 0.1
