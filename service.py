@@ -104,19 +104,20 @@ def metrics() -> SimpleNamespace:
     prometheus_client's multiprocess directory)."""
     from prometheus_client import Counter, Gauge, Histogram
 
-    buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if b < SERVE["max_records"]]
-    most = SERVE["max_batch_size"]
+    def up_to(most: int) -> list[int]:
+        return [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if b < most] + [most]
+
     return SimpleNamespace(
         predictions=Counter("fullstack_ml_predictions", "Predictions per class", ["label"]),
         records=Histogram(
             "fullstack_ml_records_per_request",
             "Records per accepted prediction request",
-            buckets=[*buckets, SERVE["max_records"]],
+            buckets=up_to(SERVE["max_records"]),
         ),
         batch=Histogram(
             "fullstack_ml_batch_records",
             "Records per model call (requests batched together)",
-            buckets=[b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if b < most] + [most],
+            buckets=up_to(SERVE["max_batch_size"]),
         ),
         failures=Counter(
             "fullstack_ml_validation_failures", "Rejected requests by reason", ["reason"]
