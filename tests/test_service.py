@@ -371,16 +371,21 @@ def test_drift_window_against_the_training_profile(guarded: Server, curated: Pat
     assert metric(text, "fullstack_ml_drift_window_records") == 2000
 
 
-def drift_helpers(server: Server) -> list[psutil.Process]:
-    """The server's drift helper processes (spawned by multiprocessing in its worker)."""
-    helpers = []
+def server_processes(server: Server, marker: str) -> list[psutil.Process]:
+    """The server's live descendants whose command line contains `marker`."""
+    found = []
     for p in psutil.Process(server.proc.pid).children(recursive=True):
-        try:  # a helper just killed may be a zombie, whose cmdline raises
-            if "spawn_main" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
-                helpers.append(p)
+        try:  # a process just killed may be a zombie, whose cmdline raises
+            if marker in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
         except psutil.Error:
             pass
-    return helpers
+    return found
+
+
+def drift_helpers(server: Server) -> list[psutil.Process]:
+    """The server's drift helper processes (spawned by multiprocessing in its worker)."""
+    return server_processes(server, "spawn_main")
 
 
 def test_a_killed_drift_helper_is_replaced_and_drift_still_answers(guarded: Server) -> None:
@@ -538,14 +543,7 @@ def test_a_killed_worker_is_replaced_and_leaves_no_orphans(
     The server's last test."""
 
     def workers() -> list[psutil.Process]:
-        found = []
-        for p in psutil.Process(server.proc.pid).children(recursive=True):
-            try:
-                if "_bentoml_impl.worker.service" in " ".join(p.cmdline()):
-                    found.append(p)
-            except psutil.Error:  # exited meanwhile
-                pass
-        return found
+        return server_processes(server, "_bentoml_impl.worker.service")
 
     (worker,) = workers()
     children = worker.children(recursive=True)
