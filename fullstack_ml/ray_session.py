@@ -28,6 +28,8 @@ import ray  # noqa: E402
 import ray.data  # noqa: E402
 from ray.data import ExecutionResources  # noqa: E402
 
+from fullstack_ml.progress import on_terminal  # noqa: E402
+
 
 def start(
     address: str | None = None, cpus: int = 0, runtime_env: dict[str, Any] | None = None
@@ -56,7 +58,7 @@ def start(
     )
     for name in ("ray.data", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.data.DataContext.get_current().enable_progress_bars = on_terminal()
     return True
 
 
@@ -74,12 +76,12 @@ def session(
 
 
 def bounded_ray_data(object_store_bytes: int = 1 << 30) -> None:
-    """Ray Data quiet (no progress bars, its log at ERROR) and with at most
+    """Ray Data quiet (progress bars on a terminal only, its log at ERROR) and with at most
     `object_store_bytes` of blocks in flight: reading runs ahead of slow tasks (whylogs
     profiling) only that far, so memory does not grow with the data."""
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
+    context.enable_progress_bars = on_terminal()  # off in logs; Ray Data's own bars
     context.execution_options.resource_limits = ExecutionResources(
         object_store_memory=object_store_bytes
     )

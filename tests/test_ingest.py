@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -330,3 +331,61 @@ def test_duplicate_rows_counts_as_pandas_duplicated_does() -> None:
     for df in (base, base.drop_duplicates(), base.iloc[::-1], base.head(0)):
         assert duplicate_rows(df) == int(df.duplicated().sum())
     assert duplicate_rows(base) > 0 and duplicate_rows(base.drop_duplicates()) == 0
+
+
+INGEST_SCRIPT = """
+import logging, sys
+from pathlib import Path
+from fullstack_ml.stage import compose
+from stages.ingest import ingest
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+cfg = compose(["data=synthetic", f"data.synthetic.rows={sys.argv[1]}"])
+ingest(cfg.data, cfg.seed, Path(sys.argv[2]))
+"""
+
+
+def run_on_terminal(args: list[str], columns: int = 120) -> str:
+    """What `args` prints to a pseudo-terminal (stdout and stderr) `columns` wide."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    main, other = pty.openpty()
+    fcntl.ioctl(other, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    proc = subprocess.Popen(args, stdout=other, stderr=other, close_fds=True)
+    os.close(other)
+    out = bytearray()
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(main)
+    assert proc.wait() == 0, out.decode(errors="replace")
+    return out.decode(errors="replace")
+
+
+def test_ingest_shows_a_progress_bar_on_a_terminal_and_phase_lines_in_logs(
+    tmp_path: Path, in_repo_root: Path
+) -> None:
+    script = [sys.executable, "-c", INGEST_SCRIPT]
+    shown = run_on_terminal([*script, "1000000", str(tmp_path / "tty")])
+    frames = shown.replace("\r\n", "\n").replace("\r", "\n").splitlines()
+    bars = [f for f in frames if f.startswith("ingest 1,000,000 rows:")]
+    # tqdm's bar: percent, elapsed<remaining, rate, and the step running
+    assert any(
+        re.search(r"\d+%\|.*\| \[\d\d:\d\d<\d\d:\d\d, [\d.]+[kM]?row/s, \w+\]", f) for f in bars
+    )
+    assert bars[-1].split("|")[0].endswith("100%"), bars[-1]
+    logged = subprocess.run(
+        [*script, "1000", str(tmp_path / "log")], capture_output=True, text=True, check=True
+    ).stderr
+    assert "%|" not in logged and "\r" not in logged
+    steps = [line.split(": ")[1] for line in logged.splitlines() if line.startswith("ingest: ")]
+    assert steps == ["read", "type", "check", "split", "write"]
+    assert all(" rows in " in line for line in logged.splitlines() if line.startswith("ingest: "))

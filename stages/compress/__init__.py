@@ -42,6 +42,7 @@ from fullstack_ml.paths import (
     METRICS,
     STUDENT_DIR,
 )
+from fullstack_ml.progress import track
 from fullstack_ml.runtime.meta import write_meta
 from fullstack_ml.runtime.program import fastest_paths
 from fullstack_ml.stage import StageError, atomic_dir, write_json
@@ -255,7 +256,8 @@ def _compress(
             "fp32": measure(fp32[0], tmp / "fp32.pt2", test, meta, cfg, cfg.compile and study)
         }
         built = {}
-        for key, steps in pipelines.items():
+        candidates = track(pipelines.items(), len(pipelines), "compress", "candidate", log)
+        for key, steps in candidates:
             log.info("pipeline %s: %s", key, " -> ".join(steps))
             model, new_meta, details = build(steps, fp32, data, cfg, student_dir)
             check = None

@@ -14,6 +14,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from fullstack_ml.paths import DATA_DIR, split_file
+from fullstack_ml.progress import Phases
 from fullstack_ml.schema import build_schema
 from fullstack_ml.stage import StageError, atomic_dir, write_json
 from stages.ingest.columns import (
@@ -31,30 +32,38 @@ from stages.ingest.split import split_table
 log = logging.getLogger("stages.ingest")
 
 
-def prepare(data_cfg: DictConfig, seed: int) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
-    """Read, type, check and split the source: the splits and their schema."""
+def prepare(
+    data_cfg: DictConfig, seed: int, phases: Phases
+) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """Read, type, check and split the source: the splits and their schema. `phases`
+    shows the progress of each step (read, type, check, split)."""
     bad_rows = data_cfg.bad_rows
     if bad_rows not in ("fail", "drop"):
         raise StageError(f"data.bad_rows: {bad_rows!r} is not fail | drop")
-    table = read_source(data_cfg, seed)
-    source, df = table.name, table.frame
-    log.info("read %s: %d rows x %d columns", source, *df.shape)
+    with phases.step("read"):
+        table = read_source(data_cfg, seed)
+        source, df = table.name, table.frame
+        log.info("read %s: %d rows x %d columns", source, *df.shape)
+        phases.set_rows(len(df))
     df.columns = [str(c) for c in df.columns]
     declared = OmegaConf.to_container(data_cfg.columns) if data_cfg.columns else None
-    df, types, unparsed = apply_types(df, declared, source, bad_rows)
-    typed_rows = len(df)
-    df = check_target(df, data_cfg.target, source, bad_rows)
+    with phases.step("type"):
+        df, types, unparsed = apply_types(df, declared, source, bad_rows)
+        typed_rows = len(df)
+        df = check_target(df, data_cfg.target, source, bad_rows)
     dropped = table.bad_rows + unparsed + typed_rows - len(df)
     if df.empty:
         raise StageError(f"{source}: no data rows left")
     target = data_cfg.target
-    task = infer_task(df[target], data_cfg.task, target)
-    numeric, categorical = feature_columns(df, data_cfg, types, source)
-    keep = kept_columns(numeric, categorical, target, data_cfg.split.column)
-    df = curated_columns(df, numeric, categorical, keep)
-    duplicates = check_quality(df, numeric + categorical, target, data_cfg.quality, source)
-    parts = split_table(df, target, data_cfg.split, seed, task)
-    check_unknown_categories(parts, categorical, data_cfg.quality.max_unknown_categories)
+    with phases.step("check"):
+        task = infer_task(df[target], data_cfg.task, target)
+        numeric, categorical = feature_columns(df, data_cfg, types, source)
+        keep = kept_columns(numeric, categorical, target, data_cfg.split.column)
+        df = curated_columns(df, numeric, categorical, keep)
+        duplicates = check_quality(df, numeric + categorical, target, data_cfg.quality, source)
+    with phases.step("split"):
+        parts = split_table(df, target, data_cfg.split, seed, task)
+        check_unknown_categories(parts, categorical, data_cfg.quality.max_unknown_categories)
     train = parts["train"]
     schema = build_schema(
         source=source,
@@ -100,16 +109,13 @@ def ingest(
         return ingest_ray(data_cfg, seed, out_dir, address)
     if data_cfg.get("engine", "pandas") != "pandas":
         raise StageError(f"data.engine: {data_cfg.engine!r} is not pandas | ray")
-    parts, schema = prepare(data_cfg, seed)
-    with atomic_dir(out_dir) as tmp, ThreadPoolExecutor(len(parts)) as pool:
-        # Side by side: Arrow's Parquet writer releases the GIL (1M rows: 2.9 s -> 1.7 s)
-        writes = [
-            pool.submit(part.to_parquet, split_file(name, tmp), index=False)
-            for name, part in parts.items()
-        ]
-        write_json(tmp / "schema.json", schema)
-        for write in writes:
-            write.result()
+    phases = Phases("ingest", 5, log)
+    try:
+        parts, schema = prepare(data_cfg, seed, phases)
+        with phases.step("write"):
+            write_splits(parts, schema, out_dir)
+    finally:
+        phases.close()
     log.info(
         "wrote %s: %s rows, %d features, %s%s",
         out_dir,
@@ -119,6 +125,18 @@ def ingest(
         f", {schema['dropped_rows']} bad rows dropped" if schema["dropped_rows"] else "",
     )
     return schema
+
+
+def write_splits(parts: dict[str, pd.DataFrame], schema: dict[str, Any], out_dir: Path) -> None:
+    with atomic_dir(out_dir) as tmp, ThreadPoolExecutor(len(parts)) as pool:
+        # Side by side: Arrow's Parquet writer releases the GIL (1M rows: 2.9 s -> 1.7 s)
+        writes = [
+            pool.submit(part.to_parquet, split_file(name, tmp), index=False)
+            for name, part in parts.items()
+        ]
+        write_json(tmp / "schema.json", schema)
+        for write in writes:
+            write.result()
 
 
 def main(cfg: DictConfig) -> None:

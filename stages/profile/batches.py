@@ -3,6 +3,7 @@ and the profiles merged, so memory does not grow with rows; set-membership check
 counted exactly with pyarrow alongside (whylogs' frequent items are approximate)."""
 
 import json
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from fullstack_ml.runtime import whylogs_compat  # noqa: F401  before whylogs: i
 from whylogs.core.proto import ChunkHeader, ChunkMessage, DatasetProfileHeader, DatasetSegmentHeader
 from whylogs.core.view.dataset_profile_view import WHYLOGS_MAGIC_HEADER_BYTES
 
+from fullstack_ml.progress import track
 from fullstack_ml.runtime.drift import (
     DatasetProfileView,
     json_safe,
@@ -31,6 +33,8 @@ from fullstack_ml.runtime.drift import (
     reproducible,
 )
 from fullstack_ml.stage import StageError
+
+log = logging.getLogger("stages.profile")
 
 BATCH_ROWS = 65_536  # default rows per record batch (profile.batch_rows)
 EXAMPLES = 5  # values outside a set kept as examples, per check and split
@@ -174,14 +178,25 @@ def _profile_block(batch: pa.Table, checks: list[SetCheck]) -> pa.Table:
     return pa.table({"profile": [part.view.serialize()], "rows": [part.rows], "counts": [counts]})
 
 
+def source_rows(source: SplitSource) -> int | None:
+    """The row count of a frame or a Parquet path (from its metadata); None for a stream."""
+    if isinstance(source, pd.DataFrame):
+        return len(source)
+    if callable(source) or not Path(source).exists():
+        return None
+    return pds.dataset(Path(source), format="parquet").count_rows()
+
+
 def profile_split(
     source: SplitSource,
     checks: Iterable[SetCheck] = (),
     batch_rows: int = BATCH_ROWS,
     engine: str = "pandas",
+    name: str = "split",
 ) -> SplitProfile:
     """Profile a split batch by batch and merge; `engine="ray"` profiles the Parquet blocks
-    of a path in parallel with Ray Data (other sources are profiled here)."""
+    of a path in parallel with Ray Data (other sources are profiled here). The progress
+    (`fullstack_ml.progress`) is labelled `profile <name>`."""
     checks = list(checks)
     if engine == "ray" and isinstance(source, (str, os.PathLike)):
         return _profile_split_ray(Path(source), checks, batch_rows)
@@ -191,7 +206,8 @@ def profile_split(
     # batch of 65,536 rows x 51 columns here (whylogs deep-copies each column's metric
     # configs), 3 s of 11 s at 1M rows; the sketches are those of the whole split at once.
     profile, merged = new_profile(), SplitProfile()
-    for batch in iter_batches(source, batch_rows):
+    batches = iter_batches(source, batch_rows)
+    for batch in track(batches, source_rows(source), f"profile {name}", "row", log, len):
         profile.track(pandas=batch_frame(batch))
         merged = merged.merge(check_counts(batch, checks))
     if merged.rows:
