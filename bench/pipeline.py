@@ -137,7 +137,7 @@ def work_train(repo: Path, cfg: Any) -> float:
 
     from bench.train import child_torch
 
-    run = json.loads((repo / "dvclive/train/metrics.json").read_text())["epochs_run"]
+    run = json.loads((repo / "dvclive/train/metrics.json").read_text())["step"]
     loop = OmegaConf.merge(cfg, {"train": {"epochs": run}})
     return timed(lambda: child_torch(loop, repo / "data/curated", 1))
 
@@ -149,7 +149,7 @@ def work_distil(repo: Path, cfg: Any) -> float:
     from fullstack_ml.curated import load_split
     from fullstack_ml.model import encode_split, load_fp32, predict_logits
 
-    run = json.loads((repo / "metrics/distil.json").read_text())["epochs_run"]
+    run = json.loads((repo / "dvclive/distil/metrics.json").read_text())["step"]
     loop = OmegaConf.merge(cfg, {"train": {"epochs": run, "lr": cfg.distil.lr}})
     loop.model = cfg.distil.student
     teacher, meta = load_fp32(repo / "models/fp32")

@@ -25,6 +25,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from torch import nn
 
 from fullstack_ml.model import SCORE_NAME, build_network
+from fullstack_ml.progress import bar
 
 if TYPE_CHECKING:
     from dvclive import Live
@@ -140,6 +141,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     stop = config["early_stopping"]
     live = open_live(config["live_dir"], resumed=bool(history)) if rank == 0 else None
     best_state: dict[str, torch.Tensor] = state["best_state"]
+    progress = bar(config["epochs"], "distil" if distill else "train", "epoch", show=rank == 0)
+    progress.update(state["epoch"])  # resumed after a failure: the epochs done before
     for epoch in range(state["epoch"] + 1, config["epochs"] + 1):
         began = time.perf_counter()
         torch.manual_seed(config["seed"] + 1000 * epoch + rank)  # dropout: same after a resume
@@ -186,11 +189,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if live is not None:
             log_epoch(live, metrics, history[best - 1], score)
         if rank == 0:
-            print(  # reaches the driver's console through Ray's log forwarding
+            line = (
                 f"epoch {epoch}/{config['epochs']}: train loss {train_loss:.4f}"
-                f" {score} {train_score:.4f}, val loss {val_loss:.4f} {score} {val_score:.4f}",
-                flush=True,
+                f" {score} {train_score:.4f}, val loss {val_loss:.4f} {score} {val_score:.4f}"
             )
+            if progress.disable:  # not a terminal: reaches the driver through Ray's logs
+                print(line, flush=True)
+            else:  # local mode on a terminal: the bar, with this epoch's figures
+                progress.set_postfix_str(f"val loss {val_loss:.4f} {score} {val_score:.4f}")
+                progress.update(1)
         local = config["checkpoint_dir"]  # local mode: a folder the driver reads after
         with nullcontext(local) if local else tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
@@ -217,8 +224,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)  # every worker must report
         if stopping:  # every worker scores all of val: all stop at the same epoch
             if rank == 0:
+                progress.close()
                 print(f"early stop: no {stop['metric']} gain since epoch {best}", flush=True)
             break
+    progress.close()
 
 
 def open_live(live_dir: str | None, resumed: bool) -> "Live | None":
@@ -236,13 +245,12 @@ def log_epoch(live: "Live", metrics: dict[str, float], best: dict[str, float], s
     """One epoch's figures at step = epoch, and the best epoch's in the summary
     (`metrics.json`: what the stage's metric shows)."""
     live.step = int(metrics["epoch"])
-    names = ("train_loss", f"train_{score}", "val_loss", f"val_{score}", "lr", "epoch_s", "attempt")
+    # not epoch_s (a timing: the outputs would differ run to run) nor attempt (the history)
+    names = ("train_loss", f"train_{score}", "val_loss", f"val_{score}", "lr")
     for name in names:
         live.log_metric(name, metrics[name])
-    live.summary.update(
-        {f"best_{k}": best[k] for k in ("val_loss", f"val_{score}")}
-        | {"best_epoch": best["epoch"], "epochs_run": metrics["epoch"]}
-    )
+    # the kept weights' epoch and score; DVCLive's own `step` is the epochs run
+    live.summary.update({f"best_val_{score}": best[f"val_{score}"], "best_epoch": best["epoch"]})
     live.make_summary()
 
 

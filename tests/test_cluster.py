@@ -87,7 +87,7 @@ def test_train_stage_runs_one_worker_per_node(
         "restarts": 0,
     }
     # DVCLive's files, written by the rank-0 worker (an actor on one of the two nodes)
-    assert json.loads((work / "dvclive/train/metrics.json").read_text())["epochs_run"] == 5
+    assert json.loads((work / "dvclive/train/metrics.json").read_text())["step"] == 5
     curve = (work / "dvclive/train/plots/metrics/val_loss.tsv").read_text().splitlines()
     assert curve[0] == "step\tval_loss" and [r.split("\t")[0] for r in curve[1:]] == list("12345")
     x, y = encode_split(pd.read_parquet(work / "data/curated/test.parquet"), meta)
