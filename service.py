@@ -1,5 +1,5 @@
 """The BentoML service: typed, batched /predict and /predict_proba, /metadata, /drift,
-health, readiness and Prometheus /metrics.
+the build report at /card, health, readiness and Prometheus /metrics.
 
 The model, its schema and the training reference profile come from the BentoML model store
 (the bento pins the exact tag); limits, batching and monitoring come from the `serve`
@@ -32,7 +32,7 @@ from bentoml.validators import ContentType
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -291,6 +291,15 @@ async def drift(_: Request) -> JSONResponse:
     return JSONResponse(await anyio.to_thread.run_sync(MONITOR.score))
 
 
+async def card(_: Request) -> Response:
+    """The build report the bento was packaged with (`fullstack_ml.card`): an HTML page."""
+    path = Path(STORED.path_of("card.html"))
+    if not path.is_file():
+        body = error_body("not_found", ["path"], "this bento was packaged without a build report")
+        return Response(body, 404, media_type="application/json")
+    return HTMLResponse(path.read_bytes())
+
+
 def error_body(kind: str, loc: list[str], msg: str) -> bytes:
     """The shape of BentoML's own 400 bodies: an error line and pydantic-style details."""
     detail = [{"type": kind, "loc": loc, "msg": msg}]
@@ -341,6 +350,20 @@ def json_get(description: str, schema: dict[str, Any]) -> dict[str, Any]:
 
 
 GET_ROUTES = {
+    "/card": {
+        "get": {
+            "tags": ["Service APIs"],
+            "responses": {
+                "200": {
+                    "description": "The build report: lineage, data, training, evaluation, "
+                    "compression and limits (self-contained HTML)",
+                    "content": {"text/html": {"schema": {"type": "string"}}},
+                },
+                "401": ERRORS["401"],
+                "404": error_schema("The bento was packaged without a build report"),
+            },
+        }
+    },
     "/metadata": json_get(
         "The model's tag, its input schema and the build's lineage and metrics",
         {"type": "object", "required": ["model_tag", "schema"]},
@@ -545,7 +568,7 @@ uvicorn.config.HTTP_PROTOCOLS["auto"] = BoundedHTTP  # type: ignore[assignment]
 
 # @bentoml.api routes are POST; the GET routes come from a small mounted Starlette app.
 @bentoml.asgi_app(
-    Starlette(routes=[Route("/metadata", metadata), Route("/drift", drift)]), path="/"
+    Starlette(routes=[Route(f"/{f.__name__}", f) for f in (metadata, drift, card)]), path="/"
 )
 @bentoml.service(
     name=SERVE["service_name"],

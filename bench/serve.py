@@ -71,10 +71,10 @@ def build(model: str, epochs: int, records: int, work: Path, smoke: bool = False
     from fullstack_ml.curated import load_split
     from fullstack_ml.model import encode_split, load_fp32
     from fullstack_ml.paths import SPLITS
-    from fullstack_ml.stage import compose
+    from fullstack_ml.stage import compose, git_commit
     from stages.compress import compress
     from stages.ingest import ingest
-    from stages.package import git_commit, package
+    from stages.package import package
     from stages.profile import profile
     from stages.train import train
 

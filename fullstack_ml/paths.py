@@ -24,6 +24,8 @@ CONFUSION = Path("plots/confusion.csv")
 COMPRESS_PLOT = Path("plots/compress.csv")
 COMPRESS_DETAILS = Path("reports/compress.json")  # every candidate, the serving plan (measured)
 PER_CLASS = Path("plots/per_class.csv")  # precision, recall, F1 and support per class
+VALIDATE_DETAILS = Path("reports/validate.json")  # the release gate's every figure, bento tag
+BUILD_REPORT = Path("reports/build.html")  # the build report; the bento serves it at /card
 METRICS = {
     stage: Path(f"metrics/{stage}.json")
     for stage in ("profile", "eval", "distil", "compress", "validate")

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -21,6 +22,12 @@ CONF_DIR = ROOT / "conf"
 
 UMASK = os.umask(0)
 os.umask(UMASK)
+
+
+def git_commit() -> str:
+    """The checkout's HEAD commit ("unknown" outside git)."""
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return proc.stdout.strip() if proc.returncode == 0 else "unknown"
 
 
 class StageError(Exception):

@@ -2,6 +2,7 @@
 
 Saves `models/compressed` with the schema, the reference profile, the serving plan the
 compress stage measured and metadata (git commit, params hash, metrics) as a BentoML model,
+with the build report as it stands before the release gate (`card.html`, GET /card),
 builds the bento from bentofile.yaml pinned to that model, and exports it to
 `dist/<service_name>.bento` (+ `dist/bento.json`). Model and bento are versioned by a hash
 of what they are made of (the model's files, the code and params the bento ships), so the
@@ -14,8 +15,8 @@ import hashlib
 import json
 import logging
 import shutil
-import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import yaml
 from bentoml.exceptions import NotFound
 from omegaconf import DictConfig
 
+from fullstack_ml.card import gather, render
 from fullstack_ml.paths import (
     COMPRESS_DETAILS,
     COMPRESSED_DIR,
@@ -33,15 +35,10 @@ from fullstack_ml.paths import (
     REFERENCE_PROFILE,
     SCHEMA,
 )
-from fullstack_ml.stage import ROOT, StageError, atomic_dir, read_json, run, write_json
+from fullstack_ml.stage import ROOT, StageError, atomic_dir, git_commit, read_json, run, write_json
 
 log = logging.getLogger("stages.package")
 BENTOFILE = ROOT / "bentofile.yaml"
-
-
-def git_commit() -> str:
-    proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    return proc.stdout.strip() if proc.returncode == 0 else "unknown"
 
 
 def build_metadata(params_file: Path, metrics_files: list[Path]) -> dict[str, Any]:
@@ -72,7 +69,11 @@ def content_version(files: list[Path]) -> str:
 
 
 def package(
-    files: dict[str, Path], metadata: dict[str, Any], serve_cfg: DictConfig, out_dir: Path
+    files: dict[str, Path],
+    metadata: dict[str, Any],
+    serve_cfg: DictConfig,
+    out_dir: Path,
+    card: Callable[[str], str] | None = None,
 ) -> dict[str, str]:
     """Store the model files, build the bento pinned to them and export it into `out_dir`.
 
@@ -81,6 +82,8 @@ def package(
         metadata: attached to the BentoML model and shown by GET /metadata.
         serve_cfg: the `serve` config (model and service names).
         out_dir: receives `<service_name>.bento` and `bento.json`.
+        card: renders the build report for the bento's tag; stored in the model as
+            `card.html` (GET /card). Like the metadata, not part of the versions.
     """
     for path in files.values():
         if not Path(path).is_file():
@@ -96,6 +99,8 @@ def package(
     with bentoml.models.create(model_tag, metadata=metadata) as model:
         for name, path in files.items():
             shutil.copyfile(path, model.path_of(name))
+        if card is not None:
+            Path(model.path_of("card.html")).write_text(card(bento_tag))
     log.info("saved BentoML model %s", model.tag)
     with tempfile.TemporaryDirectory(prefix="bento-ctx-") as ctx:
         # BentoML walks its whole build context (every file of .venv/ too, ~70k here) to
@@ -136,7 +141,8 @@ def main(cfg: DictConfig) -> None:
         if (COMPRESSED_DIR / "fp32.pt2").exists():  # compress.fp32_fallback
             files["fp32.pt2"] = COMPRESSED_DIR / "fp32.pt2"
         metrics = [METRICS["eval"], METRICS["compress"]]
-        package(files, build_metadata(PARAMS, metrics), cfg.serve, DIST_DIR)
+        meta = build_metadata(PARAMS, metrics)
+        package(files, meta, cfg.serve, DIST_DIR, lambda tag: render(gather(tag, gate=None)))
 
 
 if __name__ == "__main__":

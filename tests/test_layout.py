@@ -141,7 +141,8 @@ def test_dvc_yaml_names_the_artifact_paths_of_paths_py() -> None:
     in_dvc = artifact_paths()
     splits = {str(paths.split_file(s)) for s in paths.SPLITS}
     assert in_dvc - declared - splits == set(), "dvc.yaml paths missing from fullstack_ml/paths.py"
-    assert declared - in_dvc == set(), "fullstack_ml/paths.py paths that dvc.yaml never names"
+    unnamed = {p for p in declared - in_dvc if not any(p.startswith(f"{d}/") for d in in_dvc)}
+    assert unnamed == set(), "fullstack_ml/paths.py paths that dvc.yaml never names (or a folder)"
 
 
 def test_metrics_and_plots_files_are_kept_in_git_not_in_the_cache() -> None:

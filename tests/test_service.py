@@ -4,6 +4,7 @@ drift, auth, load with faults, graceful shutdown."""
 import json
 import os
 import random
+import re
 import selectors
 import signal
 import socket
@@ -87,7 +88,10 @@ def test_openapi_shows_the_training_schema(server: Server, test_split: pd.DataFr
     assert types[0]["maximum"] <= np.finfo(np.float32).max  # what float32 holds, no more
     assert record["additionalProperties"] is False
     # every route it answers, each API route with the errors it sends and their real shape
-    assert {"/metadata", "/drift", "/healthz", "/metrics"} <= set(spec["paths"])
+    assert {"/metadata", "/drift", "/card", "/healthz", "/metrics"} <= set(spec["paths"])
+    # this bento was packaged without a build report (tests/test_pipeline.py serves one)
+    card = requests.get(f"{server.url}/card", timeout=10)
+    assert card.status_code == 404 and card.json()["detail"][0]["type"] == "not_found"
     responses = spec["paths"]["/predict"]["post"]["responses"]
     assert set(responses) == {"200", "400", "401", "413", "415", "503"}
     detail = spec["components"]["schemas"]["ClientError"]["properties"]["detail"]
@@ -412,7 +416,7 @@ def test_bearer_token_guards_every_route_but_health_and_metrics(
         r = requests.post(f"{url}/predict", json=body, headers=headers, timeout=10)
         assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
         assert "authorization" in json.dumps(r.json()["detail"])
-    for path in ("/metadata", "/drift", "/docs.json"):
+    for path in ("/metadata", "/drift", "/card", "/docs.json"):
         assert requests.get(f"{url}{path}", timeout=10).status_code == 401, path
     r = requests.post(f"{url}/predict", json=body, headers=AUTH, timeout=10)
     assert r.status_code == 200 and len(r.json()) == 2
@@ -436,7 +440,10 @@ def test_schemathesis_finds_no_server_error_and_no_spec_violation(
     run = {"capture_output": True, "text": True, "timeout": 600, "cwd": tmp_path}
     result = subprocess.run([*st, *options], **run)  # its cache dir goes to cwd
     assert result.returncode == 0, result.stdout[-5000:]
-    assert "No issues found" in result.stdout
+    # no failure; the only warnings: /card answers 404 alone (this bento has no build
+    # report; tests/test_pipeline.py serves one that has)
+    warned = re.findall(r"^  - (\w+ \S+)$", result.stdout, re.M)
+    assert "Test cases:" in result.stdout and set(warned) <= {"GET /card"}, result.stdout[-3000:]
 
 
 def server_rss(server: Server) -> int:

@@ -49,7 +49,8 @@ def bar_chart(df: pd.DataFrame) -> str:
     one = left + scale
     height = 30 + len(df) * row_h
     return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + 380}" height="{height}">'
+        # wide enough for the whole legend (its last label was cut at left + 380)
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + 3 * 170 + 10}" height="{height}">'
         f'{legend}<line x1="{one}" y1="14" x2="{one}" y2="{height}" stroke="#999" '
         f'stroke-dasharray="3"/>{"".join(parts)}</svg>'
     )
@@ -63,10 +64,11 @@ def write_report(result: dict[str, Any], score_name: str, csv: Path, page: Path)
     write_atomic(
         page,
         "<!doctype html><html><head><meta charset='utf-8'><title>Compression report</title>"
-        "<style>body{font-family:sans-serif}td,th{padding:2px 8px;text-align:right}</style>"
+        "<style>body{font-family:sans-serif}td,th{padding:2px 6px;text-align:right;"
+        "font-size:12px}.wide{overflow-x:auto}</style>"
         f"</head><body><h1>Compression report</h1><p>Selected: <b>{html.escape(result['method'])}"
         f"</b>; serving paths: {html.escape(plan)}. Latency: the faster of eager and "
         "Inductor-compiled, ratios against FP32 eager.</p>"
-        f"{df.to_html(index=False, float_format=lambda v: f'{v:.4g}')}"
+        f"<div class='wide'>{df.to_html(index=False, float_format=lambda v: f'{v:.4g}')}</div>"
         f"<h2>Ratios vs FP32 (dashed line: 1.0)</h2>{bar_chart(df)}</body></html>\n",
     )

@@ -1,9 +1,11 @@
-"""The profile's self-contained HTML page: per-split summaries, drift, constraints."""
+"""The profile's self-contained HTML page: drifted features first, per-split summaries with
+a histogram per numeric column (from its whylogs sketch), drift, constraints."""
 
 import html
 import json
 from typing import Any
 
+from fullstack_ml.charts import histogram_svg, sketch_histogram
 from fullstack_ml.runtime.drift import DatasetProfileView, json_safe
 from fullstack_ml.schema import Schema
 
@@ -16,11 +18,16 @@ def column_summary(view: DatasetProfileView, column: str, kind: str) -> dict[str
     if kind == "numeric":
         for key in ("mean", "stddev", "min", "q_25", "median", "q_75", "max"):
             out[key] = json_safe(s.get(f"distribution/{key}"))
+        out["histogram"] = sketch_histogram(view, column)
     else:
         out["distinct"] = json_safe(s.get("cardinality/est"))
         items = s.get("frequent_items/frequent_strings") or []
         out["top"] = [[i.value, int(i.est)] for i in items[:5]]
     return out
+
+
+def _chart(hist: dict | None) -> str:
+    return histogram_svg(hist, width=120, height=24) if hist else "-"
 
 
 def _fmt(value: Any) -> str:
@@ -41,7 +48,15 @@ def render_html(
     (`summaries`: split -> rows and column -> `column_summary`), the drift of each split
     against train, and the constraints with their observed values."""
     esc = html.escape
-    parts = []
+    drifted = {
+        col for scores in drift.values() for col, d in scores.items()
+        if (d or {}).get("drift_category") == "DRIFT"
+    }  # fmt: skip
+    parts = [
+        "<h2>Drifted features (against train)</h2><p>"
+        + (esc(", ".join(sorted(drifted))) if drifted else "none")
+        + "</p>"
+    ]
     for split, summary in summaries.items():
         columns = summary["columns"]
         parts.append(f"<h2 id='split-{esc(split)}'>Split {esc(split)}: {summary['rows']} rows</h2>")
@@ -49,11 +64,11 @@ def render_html(
         categorical = [c for c in columns if schema.kind(c) != "numeric"]
         if numeric:
             keys = ("count", "missing", "mean", "stddev", "min", "q_25", "median", "q_75", "max")
-            head = "".join(f"<th>{k}</th>" for k in keys)
+            head = "".join(f"<th>{k}</th>" for k in keys) + "<th>distribution (sketch)</th>"
             body = "".join(
-                f"<tr><td>{esc(c)}</td>"
+                f"<tr{' class=bad' if c in drifted else ''}><td>{esc(c)}</td>"
                 + "".join(f"<td>{_fmt(columns[c].get(k))}</td>" for k in keys)
-                + "</tr>"
+                + f"<td>{_chart(columns[c].get('histogram'))}</td></tr>"
                 for c in numeric
             )
             parts.append(

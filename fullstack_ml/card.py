@@ -1,0 +1,382 @@
+"""The build report (model card): one self-contained HTML page per build, gathered from
+what the stages wrote. Lineage, the data (a histogram per feature from the whylogs
+sketches, missing values, drifted features first), training curves (DVCLive), evaluation,
+the compression trade-off, the release gate, and the limits a user should know.
+
+Every figure taken from a metrics file is written as `data-metric="<file>.<key>"` with its
+exact value in `data-value`, so a test can hold the page to the files."""
+
+import csv
+import hashlib
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from fullstack_ml.charts import (
+    PALETTE,
+    bars_svg,
+    histogram_svg,
+    lines_svg,
+    scatter_svg,
+    sketch_histogram,
+)
+from fullstack_ml.paths import (
+    COMPRESS_PLOT,
+    CONFUSION,
+    DATA_DIR,
+    LIVE,
+    METRICS,
+    PARAMS,
+    PER_CLASS,
+    PROFILE_DIR,
+    SCHEMA,
+    SPLITS,
+)
+from fullstack_ml.runtime.drift import load_profile
+from fullstack_ml.schema import parse_schema
+from fullstack_ml.stage import git_commit
+
+# Nothing but the page itself: a request for anything else is refused (and logged by the
+# browser), so a page that needed one would show it in the test that opens it.
+CSP = "default-src 'none'; style-src 'unsafe-inline'"
+STYLE = (
+    "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:0 12px}"
+    "table{border-collapse:collapse;margin:6px 0 14px}td,th{border:1px solid #ddd;"
+    "padding:2px 6px;font-size:13px;text-align:right}td:first-child,th:first-child"
+    "{text-align:left}.drift td{background:#f7c6c6}.small{color:#555;font-size:12px}"
+    ".grid{display:flex;flex-wrap:wrap;gap:8px}.cell{border:1px solid #eee;padding:4px;"
+    "font-size:11px;width:164px}.cell.drifted{border-color:#e15759;background:#fdeeee}"
+    "code{font-size:12px}.lineage td{text-align:left}"
+)
+
+
+def files_sha256(root: Path) -> str:
+    """One digest of every file under `root` (relative names and bytes, in name order)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in Path(root).rglob("*") if p.is_file())
+    for path in files:
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """An HTML table of plain text (escaped here)."""
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _json(path: Path) -> Any:
+    return json.loads(Path(path).read_text()) if Path(path).exists() else None
+
+
+def _rows(path: Path, delimiter: str = ",") -> list[dict[str, str]]:
+    if not Path(path).exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter=delimiter))
+
+
+def curves(live_dir: Path) -> dict[str, list[tuple[float, float]]]:
+    """DVCLive's per-step TSVs of a run: metric -> (step, value) points."""
+    out = {}
+    for tsv in sorted((Path(live_dir) / "plots/metrics").glob("*.tsv")):
+        rows = _rows(tsv, "\t")
+        out[tsv.stem] = [(float(r["step"]), float(r[tsv.stem])) for r in rows]
+    return out
+
+
+def gather(bento_tag: str | None, gate: dict[str, Any] | None) -> dict[str, Any]:
+    """Everything the page shows, read from the build's files (relative to the repo root).
+    `gate`: the release gate's `metrics` (headline) and `details` (None before the bento is
+    validated)."""
+    schema = parse_schema(_json(SCHEMA))
+    views = {s: load_profile(PROFILE_DIR / f"{s}.bin") for s in SPLITS}
+    drift = _json(PROFILE_DIR / "drift.json") or {}
+    features = []
+    for column in schema.features:
+        summary = views["train"].get_column(column).to_summary_dict()
+        top = summary.get("frequent_items/frequent_strings") or []
+        features.append(
+            {
+                "name": column,
+                "kind": schema.kinds[column],
+                "histogram": sketch_histogram(views["train"], column)
+                if schema.kinds[column] == "numeric"
+                else None,
+                "top": [(i.value, int(i.est)) for i in top[:6]],
+                "missing": {
+                    s: int(v.get_column(column).to_summary_dict().get("counts/null", 0))
+                    for s, v in views.items()
+                },
+                "drift": {s: (drift.get(s) or {}).get(column) or {} for s in drift},
+            }
+        )
+    constraints = _json(PROFILE_DIR / "constraints.json") or []
+    return {
+        "lineage": {
+            "git_commit": git_commit(),
+            "params_sha256": hashlib.sha256(PARAMS.read_bytes()).hexdigest(),
+            "data_sha256": files_sha256(DATA_DIR),
+            "bento_tag": bento_tag or "-",
+        },
+        "schema": {"task": schema.task, "target": schema.target, "rows": schema.rows},
+        "features": features,
+        "constraints": {
+            "passed": sum(r["passed"] for r in constraints),
+            "failed": [f"{r['constraint']} ({r['split']})" for r in constraints if not r["passed"]],
+        },
+        "metrics": {name: _json(METRICS[name]) for name in ("profile", "eval", "compress")},
+        "curves": {name: curves(path) for name, path in LIVE.items()},
+        "confusion": _rows(CONFUSION),
+        "per_class": _rows(PER_CLASS),
+        "candidates": _rows(COMPRESS_PLOT),
+        "gate": gate,
+    }
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def metric(file: str, key: str, value: Any) -> str:
+    """A figure from `metrics/<file>.json` as a cell the test can check against the file."""
+    return (
+        f"<td data-metric='{file}.{key}' data-value='{html.escape(json.dumps(value))}'>"
+        f"{html.escape(_fmt(value))}</td>"
+    )
+
+
+def _table(file: str, figures: dict[str, Any] | None, keys: list[str] | None = None) -> str:
+    if not figures:
+        return f"<p class='small'>metrics/{file}.json: not built</p>"
+    keys = keys or [k for k, v in figures.items() if not isinstance(v, dict | list)]
+    rows = "".join(f"<tr><td>{html.escape(k)}</td>{metric(file, k, figures[k])}</tr>" for k in keys)
+    return f"<table>{rows}</table>"
+
+
+def _drifted(features: list[dict]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for f in features:
+        for split, score in f["drift"].items():
+            if score.get("drift_category") == "DRIFT":
+                out.setdefault(split, []).append(f["name"])
+    return out
+
+
+def data_section(facts: dict[str, Any]) -> str:
+    """Rows, drifted features (highlighted, first), missing values, a chart per feature."""
+    features, rows = facts["features"], facts["schema"]["rows"]
+    drifted = _drifted(features)
+    names = {n for cols in drifted.values() for n in cols}
+    parts = [
+        "<h2 id='data'>Data</h2><p>"
+        + ", ".join(f"{html.escape(s)}: {n:,} rows" for s, n in rows.items())
+        + f"; task {html.escape(facts['schema']['task'])}, target "
+        f"<code>{html.escape(facts['schema']['target'])}</code>, {len(features)} features.</p>"
+    ]
+    counts = (facts["metrics"]["profile"] or {}).get("drifted_columns", {})
+    cells = "".join(
+        f"<tr><td>{html.escape(s)}</td>{metric('profile', f'drifted_columns.{s}', n)}</tr>"
+        for s, n in counts.items()
+    )
+    parts.append(f"<table><tr><th>split</th><th>drifted columns</th></tr>{cells}</table>")
+    if drifted:
+        items = "".join(
+            f"<li><b>{html.escape(s)}</b>: {html.escape(', '.join(cols))}</li>"
+            for s, cols in drifted.items()
+        )
+        parts.append(
+            f"<div class='drift'><h3>Drifted features (vs train)</h3><ul>{items}</ul></div>"
+        )
+    else:
+        parts.append("<p>Drift against train: no feature drifted in any split.</p>")
+    missing = [f for f in features if any(f["missing"].values())]
+    if missing:
+        cells = [[f["name"], *(f"{f['missing'].get(s, 0):,}" for s in rows)] for f in missing]
+        parts.append("<h3>Missing values</h3>" + table(["feature", *rows], cells))
+    else:
+        parts.append("<p>Missing values: none in any split.</p>")
+    c = facts["constraints"]
+    failed = "".join(f"<li>{html.escape(x)}</li>" for x in c["failed"])
+    parts.append(f"<p>Constraints: {c['passed']} passed, {len(c['failed'])} failed.</p>")
+    if failed:
+        parts.append(f"<ul>{failed}</ul>")
+    cells = []
+    for f in sorted(features, key=lambda f: f["name"] not in names):  # drifted first
+        chart = (
+            histogram_svg(f["histogram"])
+            if f["histogram"]
+            else bars_svg(f["top"], colour=PALETTE[1])
+            if f["top"]
+            else "<span class='small'>no values</span>"
+        )
+        drift = ", ".join(
+            f"{html.escape(s)} p={d['pvalue']:.3g}"
+            for s, d in f["drift"].items()
+            if d.get("pvalue") is not None
+        )
+        edges = f["histogram"]["edges"] if f["histogram"] else None
+        span = f"{edges[0]:.3g} to {edges[-1]:.3g}" if edges else f"{len(f['top'])} top values"
+        cells.append(
+            f"<div class='cell{' drifted' if f['name'] in names else ''}'>"
+            f"<b>{html.escape(f['name'])}</b><br>{chart}<br>"
+            f"<span class='small'>{span}; {drift or 'no drift test'}</span></div>"
+        )
+    parts.append(
+        "<h3>Features (train split, from the whylogs sketches)</h3>"
+        f"<div class='grid'>{''.join(cells)}</div>"
+    )
+    return "".join(parts)
+
+
+def training_section(facts: dict[str, Any]) -> str:
+    parts = ["<h2 id='training'>Training (DVCLive)</h2>"]
+    for run, series in facts["curves"].items():
+        if not series:
+            parts.append(f"<p class='small'>{run}: no curves</p>")
+            continue
+        losses = {k: v for k, v in series.items() if k.endswith("_loss")}
+        scores = {
+            k: v for k, v in series.items() if k.startswith(("train_", "val_")) and k not in losses
+        }
+        parts.append(
+            f"<h3>{html.escape(run)}</h3><div class='grid'>"
+            f"{lines_svg(losses, 'epoch', 'loss')}{lines_svg(scores, 'epoch', 'score')}</div>"
+        )
+    return "".join(parts)
+
+
+def evaluation_section(facts: dict[str, Any]) -> str:
+    parts = ["<h2 id='evaluation'>Evaluation (test split)</h2>"]
+    parts.append(_table("eval", facts["metrics"]["eval"]))
+    pairs = facts["confusion"]
+    if pairs:
+        labels = sorted({p["actual"] for p in pairs} | {p["predicted"] for p in pairs}, key=_order)
+        counts: dict[tuple[str, str], int] = {}
+        for p in pairs:
+            counts[p["actual"], p["predicted"]] = counts.get((p["actual"], p["predicted"]), 0) + 1
+        top = max(counts.values())
+        head = "".join(f"<th>{html.escape(b)}</th>" for b in labels)
+        body = []
+        for a in labels:
+            cells = []
+            for b in labels:
+                n = counts.get((a, b), 0)
+                # the diagonal in blue by count; errors in red, 4x stronger to stand out
+                rgb, alpha = ("78,121,167", n / top) if a == b else ("225,87,89", 4 * n / top)
+                shade = f"rgba({rgb},{min(alpha, 1):.2f})"
+                cells.append(f"<td style='background:{shade if n else '#fff'}'>{n or ''}</td>")
+            body.append(f"<tr><th>{html.escape(a)}</th>{''.join(cells)}</tr>")
+        parts.append(
+            "<h3>Confusion matrix (rows: actual, columns: predicted)</h3>"
+            f"<table><tr><th></th>{head}</tr>{''.join(body)}</table>"
+        )
+    return "".join(parts)
+
+
+def compression_section(facts: dict[str, Any]) -> str:
+    rows = facts["candidates"]
+    parts = ["<h2 id='compression'>Compression</h2>"]
+    parts.append(_table("compress", facts["metrics"]["compress"]))
+    if rows:
+        score = list(rows[0])[1]  # plots/compress.csv: name, the score, sizes, latencies
+        points = [
+            {"name": r["name"], "size_ratio": float(r["size_ratio"]),
+             "latency_ratio_batch256": float(r["latency_ratio_batch256"]),
+             "selected": r["selected"] == "True"}
+            for r in rows
+        ]  # fmt: skip
+        parts.append(
+            "<h3>Size vs latency at batch 256, against FP32 (dashed: 1.0)</h3>"
+            + scatter_svg(points, "size_ratio", "latency_ratio_batch256")
+        )
+        keys = [score, "size_ratio", "latency_ratio_batch1", "latency_ratio_batch256"]
+        cells = [
+            [
+                r["name"] + (" (chosen)" if r["selected"] == "True" else ""),
+                *(_fmt(float(r[k])) for k in keys),
+            ]
+            for r in rows
+        ]
+        parts.append(table(["candidate", *keys], cells))
+    return "".join(parts)
+
+
+def gate_section(facts: dict[str, Any]) -> str:
+    head = "<h2 id='gate'>Release gate (validate)</h2>"
+    if facts["gate"] is None:
+        return (
+            f"{head}<p>Measured on this bento after packaging (every test record's answer, "
+            "the SLO load, the burst): <code>metrics/validate.json</code> and the build's "
+            "<code>reports/build.html</code> hold its figures.</p>"
+        )
+    headline, details = facts["gate"]["metrics"], facts["gate"]["details"]
+    rows = "".join(
+        f"<tr><td>{html.escape(k)}</td>"
+        + (metric("validate", k, v) if k in headline else f"<td>{html.escape(_fmt(v))}</td>")
+        + "</tr>"
+        for k, v in details.items()
+    )
+    return f"{head}<table>{rows}</table>"
+
+
+def limits(facts: dict[str, Any]) -> list[str]:
+    """What a user should know: the weakest classes, drift, the compression's costs."""
+    out = []
+    per_class = sorted(facts["per_class"], key=lambda r: float(r["f1"]))
+    if per_class:
+        weak = ", ".join(
+            f"{r['class']} (F1 {float(r['f1']):.3f}, {r['support']} rows)" for r in per_class[:3]
+        )
+        out.append(f"Weakest classes on the test split: {weak}.")
+    for split, cols in _drifted(facts["features"]).items():
+        out.append(f"{len(cols)} feature(s) drifted in {split} against train: {', '.join(cols)}.")
+    c = facts["metrics"]["compress"] or {}
+    if c.get("latency_ratio_batch1", 0) > 1:
+        out.append(
+            f"The compressed model ({c['method']}) is {c['latency_ratio_batch1']:.2f}x FP32's "
+            "latency at batch 1 on the build machine: INT8 pays off on batches, not lone requests."
+        )
+    if c.get("accuracy_drop_points"):
+        out.append(f"Compression costs {c['accuracy_drop_points']:.2f} points of accuracy.")
+    rows = facts["schema"]["rows"]
+    out.append(f"Trained on {rows.get('train', 0):,} rows; scored on {rows.get('test', 0):,}.")
+    return out
+
+
+def render(facts: dict[str, Any]) -> str:
+    """The page: self-contained (inline CSS and SVG; no script, font or request)."""
+    lin = facts["lineage"]
+    lineage = "".join(
+        f"<tr><td>{k}</td><td><code>{html.escape(str(v))}</code></td></tr>" for k, v in lin.items()
+    )
+    nav = " | ".join(
+        f"<a href='#{a}'>{t}</a>"
+        for a, t in (("data", "data"), ("training", "training"), ("evaluation", "evaluation"),
+                     ("compression", "compression"), ("gate", "release gate"), ("limits", "limits"))
+    )  # fmt: skip
+    notes = "".join(f"<li>{html.escape(x)}</li>" for x in limits(facts))
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<meta http-equiv='Content-Security-Policy' content=\"{CSP}\">"
+        "<title>Build report</title>"
+        f"<style>{STYLE}</style></head><body><h1>Build report</h1><p>{nav}</p>"
+        f"<h2 id='lineage'>Lineage</h2><table class='lineage'>{lineage}</table>"
+        + data_section(facts)
+        + training_section(facts)
+        + evaluation_section(facts)
+        + compression_section(facts)
+        + gate_section(facts)
+        + f"<h2 id='limits'>Limits</h2><ul>{notes}</ul></body></html>\n"
+    )
+
+
+def _order(label: str) -> tuple[int, Any]:
+    try:
+        return 0, float(label)
+    except ValueError:
+        return 1, label
