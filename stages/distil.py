@@ -2,7 +2,8 @@
 conf/model/) from the FP32 teacher's soft labels, trained on Ray Train like the teacher.
 
 Writes `models/student/` (the same format as `models/fp32/`: the compress stage can prune and
-quantize it) and `metrics/distil.json` (teacher vs student score, parameters, file size);
+quantize it) and `metrics/distil.json` (the student's score, its drop in points from the
+teacher's, their parameter ratio; sizes and counts go to the log);
 its per-epoch curves through DVCLive in `dvclive/distil/`.
 """
 
@@ -120,14 +121,20 @@ def distil(
 
 def main(cfg: DictConfig) -> None:
     result = distil(cfg, DATA_DIR, FP32_DIR, STUDENT_DIR, LIVE["distil"])
-    write_json(METRICS["distil"], result)
     name = next(n for n in SCORE_NAME.values() if f"student_{n}" in result)
+    headline = [f"student_{name}", "drop_points", "parameter_ratio"]  # the rest: the log
+    write_json(METRICS["distil"], {k: result[k] for k in headline})
     log.info(
-        "student %s %.4f (%.2f points below the teacher) with %.3fx its parameters -> %s",
+        "student %s %.4f (%.2f points below the teacher) with %.3fx its parameters"
+        " (%d of %d; %d of %d bytes) -> %s",
         name,
         result[f"student_{name}"],
         result["drop_points"],
         result["parameter_ratio"],
+        result["student_parameters"],
+        result["teacher_parameters"],
+        result["student_bytes"],
+        result["teacher_bytes"],
         STUDENT_DIR,
     )
 
