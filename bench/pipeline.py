@@ -22,6 +22,7 @@ the clock starts), each stage's own work:
   validate  the compressed model's answers on the test split in process, plus the load the
             gate is configured to apply (1 s warm-up + serve.slo.duration_s, then the burst
             phase: serve.slo.burst_s + settle_s + 2.4 s of lone requests: a fixed time)
+  report    gathering the build's files and rendering the build report (fullstack_ml.card)
 A stage not listed has no baseline ('-'). Prints wall s, work s and wall / work per stage:
 start-up, imports, Ray and DVC's hashing and caching show as a ratio above 1.
 
@@ -232,6 +233,22 @@ def work_validate(repo: Path, cfg: Any) -> float:
     return timed(answers) + WARMUP_S + float(slo.duration_s + slo.burst_s + slo.settle_s) + LONE_S
 
 
+def work_report(repo: Path, cfg: Any) -> float:
+    from fullstack_ml.card import gather, render
+
+    tag = json.loads((repo / "dist/bento.json").read_text())["bento_tag"]
+    gate = {
+        "metrics": json.loads((repo / "metrics/validate.json").read_text()),
+        "details": json.loads((repo / "reports/validate.json").read_text()),
+    }
+    here = Path.cwd()
+    os.chdir(repo)  # the card reads the build's files from the repo root, as the stage does
+    try:
+        return timed(lambda: render(gather(tag, gate)))
+    finally:
+        os.chdir(here)
+
+
 WORK: dict[str, Callable[[Path, Any], float]] = {
     "ingest": work_ingest,
     "profile": work_profile,
@@ -241,6 +258,7 @@ WORK: dict[str, Callable[[Path, Any], float]] = {
     "compress": work_compress,
     "package": work_package,
     "validate": work_validate,
+    "report": work_report,
 }
 
 
