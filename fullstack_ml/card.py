@@ -98,8 +98,8 @@ def gather(bento_tag: str | None, gate: dict[str, Any] | None) -> dict[str, Any]
     drift = _json(PROFILE_DIR / "drift.json") or {}
     features = []
     for column in schema.features:
-        summary = views["train"].get_column(column).to_summary_dict()
-        top = summary.get("frequent_items/frequent_strings") or []
+        summaries = {s: v.get_column(column).to_summary_dict() for s, v in views.items()}
+        top = summaries["train"].get("frequent_items/frequent_strings") or []
         features.append(
             {
                 "name": column,
@@ -108,10 +108,7 @@ def gather(bento_tag: str | None, gate: dict[str, Any] | None) -> dict[str, Any]
                 if schema.kinds[column] == "numeric"
                 else None,
                 "top": [(i.value, int(i.est)) for i in top[:6]],
-                "missing": {
-                    s: int(v.get_column(column).to_summary_dict().get("counts/null", 0))
-                    for s, v in views.items()
-                },
+                "missing": {s: int(m.get("counts/null", 0)) for s, m in summaries.items()},
                 "drift": {s: (drift.get(s) or {}).get(column) or {} for s in drift},
             }
         )
