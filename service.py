@@ -153,17 +153,10 @@ def observe_records(records: list[Any]) -> list[Any]:
 
 
 # Numeric features: a JSON number or null (missing: imputed as in training) that the model's
-# float32 input can hold; strings, booleans, NaN, infinities and numbers out of that range
-# are 400s naming the field. Categorical features: a string or null (a value unseen in
-# training counts as unknown). Every feature is required.
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-def number(mean: float, std: float) -> Any:
-    """A finite number that fits float32 both as sent and standardized (`(x - mean) / std`,
-    what the network takes): 1e39, or 1e38 over a std of 0.1, would reach it as infinity."""
-    reach = FLOAT32_MAX * std
-    low, high = max(-FLOAT32_MAX, mean - reach), min(FLOAT32_MAX, mean + reach)
+# float32 input can hold (`Preprocessor.limits`); strings, booleans, NaN, infinities and
+# numbers out of that range are 400s naming the field. Categorical features: a string or null
+# (a value unseen in training counts as unknown). Every feature is required.
+def number(low: float, high: float) -> Any:
     return Annotated[float, Field(strict=True, allow_inf_nan=False, ge=low, le=high)]
 
 
@@ -176,8 +169,8 @@ Record = create_model(
     "Record",
     __config__=ConfigDict(extra="forbid"),
     **{
-        FIELDS[name]: (number(mean, std) | None, Field(alias=name))
-        for name, mean, std in zip(PRE.numeric, PRE.mean, PRE.std, strict=True)
+        FIELDS[name]: (number(low, high) | None, Field(alias=name))
+        for name, (low, high) in zip(PRE.numeric, PRE.limits(), strict=True)
     },
     **{FIELDS[name]: (Category | None, Field(alias=name)) for name in PRE.categorical},
 )

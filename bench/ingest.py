@@ -1,6 +1,6 @@
 """Ingest benchmark: the ingest and profile stages on a synthetic CSV against a bare pyarrow copy.
 
-For each row count, a seeded synthetic table (`stages.ingest.sources.synthetic_frame`: 40 float
+For each row count, a seeded synthetic table (`fullstack_ml.sources.synthetic_frame`: 40 float
 features and 10 string features of 6 values, 1% of the values missing, a 4-class integer
 label) is written once as a CSV with pyarrow (setup, not timed; generated in chunks of
 CHUNK_ROWS rows with seeds seed, seed + 1, ... so setup memory stays bounded). Then, one
@@ -65,7 +65,7 @@ def write_csv(rows: int, work: Path, keep: bool) -> Path:
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
-    from stages.ingest.sources import synthetic_frame
+    from fullstack_ml.sources import synthetic_frame
 
     shape = f"{SYNTHETIC['numeric']}n{SYNTHETIC['categorical']}c"
     path = work / f"synthetic-{rows}-{shape}-seed{SEED}.csv"

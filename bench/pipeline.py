@@ -22,6 +22,8 @@ the clock starts), each stage's own work:
   validate  the compressed model's answers on the test split in process, plus the load the
             gate is configured to apply (1 s warm-up + serve.slo.duration_s, then the burst
             phase: serve.slo.burst_s + settle_s + 2.4 s of lone requests: a fixed time)
+  predict   the stage's `predict` on its configured input (the test split), in process: the
+            program loaded (and compiled, as served), the rows checked, scored, profiled
   report    gathering the build's files and rendering the build report (fullstack_ml.card)
 A stage not listed has no baseline ('-'). Prints wall s, work s and wall / work per stage:
 start-up, imports, Ray and DVC's hashing and caching show as a ratio above 1.
@@ -249,6 +251,17 @@ def work_report(repo: Path, cfg: Any) -> float:
         os.chdir(here)
 
 
+def work_predict(repo: Path, cfg: Any) -> float:
+    from stages.predict import predict
+
+    here = Path.cwd()
+    os.chdir(repo)  # the stage's paths are relative to the repo root
+    try:
+        return timed(lambda: predict(cfg.predict, cfg.seed))
+    finally:
+        os.chdir(here)
+
+
 WORK: dict[str, Callable[[Path, Any], float]] = {
     "ingest": work_ingest,
     "profile": work_profile,
@@ -259,6 +272,7 @@ WORK: dict[str, Callable[[Path, Any], float]] = {
     "package": work_package,
     "validate": work_validate,
     "report": work_report,
+    "predict": work_predict,
 }
 
 

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fullstack_ml.charts import (
     PALETTE,
     bars_svg,
@@ -251,7 +253,15 @@ def evaluation_section(facts: dict[str, Any]) -> str:
     parts = ["<h2 id='evaluation'>Evaluation (test split)</h2>"]
     parts.append(_table("eval", facts["metrics"]["eval"]))
     pairs = facts["confusion"]
-    if pairs:
+    if pairs and facts["schema"]["task"] == "regression":  # a value per row: their errors
+        errors = [float(p["predicted"]) - float(p["actual"]) for p in pairs]
+        counts, edges = np.histogram(errors, bins=20)
+        hist = {"counts": counts.tolist(), "edges": edges.tolist()}
+        parts.append(
+            f"<h3>Errors on the {len(errors)} test rows (predicted - actual)</h3>"
+            + histogram_svg(hist, width=420, height=120)
+        )
+    elif pairs:
         labels = sorted({p["actual"] for p in pairs} | {p["predicted"] for p in pairs}, key=_order)
         counts: dict[tuple[str, str], int] = {}
         for p in pairs:
@@ -357,18 +367,25 @@ def render(facts: dict[str, Any]) -> str:
                      ("compression", "compression"), ("gate", "release gate"), ("limits", "limits"))
     )  # fmt: skip
     notes = "".join(f"<li>{html.escape(x)}</li>" for x in limits(facts))
-    return (
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        f"<meta http-equiv='Content-Security-Policy' content=\"{CSP}\">"
-        "<title>Build report</title>"
-        f"<style>{STYLE}</style></head><body><h1>Build report</h1><p>{nav}</p>"
-        f"<h2 id='lineage'>Lineage</h2><table class='lineage'>{lineage}</table>"
+    return page(
+        "Build report",
+        f"<p>{nav}</p><h2 id='lineage'>Lineage</h2><table class='lineage'>{lineage}</table>"
         + data_section(facts)
         + training_section(facts)
         + evaluation_section(facts)
         + compression_section(facts)
         + gate_section(facts)
-        + f"<h2 id='limits'>Limits</h2><ul>{notes}</ul></body></html>\n"
+        + f"<h2 id='limits'>Limits</h2><ul>{notes}</ul>",
+    )
+
+
+def page(title: str, body: str) -> str:
+    """A self-contained HTML page (inline CSS and SVG; no script, font or request)."""
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<meta http-equiv='Content-Security-Policy' content=\"{CSP}\">"
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>"
+        f"<body><h1>{html.escape(title)}</h1>{body}</body></html>\n"
     )
 
 

@@ -25,10 +25,12 @@ COMPRESS_PLOT = Path("plots/compress.csv")
 COMPRESS_DETAILS = Path("reports/compress.json")  # every candidate, the serving plan (measured)
 PER_CLASS = Path("plots/per_class.csv")  # precision, recall, F1 and support per class
 VALIDATE_DETAILS = Path("reports/validate.json")  # the release gate's every figure, bento tag
+PREDICTIONS_DIR = Path("data/predictions")  # the predict stage's default output and rejects
+PREDICT_REPORT = Path("reports/predict.html")  # drift of the scored rows, rejects by reason
 BUILD_REPORT = Path("reports/build.html")  # the build report; the bento serves it at /card
 METRICS = {
     stage: Path(f"metrics/{stage}.json")
-    for stage in ("profile", "eval", "distil", "compress", "validate")
+    for stage in ("profile", "eval", "distil", "compress", "validate", "predict")
 } | {"train": LIVE["train"] / "metrics.json"}
 
 

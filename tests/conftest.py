@@ -10,12 +10,16 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from omegaconf import DictConfig
 
 from fullstack_ml.stage import ROOT, compose
 from stages.ingest import ingest
+
+if TYPE_CHECKING:
+    from fullstack_ml.bento import Server
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
@@ -121,6 +125,16 @@ def bento(fp32_dir: Path, curated: Path, cfg: DictConfig, tmp_path_factory) -> P
     (work / "schema.json").write_bytes((curated / "schema.json").read_bytes())
     package_bento(work, work / "dist")
     return work / "dist/fullstack_ml.bento"
+
+
+@pytest.fixture(scope="session")
+def server(bento: Path) -> Iterator["Server"]:
+    """The session's bento served once, without a token, for every test that needs its
+    answers over HTTP (tests/test_service.py, tests/test_predict.py)."""
+    from fullstack_ml.bento import serve_bento
+
+    with serve_bento(bento, env={"FULLSTACK_ML_API_TOKEN": ""}) as served:
+        yield served
 
 
 def package_bento(work: Path, out: Path) -> dict:

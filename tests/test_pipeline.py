@@ -86,7 +86,7 @@ def mixed_run(
     """The mixed-types regression pipeline, started in the background (its own BentoML
     store) before the default one: most stages use one core of two, so the two runs
     overlap. test_mixed_types_regression_served_like_in_process waits for it."""
-    from stages.ingest.sources import synthetic_frame
+    from fullstack_ml.sources import synthetic_frame
 
     repo = new_repo(tmp_path_factory, env)
     frame = synthetic_frame(MIXED_DATA, "label", seed=42).rename(columns=ODD_NAMES)
@@ -127,6 +127,8 @@ def test_pipeline_outputs_metrics_and_experiments(repo: Path, env: dict) -> None
         "models/compressed/model.pt2",
         "dist/bento.json",
         "reports/build.html",
+        "data/predictions/predictions.parquet",
+        "reports/predict.html",
     ]:
         assert (repo / out).is_file(), out
     metrics = json.loads(sh(["dvc", "metrics", "show", "--json"], repo, env).stdout)
@@ -145,7 +147,9 @@ def test_pipeline_outputs_metrics_and_experiments(repo: Path, env: dict) -> None
     live = values["dvclive/train/metrics.json"]["data"]
     assert live["step"] == 6 and 1 <= live["best_epoch"] <= 6
     # the headline figures only: what `dvc exp show` compares (details: outputs and plots)
-    assert sum(len(flat(f["data"])) for f in values.values()) == 27
+    assert sum(len(flat(f["data"])) for f in values.values()) == 32
+    scored = values["metrics/predict.json"]["data"]  # batch scoring of the test split
+    assert scored["predicted"] == 270 and scored["rejected"] == 0
     curve = pd.read_csv(repo / "dvclive/train/plots/metrics/val_accuracy.tsv", sep="\t")
     assert list(curve["step"]) == list(range(1, 7)) and curve["val_accuracy"].max() > 0.8
     plots = sh(["dvc", "plots", "show", "--json"], repo, env).stdout
@@ -177,7 +181,7 @@ def test_a_code_edit_makes_stale_exactly_the_stages_that_import_it(repo: Path, e
     expected = {
         "stages/ingest/gates.py": {"ingest"},  # a module of one stage
         "fullstack_ml/train_worker.py": {"train", "distil"},  # the shared training loop
-        "fullstack_ml/runtime/drift.py": {"profile", "package", "report"},  # in the bento
+        "fullstack_ml/runtime/drift.py": {"profile", "package", "predict", "report"},  # bento
         "service.py": {"package"},
     }
     assert json.loads(sh(["dvc", "status", "--json"], repo, env).stdout) == {}

@@ -33,12 +33,6 @@ TOKEN = "test-token-0123456789"
 
 
 @pytest.fixture(scope="module")
-def server(bento: Path) -> Iterator[Server]:
-    with serve_bento(bento, env={"FULLSTACK_ML_API_TOKEN": ""}) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def guarded(bento: Path) -> Iterator[Server]:
     """A second server, with a bearer token: the drift, auth and shutdown tests, in that
     order (the drift window starts nearly empty; the shutdown test stops it)."""

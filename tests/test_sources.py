@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from servers import Postgres, S3Server, free_port, postgres_server, s3_env, s3_server  # noqa: F401
 
+from fullstack_ml.sources import SOURCES, Table, read_source
 from fullstack_ml.stage import StageError, compose
-from stages.ingest.sources import SOURCES, Table, read_source
 
 FRAME = pd.DataFrame(
     {

@@ -46,6 +46,16 @@ class Preprocessor:
             offset += len(self.vocab[name]) + 1
         return out
 
+    def limits(self) -> list[tuple[float, float]]:
+        """Per numeric feature, the least and greatest value the network's float32 input can
+        hold both as sent and standardised (`(x - mean) / std`): 1e39, or 1e38 over a std of
+        0.1, would reach it as infinity. The service refuses values outside, as 400s."""
+        top = float(np.finfo(np.float32).max)
+        return [
+            (max(-top, mean - top * std), min(top, mean + top * std))
+            for mean, std in zip(self.mean, self.std, strict=True)
+        ]
+
     def encode_frame(self, df: pd.DataFrame) -> np.ndarray:
         return self.encode({c: df[c] for c in (*self.numeric, *self.categorical)})
 

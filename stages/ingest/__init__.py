@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from fullstack_ml.paths import DATA_DIR, split_file
 from fullstack_ml.progress import Phases
 from fullstack_ml.schema import build_schema
+from fullstack_ml.sources import read_source
 from fullstack_ml.stage import StageError, atomic_dir, write_json
 from stages.ingest.columns import (
     apply_types,
@@ -26,7 +27,6 @@ from stages.ingest.columns import (
     kept_columns,
 )
 from stages.ingest.gates import check_quality, check_unknown_categories
-from stages.ingest.sources import read_source
 from stages.ingest.split import split_table
 
 log = logging.getLogger("stages.ingest")

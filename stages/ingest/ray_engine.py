@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fullstack_ml.paths import SPLITS
 from fullstack_ml.schema import build_schema
+from fullstack_ml.sources import read_source
 from fullstack_ml.stage import StageError, atomic_dir, write_json
 from stages.ingest.columns import (
     apply_types,
@@ -31,7 +32,6 @@ from stages.ingest.columns import (
     kept_columns,
 )
 from stages.ingest.gates import leaks, quality_gates, unknown_gate
-from stages.ingest.sources import read_source
 from stages.ingest.split import assign_splits, check_split
 
 log = logging.getLogger("stages.ingest")

@@ -1,6 +1,7 @@
-"""Data sources: the raw table named by `data.source`, read as is.
+"""Data sources: the raw table named by `data.source` (or `predict.input.source`), read as is.
 
-`read_source(cfg, seed)` returns a `Table`; the ingest stage types, checks and splits it.
+`read_source(cfg, seed)` returns a `Table`; the ingest stage types, checks and splits it, the
+predict stage scores it.
 Every failure is a StageError with one line naming the file, URL, table or key at fault.
 Credentials never come from the config (params.yaml is committed): object storage reads
 AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for a non-AWS endpoint),
@@ -50,36 +51,38 @@ class Table(NamedTuple):
     bad_rows: int  # rows dropped as unparseable under bad_rows=drop (0 otherwise)
 
 
-def read_source(cfg: Mapping[str, Any], seed: int) -> Table:
+def read_source(cfg: Mapping[str, Any], seed: int, key: str = "data") -> Table:
     """The raw table that the `data` config names.
 
     Args:
         cfg: the `data` config (DictConfig or dict); `source` picks the reader.
         seed: the run's seed (used by the synthetic source).
+        key: where `cfg` is in params.yaml, for messages (`predict.input` reads new rows).
     """
     source = cfg.get("source")
     if source == "digits":
         return Table(load_digits_frame(), "digits (scikit-learn)", 0)
     if source == "file":
         return read_files(
-            str(_required(cfg, "path")),
+            str(_required(cfg, "path", key)),
             cfg.get("format") or "auto",
             _plain(cfg.get("storage_options")) or {},
-            _bad_rows(cfg),
+            _bad_rows(cfg, key),
+            key,
         )
     if source == "sql":
-        return read_sql(str(_required(cfg, "url")), cfg.get("table"), cfg.get("query"))
+        return read_sql(str(_required(cfg, "url", key)), cfg.get("table"), cfg.get("query"), key)
     if source == "synthetic":
         params = _plain(cfg.get("synthetic")) or {}
         frame = synthetic_frame(params, str(cfg.get("target") or "label"), seed)
         return Table(frame, f"synthetic ({len(frame)} rows, seed {seed})", 0)
-    raise StageError(f"data.source: unknown source {source!r} ({' | '.join(SOURCES)})")
+    raise StageError(f"{key}.source: unknown source {source!r} ({' | '.join(SOURCES)})")
 
 
-def _required(cfg: Mapping[str, Any], key: str) -> Any:
-    value = cfg.get(key)
+def _required(cfg: Mapping[str, Any], name: str, key: str) -> Any:
+    value = cfg.get(name)
     if value in (None, ""):
-        raise StageError(f"data.{key}: required for data.source={cfg.get('source')}")
+        raise StageError(f"{key}.{name}: required for {key}.source={cfg.get('source')}")
     return value
 
 
@@ -90,10 +93,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _bad_rows(cfg: Mapping[str, Any]) -> str:
+def _bad_rows(cfg: Mapping[str, Any], key: str) -> str:
     mode = cfg.get("bad_rows") or "fail"
     if mode not in ("fail", "drop"):
-        raise StageError(f"data.bad_rows: {mode!r} is not fail | drop")
+        raise StageError(f"{key}.bad_rows: {mode!r} is not fail | drop")
     return mode
 
 
@@ -116,7 +119,11 @@ def load_digits_frame() -> pd.DataFrame:
 
 
 def read_files(
-    path: str, fmt: str = "auto", storage_options: dict | None = None, bad_rows: str = "fail"
+    path: str,
+    fmt: str = "auto",
+    storage_options: dict | None = None,
+    bad_rows: str = "fail",
+    key: str = "data",
 ) -> Table:
     """One file, a glob, a partitioned Parquet folder or an fsspec URL as one table.
 
@@ -125,37 +132,45 @@ def read_files(
         fmt: csv | parquet | jsonl | auto (from the suffix; a folder means parquet).
         storage_options: fsspec options without credentials (e.g. client_kwargs.endpoint_url).
         bad_rows: fail | drop, for CSV and JSON-lines rows that cannot be parsed.
+        key: the config's place in params.yaml, for messages.
     """
+
+    if fmt not in (*FORMATS, "auto"):
+        raise StageError(
+            f"{path}: unknown format {fmt!r}; set {key}.format to csv | parquet | jsonl"
+        )
+    fs, root = open_url(path, storage_options or {}, key)
+    remote = "://" in path and not path.startswith("file://")
+    try:
+        return _read_files(fs, root, path, fmt, bad_rows, key)
+    except StageError:
+        raise
+    except Exception as err:
+        raise StageError(f"{path}: {storage_problem(err, remote)}") from None
+
+
+def open_url(path: str, storage_options: dict, key: str) -> tuple[Any, str]:
+    """The fsspec filesystem of `path` (a local path or URL) and the path within it; URLs
+    and options holding credentials are refused (`key`: the config's place, for messages)."""
     import fsspec
 
     parts = urlsplit(path)
     if parts.password or (parts.username and "://" in path):
-        raise StageError("data.path: holds credentials; set them in the environment instead")
-    if fmt not in (*FORMATS, "auto"):
-        raise StageError(
-            f"{path}: unknown format {fmt!r}; set data.format to csv | parquet | jsonl"
-        )
-    options = _storage_options(path, storage_options or {})
+        raise StageError(f"{key}.path: holds credentials; set them in the environment instead")
+    options = _storage_options(path, storage_options, key)
     try:
-        fs, root = fsspec.core.url_to_fs(path, **options)
+        return fsspec.core.url_to_fs(path, **options)
     except (ImportError, ValueError) as err:
         raise StageError(f"{path}: cannot open this URL: {_first_line(err)}") from None
-    remote = "://" in path and not path.startswith("file://")
-    try:
-        return _read_files(fs, root, path, fmt, bad_rows)
-    except StageError:
-        raise
-    except Exception as err:
-        raise StageError(f"{path}: {_storage_problem(err, remote)}") from None
 
 
-def _storage_options(path: str, user: dict) -> dict:
+def _storage_options(path: str, user: dict, key: str) -> dict:
     """The user's fsspec options (nulls dropped) over our defaults; credentials are refused."""
     user = _without_nulls(user)
     found = SECRET_KEYS & {*user, *(user.get("client_kwargs") or {})}
     if found:
         raise StageError(
-            f"data.storage_options: {sorted(found)} look like credentials; they belong in the "
+            f"{key}.storage_options: {sorted(found)} look like credentials; they belong in the "
             f"environment ({S3_ENV}), not in params.yaml"
         )
     if not path.startswith(("s3://", "s3a://")):
@@ -172,7 +187,7 @@ def _without_nulls(options: dict) -> dict:
     }
 
 
-def _storage_problem(err: Exception, remote: bool) -> str:
+def storage_problem(err: Exception, remote: bool) -> str:
     """One line for a filesystem or object-store failure."""
     kinds = {cls.__name__ for cls in type(err).__mro__}
     msg = _first_line(err)
@@ -199,7 +214,7 @@ def _display(fs: Any, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
-def _format_of(path: str, fmt: str, name: str) -> str:
+def _format_of(path: str, fmt: str, name: str, key: str) -> str:
     if fmt != "auto":
         return fmt
     base = path.lower()
@@ -208,12 +223,12 @@ def _format_of(path: str, fmt: str, name: str) -> str:
     found = SUFFIXES.get(os.path.splitext(base)[1], "")
     if not found:
         raise StageError(
-            f"{name}: unknown format (suffix); set data.format to csv | parquet | jsonl"
+            f"{name}: unknown format (suffix); set {key}.format to csv | parquet | jsonl"
         )
     return found
 
 
-def _read_files(fs: Any, root: str, name: str, fmt: str, bad_rows: str) -> Table:
+def _read_files(fs: Any, root: str, name: str, fmt: str, bad_rows: str, key: str) -> Table:
     if any(ch in root for ch in "*?["):
         found = fs.glob(root, detail=True)
         files = {
@@ -236,13 +251,13 @@ def _read_files(fs: Any, root: str, name: str, fmt: str, bad_rows: str) -> Table
     for shown, (path, size) in files.items():
         if size == 0:
             raise StageError(f"{shown}: empty file")
-        kind = _format_of(path, fmt, shown)
+        kind = _format_of(path, fmt, shown, key)
         if kind == "parquet":
             frame, dropped = _parquet(fs, path, shown), 0
         elif kind == "csv":
-            frame, dropped = _csv(fs, path, shown, bad_rows)
+            frame, dropped = _csv(fs, path, shown, bad_rows, key)
         else:
-            frame, dropped = _jsonl(fs, path, shown, bad_rows)
+            frame, dropped = _jsonl(fs, path, shown, bad_rows, key)
         if first is None:
             first = (shown, list(frame.columns))
         elif set(frame.columns) != set(first[1]):
@@ -293,7 +308,7 @@ def _parquet(fs: Any, path: str, name: str) -> pd.DataFrame:
     return _arrow_to_pandas(table)
 
 
-def _csv(fs: Any, path: str, name: str, bad_rows: str) -> tuple[pd.DataFrame, int]:
+def _csv(fs: Any, path: str, name: str, bad_rows: str, key: str) -> tuple[pd.DataFrame, int]:
     """A CSV file with its header; rows with the wrong number of fields fail or are dropped."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
@@ -330,7 +345,7 @@ def _csv(fs: Any, path: str, name: str, bad_rows: str) -> tuple[pd.DataFrame, in
             row = bad[0]
             raise StageError(
                 f"{name}: line {row.number}: expected {row.expected_columns} fields, found "
-                f"{row.actual_columns} (data.bad_rows=drop skips such rows)"
+                f"{row.actual_columns} ({key}.bad_rows=drop skips such rows)"
             ) from None
         raise StageError(f"{name}: cannot read as csv: {_first_line(err)}") from None
     except (pa.ArrowException, UnicodeDecodeError) as err:
@@ -338,7 +353,7 @@ def _csv(fs: Any, path: str, name: str, bad_rows: str) -> tuple[pd.DataFrame, in
     return _arrow_to_pandas(table), len(bad)
 
 
-def _jsonl(fs: Any, path: str, name: str, bad_rows: str) -> tuple[pd.DataFrame, int]:
+def _jsonl(fs: Any, path: str, name: str, bad_rows: str, key: str) -> tuple[pd.DataFrame, int]:
     """JSON lines: one object per line; blank lines are skipped, other lines fail or drop."""
     records, bad = [], 0
     try:
@@ -357,7 +372,7 @@ def _jsonl(fs: Any, path: str, name: str, bad_rows: str) -> tuple[pd.DataFrame, 
                 else:
                     raise StageError(
                         f"{name}: line {number}: not a JSON object "
-                        "(data.bad_rows=drop skips such lines)"
+                        f"({key}.bad_rows=drop skips such lines)"
                     )
     except UnicodeDecodeError:
         raise StageError(f"{name}: cannot read as jsonl: not UTF-8 text") from None
@@ -367,7 +382,9 @@ def _jsonl(fs: Any, path: str, name: str, bad_rows: str) -> tuple[pd.DataFrame, 
 # -- SQL databases through SQLAlchemy ---------------------------------------------------------
 
 
-def read_sql(url: str, table: str | None = None, query: str | None = None) -> Table:
+def read_sql(
+    url: str, table: str | None = None, query: str | None = None, key: str = "data"
+) -> Table:
     """A table or a query's result from the database at a SQLAlchemy `url`.
 
     Args:
@@ -381,15 +398,17 @@ def read_sql(url: str, table: str | None = None, query: str | None = None) -> Ta
     try:
         parsed = sa.engine.make_url(url)
     except Exception:
-        raise StageError("data.url: not a SQLAlchemy URL (dialect+driver://user@host/db)") from None
+        raise StageError(
+            f"{key}.url: not a SQLAlchemy URL (dialect+driver://user@host/db)"
+        ) from None
     if parsed.password:
         raise StageError(
-            "data.url: holds a password; remove it and set it in the environment "
+            f"{key}.url: holds a password; remove it and set it in the environment "
             "(PGPASSWORD for PostgreSQL)"
         )
     shown = parsed.render_as_string(hide_password=True)
     if (table is None) == (query is None):
-        raise StageError(f"{shown}: set exactly one of data.table and data.query")
+        raise StageError(f"{shown}: set exactly one of {key}.table and {key}.query")
     name = f"{shown} table {table}" if table else f"{shown} query"
     backend = parsed.get_backend_name()
     local_db = backend == "sqlite" and parsed.database not in (None, "", ":memory:")

@@ -1,0 +1,349 @@
+"""predict: score a table of new rows with the model the pipeline built, or with a bento (a
+released one), as the service would answer each row.
+
+Reads `predict.input` with the ingest stage's sources (a file, a glob, a partitioned Parquet
+folder, an s3:// URL, a SQL table or query), types each feature as the model's `schema.json`
+says, and scores batches of `predict.batch_rows` with the bento's runtime: the training
+preprocessing and the compressed program on the execution path the compress stage measured.
+Writes, each through a temporary file that replaces the destination only once the run has
+succeeded (a failed run leaves the previous files, or none):
+- `predict.output` (.parquet or .csv, a local path or an fsspec URL): the id columns (or
+  `row`, the input's row number), `label` and `proba_<class>` per class (or `value`);
+- `predict.rejects` (CSV): each row the service would refuse (a feature that is not a number,
+  not finite, or out of the model's range), with `row`, the id columns and the reason;
+- `metrics/predict.json` (rows, predicted, rejected, reject rate, drifted features) and
+  `reports/predict.html` (drift of the scored input against the training profile).
+Fails when the reject rate passes `predict.max_reject_rate` or the drifted features pass
+`predict.max_drifted_features`: predictions + rejects always equal the input rows.
+"""
+
+import contextlib
+import html
+import logging
+import os
+import tarfile
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fullstack_ml.card import page, table
+from fullstack_ml.paths import (
+    COMPRESS_DETAILS,
+    COMPRESSED_DIR,
+    METRICS,
+    PREDICT_REPORT,
+    REFERENCE_PROFILE,
+    SCHEMA,
+)
+from fullstack_ml.progress import track
+from fullstack_ml.runtime.drift import (
+    drift_scores,
+    drifted,
+    load_profile,
+    new_profile,
+    reproducible,
+)
+from fullstack_ml.runtime.meta import read_meta
+from fullstack_ml.runtime.preprocess import Preprocessor
+from fullstack_ml.runtime.program import load_runner
+from fullstack_ml.sources import open_url, read_source, storage_problem
+from fullstack_ml.stage import UMASK, StageError, read_json, run, write_atomic, write_json
+
+log = logging.getLogger("stages.predict")
+
+
+class Model(NamedTuple):
+    """What scoring needs, from the pipeline's files or from a bento's model."""
+
+    dir: Path  # model.pt2 and model.json (and fp32.pt2 where shipped)
+    schema: dict[str, Any]
+    serving: dict[str, Any] | None  # the measured execution plan (None: eager)
+    reference: Path  # the training profile, for drift
+    name: str  # for messages and metrics
+
+
+@contextmanager
+def open_model(bento: str | None) -> Iterator[Model]:
+    """The pipeline's `models/compressed` (`bento` None), or the model inside a bento file,
+    unpacked into a temporary folder for the run."""
+    if not bento:
+        yield Model(
+            COMPRESSED_DIR,
+            read_json(SCHEMA),
+            read_json(COMPRESS_DETAILS).get("serving"),
+            REFERENCE_PROFILE,
+            str(COMPRESSED_DIR),
+        )
+        return
+    path = Path(bento)
+    if not path.is_file():
+        raise StageError(f"predict.bento: {bento}: not found")
+    with tempfile.TemporaryDirectory(prefix="predict-bento-") as tmp:
+        try:
+            with tarfile.open(path) as tar:
+                wanted = [m for m in tar.getmembers() if m.name.lstrip("./").startswith("models/")]
+                tar.extractall(tmp, members=wanted, filter="data")
+        except (tarfile.TarError, OSError) as err:
+            raise StageError(f"predict.bento: {bento}: not a bento file ({err})") from None
+        found = sorted(Path(tmp).glob("models/*/*/model.json"))
+        if len(found) != 1:
+            raise StageError(f"predict.bento: {bento}: holds {len(found)} models, not one")
+        folder = found[0].parent
+        serving = folder / "serving.json"
+        yield Model(
+            folder,
+            read_json(folder / "schema.json"),
+            read_json(serving) if serving.exists() else None,
+            folder / "reference_profile.bin",
+            f"{bento} ({folder.parent.name}:{folder.name})",
+        )
+
+
+def check_batch(frame: pd.DataFrame, pre: Preprocessor) -> tuple[pd.DataFrame, pd.Series]:
+    """The model's features of `frame` typed as in training, and per row the reason the
+    service would refuse it (None: the row is scored)."""
+    reasons = pd.Series(None, index=frame.index, dtype=object)
+    typed = {}
+    for name, (low, high) in zip(pre.numeric, pre.limits(), strict=True):
+        raw = frame[name]
+        if pd.api.types.is_bool_dtype(raw):  # true/false is no number to the service either
+            values = pd.Series(np.nan, index=frame.index)
+            text = raw.notna()
+        else:
+            values = pd.to_numeric(raw, errors="coerce").astype("float64")
+            text = raw.notna() & values.isna()
+        for bad, why in (
+            (text, "not a number"),
+            (np.isinf(values), "not finite"),
+            (
+                (values < low) | (values > high),
+                f"outside the model's range [{low:.4g}, {high:.4g}]",
+            ),
+        ):
+            reasons = reasons.mask(reasons.isna() & bad, f"{name}: {why}")
+        typed[name] = values
+    for name in pre.categorical:  # any value is a category; an unseen one counts as unknown
+        raw = frame[name]
+        typed[name] = raw.where(raw.isna(), raw.astype(str))
+    return pd.DataFrame(typed, index=frame.index), reasons
+
+
+def score(
+    runner: Any, pre: Preprocessor, meta: dict[str, Any], typed: pd.DataFrame
+) -> pd.DataFrame:
+    """The service's answers for rows that passed `check_batch`: `label` and `proba_<class>`
+    per class (classification), or `value` (regression)."""
+    with torch.inference_mode():
+        out = runner(torch.from_numpy(pre.encode_frame(typed)))
+    if meta["task"] == "regression":
+        value = out[:, 0].double().numpy() * pre.target_std + pre.target_mean
+        return pd.DataFrame({"value": value}, index=typed.index)
+    probs = torch.softmax(out, dim=1).numpy().astype("float64")
+    classes = meta["classes"]
+    answer = {"label": np.asarray(classes)[probs.argmax(1)]}
+    answer |= {f"proba_{c}": probs[:, i] for i, c in enumerate(classes)}
+    return pd.DataFrame(answer, index=typed.index)
+
+
+FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
+
+
+class TableFile:
+    """A table written batch by batch to a local temporary file that replaces `dest` on
+    `commit()` (a rename beside a local `dest`; one upload to a URL), and is removed on
+    `discard()`: a reader of `dest` sees the previous file or the whole new one."""
+
+    def __init__(self, dest: str, key: str, storage_options: dict | None = None) -> None:
+        suffix = os.path.splitext(dest.lower())[1]
+        if suffix not in FORMATS:
+            raise StageError(f"{key}: {dest}: write .parquet or .csv")
+        self.dest, self.key, self.format = dest, key, FORMATS[suffix]
+        self.remote = "://" in dest and not dest.startswith("file://")
+        self.options = storage_options or {}
+        folder = None if self.remote else Path(dest).parent
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{Path(dest).name}.tmp-", dir=folder)
+        os.close(fd)
+        self.writer: Any = None  # a Parquet file's
+        self.started, self.rows = False, 0
+
+    def write(self, frame: pd.DataFrame) -> None:
+        if self.format == "csv":  # the header once, then rows
+            frame.to_csv(
+                self.tmp, mode="a" if self.started else "w", header=not self.started, index=False
+            )
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if self.writer is None:
+                self.writer = pq.ParquetWriter(self.tmp, table.schema.remove_metadata())
+            self.writer.write_table(table.cast(self.writer.schema))
+        self.started = True
+        self.rows += len(frame)
+
+    def finish(self, empty: pd.DataFrame) -> None:
+        """Close the file; `empty` (no rows, the columns) is written when nothing was."""
+        if not self.started:
+            self.write(empty)
+        if self.writer is not None:
+            self.writer.close()
+        os.chmod(self.tmp, 0o666 & ~UMASK)
+
+    def commit(self) -> None:
+        """Move the finished file into place."""
+        if not self.remote:
+            os.replace(self.tmp, self.dest)
+            return
+        fs, path = open_url(self.dest, self.options, self.key)
+        try:
+            fs.put_file(self.tmp, path)
+        except Exception as err:
+            raise StageError(f"{self.dest}: {storage_problem(err, remote=True)}") from None
+        finally:
+            Path(self.tmp).unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        if self.writer is not None:
+            with contextlib.suppress(Exception):  # already closed
+                self.writer.close()
+        Path(self.tmp).unlink(missing_ok=True)
+
+
+def answer_columns(meta: dict[str, Any]) -> list[str]:
+    if meta["task"] == "regression":
+        return ["value"]
+    return ["label", *(f"proba_{c}" for c in meta["classes"])]
+
+
+def predict(cfg: DictConfig, seed: int) -> dict[str, Any]:
+    """Score `cfg.input` (the `predict` config) and write the predictions and rejects;
+    returns the figures of `metrics/predict.json` and the drift scores per feature."""
+    ids = [str(c) for c in cfg.id_columns or []]
+    size = int(cfg.batch_rows)
+    if size < 1:
+        raise StageError(f"predict.batch_rows: {size} is not a positive number of rows")
+    with open_model(cfg.bento) as model:
+        meta = read_meta(model.dir)
+        pre = Preprocessor.from_dict(meta["preprocessing"])
+        table = read_source(cfg.input, seed, key="predict.input")
+        frame, source = table.frame, table.name
+        frame.columns = [str(c) for c in frame.columns]
+        for column in [*meta["features"], *ids]:
+            if column not in frame.columns:
+                what = "id column" if column in ids else "feature"
+                raise StageError(f"{source}: {what} {column!r} missing (the model needs it)")
+        log.info("scoring %s (%d rows) with %s", source, len(frame), model.name)
+        runner = load_runner(model.dir, model.serving, pre.width, log)
+        keys = ids or ["row"]
+        options = OmegaConf.to_container(cfg.storage_options) if cfg.storage_options else {}
+        out = TableFile(str(cfg.output), "predict.output", options)
+        rejects = TableFile(str(cfg.rejects), "predict.rejects", options)
+        profile, reasons_seen = new_profile() if cfg.drift else None, Counter()
+        try:
+            starts = range(0, len(frame), size)
+            rows = len(frame)
+            for start in track(starts, rows, "predict", "row", log, lambda s: min(size, rows - s)):
+                batch = frame.iloc[start : start + size]
+                typed, reasons = check_batch(batch, pre)
+                ok = reasons.isna().to_numpy()
+                numbers = pd.DataFrame({"row": range(start, start + len(batch))}, batch.index)
+                key = batch[ids] if ids else numbers
+                if ok.any():
+                    out.write(pd.concat([key[ok], score(runner, pre, meta, typed[ok])], axis=1))
+                    if profile is not None:
+                        profile.track(pandas=typed[ok])
+                if not ok.all():
+                    rejects.write(key[~ok].assign(reason=reasons[~ok]))
+                    reasons_seen.update(reasons[~ok])
+            predicted, rejected = out.rows, rejects.rows
+            if predicted + rejected != rows:  # never a row lost: a bug, not bad input
+                raise AssertionError(f"{predicted} + {rejected} rows written of {rows}")
+            rate = rejected / rows
+            if rate > cfg.max_reject_rate:
+                reason, count = reasons_seen.most_common(1)[0]
+                raise StageError(
+                    f"{source}: {rejected} of {rows} rows rejected ({rate:.2%} > "
+                    f"predict.max_reject_rate={cfg.max_reject_rate}); most often "
+                    f"{reason!r} ({count} rows)"
+                )
+            scores = {}
+            if profile is not None and predicted:
+                view = reproducible(profile.view())
+                reference = load_profile(model.reference)
+                scores = drift_scores(view, reference, categorical=pre.categorical)
+            shifted = drifted(scores)
+            limit = cfg.max_drifted_features
+            if limit is not None and len(shifted) > limit:
+                raise StageError(
+                    f"{source}: {len(shifted)} features drifted from training (more than "
+                    f"predict.max_drifted_features={limit}): {', '.join(shifted[:5])}"
+                )
+            out.finish(pd.DataFrame(columns=[*keys, *answer_columns(meta)]))
+            rejects.finish(pd.DataFrame(columns=[*keys, "reason"]))
+            out.commit()
+            rejects.commit()
+        except BaseException:
+            out.discard()
+            rejects.discard()
+            raise
+    log.info(
+        "%d rows: %d predicted -> %s, %d rejected -> %s; %d features drifted",
+        *(rows, predicted, cfg.output, rejected, cfg.rejects, len(shifted)),
+    )
+    figures = {
+        "rows": rows,
+        "predicted": predicted,
+        "rejected": rejected,
+        "reject_rate": rate,
+        "drifted_features": len(shifted),
+    }
+    return {"metrics": figures, "drift": scores, "reasons": dict(reasons_seen.most_common())}
+
+
+def report(result: dict[str, Any], source: str, model: str) -> str:
+    """`reports/predict.html`: the run's figures, rejects by reason, drift per feature."""
+    figures = result["metrics"]
+    rows = [[k, f"{v:.4g}" if isinstance(v, float) else str(v)] for k, v in figures.items()]
+    parts = [f"<p>{html.escape(source)}, scored with {html.escape(model)}.</p>"]
+    parts.append(table(["figure", "value"], rows))
+    if result["reasons"]:
+        parts.append("<h2>Rejected rows by reason</h2>")
+        parts.append(table(["reason", "rows"], [[r, str(n)] for r, n in result["reasons"].items()]))
+    scores = result["drift"]
+    if scores:
+        order = sorted(scores, key=lambda c: (scores[c] or {}).get("pvalue", 1.0) or 0.0)
+        parts.append("<h2>Drift against the training profile (lowest p-value first)</h2>")
+        parts.append(
+            table(
+                ["feature", "p-value", "category"],
+                [
+                    [c, f"{scores[c]['pvalue']:.3g}", scores[c]["drift_category"]]
+                    if scores[c]
+                    else [c, "", "not scored"]
+                    for c in order
+                ],
+            )
+        )
+    return page("Batch predictions", "".join(parts))
+
+
+def main(cfg: DictConfig) -> None:
+    result = predict(cfg.predict, cfg.seed)
+    write_json(METRICS["predict"], result["metrics"])
+    source = str(cfg.predict.input.get("path") or cfg.predict.input.get("source"))
+    write_atomic(PREDICT_REPORT, report(result, source, str(cfg.predict.bento or COMPRESSED_DIR)))
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,154 @@
+"""The predict stage: batch answers equal the served ones, every row is predicted or rejected
+with its reason, outputs replace the previous ones only when a run succeeds."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+from omegaconf import DictConfig
+from servers import S3Server, s3_env, s3_server  # noqa: F401
+
+from fullstack_ml.bento import Server, raw_records
+from fullstack_ml.stage import ROOT, StageError, compose
+from stages.predict import predict
+
+pytestmark = pytest.mark.slow  # the session's bento, served
+
+
+def config(bento: Path, work: Path, *overrides: str) -> DictConfig:
+    """The predict config on `work/input.parquet` with the session's bento."""
+    return compose(
+        [
+            f"predict.bento={bento}",
+            f"predict.input.path={work / 'input.parquet'}",
+            f"predict.output={work / 'out/predictions.parquet'}",
+            f"predict.rejects={work / 'out/rejects.csv'}",
+            *overrides,
+        ]
+    ).predict
+
+
+@pytest.fixture(scope="module")
+def test_split(curated: Path) -> pd.DataFrame:
+    return pd.read_parquet(curated / "test.parquet")
+
+
+def test_batch_answers_equal_the_served_answers(
+    bento: Path, server: Server, test_split: pd.DataFrame, tmp_path: Path
+) -> None:
+    test_split.to_parquet(tmp_path / "input.parquet")
+    result = predict(config(bento, tmp_path), seed=0)
+    assert result["metrics"]["predicted"] == len(test_split) and not result["metrics"]["rejected"]
+    batch = pd.read_parquet(tmp_path / "out/predictions.parquet")
+    assert batch["row"].tolist() == list(range(len(test_split)))
+    features = [c for c in test_split.columns if c != "target"]
+    records = raw_records(test_split, features)
+    served = []
+    for start in range(0, len(records), 256):  # serve.max_records per request
+        r = requests.post(
+            f"{server.url}/predict_proba", json={"records": records[start : start + 256]}
+        )
+        assert r.status_code == 200, r.text
+        served += r.json()
+    assert batch["label"].tolist() == [s["label"] for s in served]
+    classes = list(served[0]["probabilities"])
+    want = np.array([[s["probabilities"][c] for c in classes] for s in served])
+    got = batch[[f"proba_{c}" for c in classes]].to_numpy()
+    assert np.abs(got - want).max() <= 1e-6
+    assert (tmp_path / "out/rejects.csv").read_text().strip() == "row,reason"  # a header only
+
+
+def test_bad_rows_are_rejected_with_a_reason_and_every_row_is_counted(
+    bento: Path, test_split: pd.DataFrame, tmp_path: Path
+) -> None:
+    """The rows the service answers with a 400 are rejected here, each naming its field;
+    missing values and unseen categories are scored, as the service scores them."""
+    frame = test_split.head(40).astype({"pixel_0_3": object})
+    frame["key"] = [f"id-{i}" for i in range(len(frame))]
+    frame.loc[frame.index[3], "pixel_0_3"] = "seven"
+    frame.loc[frame.index[5], "pixel_0_4"] = np.inf
+    frame.loc[frame.index[8], "pixel_0_5"] = 1e39
+    frame.loc[frame.index[9], "pixel_0_6"] = None  # missing: imputed, scored
+    frame.to_csv(tmp_path / "input.csv", index=False)  # pixel_0_3 is a text column there
+    cfg = config(
+        bento,
+        tmp_path,
+        f"predict.input.path={tmp_path / 'input.csv'}",
+        "predict.id_columns=[key]",
+        "predict.max_reject_rate=0.1",
+    )
+    figures = predict(cfg, seed=0)["metrics"]
+    assert (figures["rows"], figures["predicted"], figures["rejected"]) == (40, 37, 3)
+    rejects = pd.read_csv(tmp_path / "out/rejects.csv")
+    assert rejects["key"].tolist() == ["id-3", "id-5", "id-8"]
+    reasons = rejects["reason"].tolist()
+    assert reasons[0] == "pixel_0_3: not a number" and reasons[1] == "pixel_0_4: not finite"
+    assert reasons[2].startswith("pixel_0_5: outside the model's range")
+    predictions = pd.read_parquet(tmp_path / "out/predictions.parquet")
+    assert len(predictions) == 37 and "id-9" in set(predictions["key"])
+    assert set(predictions["key"]) | set(rejects["key"]) == set(frame["key"])
+
+
+def test_a_failed_run_keeps_the_previous_outputs(
+    bento: Path, test_split: pd.DataFrame, tmp_path: Path
+) -> None:
+    test_split.head(50).to_parquet(tmp_path / "input.parquet")
+    predict(config(bento, tmp_path), seed=0)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    bad = test_split.head(50).astype({"pixel_1_1": object})
+    bad.loc[bad.index[:10], "pixel_1_1"] = "unknown"
+    bad.to_csv(tmp_path / "input.csv", index=False)
+    with pytest.raises(StageError, match=r"10 of 50 rows rejected .*'pixel_1_1: not a number'"):
+        predict(config(bento, tmp_path, f"predict.input.path={tmp_path / 'input.csv'}"), seed=0)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    shifted = test_split.head(200).copy()
+    shifted["pixel_3_3"] += 12  # far outside train's 0-16
+    shifted.to_parquet(tmp_path / "input.parquet")
+    with pytest.raises(StageError, match=r"features drifted .*pixel_3_3"):
+        predict(config(bento, tmp_path, "predict.max_drifted_features=0"), seed=0)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+
+def test_cli_names_a_missing_feature_in_one_line(
+    bento: Path, test_split: pd.DataFrame, tmp_path: Path
+) -> None:
+    path = tmp_path / "new.csv"
+    test_split.drop(columns=["pixel_2_2"]).head(5).to_csv(path, index=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.predict", f"predict.bento={bento}"]
+        + [f"predict.input.path={path}", f"predict.output={tmp_path / 'p.csv'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {path}: feature 'pixel_2_2' missing (the model needs it)"
+    )
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_csv_predictions_go_to_s3_with_the_id_columns(
+    bento: Path,
+    test_split: pd.DataFrame,
+    tmp_path: Path,
+    s3_server: S3Server,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import boto3
+
+    s3_env(monkeypatch, s3_server)
+    frame = test_split.head(30).assign(order_id=range(1000, 1030))
+    frame.to_parquet(tmp_path / "input.parquet")
+    url = f"s3://{s3_server.bucket}/scores/today.csv"
+    cfg = config(bento, tmp_path, f"predict.output={url}", "predict.id_columns=[order_id]")
+    predict(cfg, seed=0)
+    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint)
+    body = s3.get_object(Bucket=s3_server.bucket, Key="scores/today.csv")["Body"].read()
+    rows = [line.split(",") for line in body.decode().strip().splitlines()]
+    assert rows[0][:2] == ["order_id", "label"] and len(rows) == 31
+    assert [int(r[0]) for r in rows[1:]] == list(range(1000, 1030))
