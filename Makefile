@@ -1,4 +1,4 @@
-# make repro | make test | make serve | make container  -- each sets up .venv first (only when pyproject.toml changed).
+# make repro | make test | make serve | make release | make container  -- each sets up .venv first (only when pyproject.toml changed).
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export RAY_USAGE_STATS_ENABLED := 0
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: install repro test test-fast serve container params lint format clean
+.PHONY: install repro test test-fast serve release container params lint format clean
 
 install: $(STAMP)
 
@@ -29,10 +29,22 @@ test: $(STAMP)  ## the whole test suite, end-to-end tests included
 test-fast: $(STAMP)  ## unit tests only
 	$(BIN)/python -m pytest -m "not slow"
 
-serve: $(STAMP)  ## serve the bento that `make repro` built (dist/*.bento)
-	@ls dist/*.bento >/dev/null 2>&1 || { echo "error: no dist/*.bento; run make repro first"; exit 1; }
-	rm -rf build/bento && mkdir -p build/bento && tar -xJf dist/*.bento -C build/bento
-	$(BIN)/bentoml serve $(CURDIR)/build/bento --host $(HOST) --port $(PORT)
+serve: $(STAMP)  ## serve the bento `make repro` built (dist/*.bento), or a release: VERSION=x.y.z | STAGE=prod
+	@set -e; \
+	if [ -n "$(VERSION)$(STAGE)" ]; then \
+	  got=$$($(BIN)/python -m fullstack_ml.release fetch $(if $(VERSION),--version $(VERSION),--stage $(STAGE)) -o build/release); \
+	  set -- $$got; export FULLSTACK_ML_RELEASE=$$1; bento=$$2; \
+	else \
+	  bento=$$(ls dist/*.bento 2>/dev/null | head -1); \
+	  [ -n "$$bento" ] || { echo "error: no dist/*.bento; run make repro first"; exit 1; }; \
+	fi; \
+	rm -rf build/bento && mkdir -p build/bento && tar -xJf $$bento -C build/bento; \
+	echo "serving $$bento$${FULLSTACK_ML_RELEASE:+ ($$FULLSTACK_ML_RELEASE)}"; \
+	exec $(BIN)/bentoml serve $(CURDIR)/build/bento --host $(HOST) --port $(PORT)
+
+release: $(STAMP)  ## register the build as VERSION=x.y.z in DVC's model registry; STAGE=prod promotes
+	@test -n "$(VERSION)" || { echo "error: make release VERSION=x.y.z [STAGE=prod]"; exit 1; }
+	$(BIN)/python -m fullstack_ml.release register $(VERSION) $(if $(STAGE),--stage $(STAGE))
 
 container: $(STAMP)  ## OCI image of the bento in dist/ with podman (offline base image): $(IMAGE)
 	bash deploy/container.sh $(IMAGE)

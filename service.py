@@ -277,7 +277,11 @@ MONITOR = DriftMonitor(PRE.numeric, SERVE["drift"]["window_records"], SERVE["dri
 
 
 async def metadata(_: Request) -> JSONResponse:
-    return JSONResponse({"model_tag": str(STORED.tag), "schema": SCHEMA, **STORED.info.metadata})
+    # the registry version this bento was fetched as (`make serve VERSION=` or `STAGE=`)
+    release = os.environ.get("FULLSTACK_ML_RELEASE") or None
+    return JSONResponse(
+        {"model_tag": str(STORED.tag), "release": release, "schema": SCHEMA, **STORED.info.metadata}
+    )
 
 
 async def drift(_: Request) -> JSONResponse:

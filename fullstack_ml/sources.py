@@ -8,9 +8,10 @@ AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for a non-AWS en
 databases read their driver's variables (PGPASSWORD or ~/.pgpass for PostgreSQL).
 """
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
@@ -228,7 +229,9 @@ def _format_of(path: str, fmt: str, name: str, key: str) -> str:
     return found
 
 
-def _read_files(fs: Any, root: str, name: str, fmt: str, bad_rows: str, key: str) -> Table:
+def _list_files(fs: Any, root: str, name: str, fmt: str) -> dict[str, tuple[str, Any]] | None:
+    """The files `root` names (shown name -> path, size), in name order; None for a folder
+    (a partitioned Parquet dataset)."""
     if any(ch in root for ch in "*?["):
         found = fs.glob(root, detail=True)
         files = {
@@ -238,15 +241,35 @@ def _read_files(fs: Any, root: str, name: str, fmt: str, bad_rows: str, key: str
         }
         if not files:
             raise StageError(f"{name}: no files match")
-    elif fs.isdir(root):
+        return files
+    if fs.isdir(root):
         if fmt not in ("auto", "parquet"):
             raise StageError(f"{name}: is a folder; only partitioned Parquet folders are read")
+        return None
+    return {name: (root, fs.info(root).get("size"))}  # FileNotFoundError when missing
+
+
+def _same_columns(frame: pd.DataFrame, shown: str, first: tuple[str, list] | None) -> tuple:
+    """`frame` with the first file's column order, and that first file; a file whose
+    columns differ from the first's is a StageError naming both."""
+    if first is None:
+        return frame, (shown, list(frame.columns))
+    if set(frame.columns) != set(first[1]):
+        extra = sorted(set(frame.columns) - set(first[1]), key=str)
+        missing = sorted(set(first[1]) - set(frame.columns), key=str)
+        raise StageError(
+            f"{shown}: columns differ from {first[0]} (extra {extra}, missing {missing})"
+        )
+    return frame[first[1]], first
+
+
+def _read_files(fs: Any, root: str, name: str, fmt: str, bad_rows: str, key: str) -> Table:
+    files = _list_files(fs, root, name, fmt)
+    if files is None:
         frame = _parquet(fs, root, name)
         if frame.empty:
             raise StageError(f"{name}: no data rows")
         return Table(frame, name, 0)
-    else:
-        files = {name: (root, fs.info(root).get("size"))}  # FileNotFoundError when missing
     frames, first, bad = [], None, 0
     for shown, (path, size) in files.items():
         if size == 0:
@@ -258,22 +281,185 @@ def _read_files(fs: Any, root: str, name: str, fmt: str, bad_rows: str, key: str
             frame, dropped = _csv(fs, path, shown, bad_rows, key)
         else:
             frame, dropped = _jsonl(fs, path, shown, bad_rows, key)
-        if first is None:
-            first = (shown, list(frame.columns))
-        elif set(frame.columns) != set(first[1]):
-            extra = sorted(set(frame.columns) - set(first[1]), key=str)
-            missing = sorted(set(first[1]) - set(frame.columns), key=str)
-            raise StageError(
-                f"{shown}: columns differ from {first[0]} (extra {extra}, missing {missing})"
-            )
-        else:
-            frame = frame[first[1]]
+        frame, first = _same_columns(frame, shown, first)
         frames.append(frame)
         bad += dropped
     frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
     if frame.empty:
         raise StageError(f"{name}: no data rows")
     return Table(frame, name, bad)
+
+
+def iter_source(
+    cfg: Mapping[str, Any], seed: int, key: str, text: Iterable[str] = ()
+) -> tuple[str, Iterator[pd.DataFrame]]:
+    """The source's rows in order, as frames of a bounded size: files stream (Parquet row
+    groups, CSV blocks, JSON lines), so any file size fits in memory; other sources are read
+    whole (`read_source`). Returns the source's name for messages and the frames.
+
+    Args:
+        text: columns a CSV file gives as text, whatever its first block holds (a text value
+            in a later block of a number column would fail a streamed read); the caller types
+            them.
+    """
+    if cfg.get("source") != "file":
+        table = read_source(cfg, seed, key)
+        return table.name, iter([table.frame])
+    path = str(_required(cfg, "path", key))
+    fmt, bad_rows = cfg.get("format") or "auto", _bad_rows(cfg, key)
+    if fmt not in (*FORMATS, "auto"):
+        raise StageError(
+            f"{path}: unknown format {fmt!r}; set {key}.format to {' | '.join(FORMATS)}"
+        )
+    fs, root = open_url(path, _plain(cfg.get("storage_options")) or {}, key)
+    remote = "://" in path and not path.startswith("file://")
+    try:
+        files = _list_files(fs, root, path, fmt)
+    except StageError:
+        raise
+    except Exception as err:
+        raise StageError(f"{path}: {storage_problem(err, remote)}") from None
+
+    def frames() -> Iterator[pd.DataFrame]:
+        try:
+            yield from _stream_files(fs, root, files, path, fmt, bad_rows, key, set(text))
+        except StageError:
+            raise
+        except Exception as err:
+            raise StageError(f"{path}: {storage_problem(err, remote)}") from None
+
+    return path, frames()
+
+
+BLOCK_BYTES = 16 << 20  # CSV bytes parsed at a time when streaming (pyarrow's default: 1 MB)
+JSON_LINES = 65_536  # JSON lines per frame when streaming
+
+
+def _stream_files(
+    fs: Any,
+    root: str,
+    files: dict[str, tuple[str, Any]] | None,
+    name: str,
+    fmt: str,
+    bad_rows: str,
+    key: str,
+    text: set[str],
+) -> Iterator[pd.DataFrame]:
+    import pyarrow as pa
+    import pyarrow.dataset as pds
+
+    local = None if _is_local(fs) else fs
+    if files is None:  # a partitioned Parquet folder
+        dataset = pds.dataset(root, format="parquet", partitioning="hive", filesystem=local)
+        for batch in dataset.to_batches():
+            yield _arrow_to_pandas(pa.Table.from_batches([batch]))
+        return
+    first = None
+    for shown, (path, size) in files.items():
+        if size == 0:
+            raise StageError(f"{shown}: empty file")
+        kind = _format_of(path, fmt, shown, key)
+        if kind == "parquet":
+            batches = pds.dataset(path, format="parquet", filesystem=local).to_batches()
+        elif kind == "csv":
+            batches = _csv_blocks(fs, path, shown, bad_rows, key, text)
+        else:
+            batches = _jsonl_blocks(fs, path, shown, bad_rows, key)
+        for batch in batches:
+            frame = batch if isinstance(batch, pd.DataFrame) else _arrow_to_pandas(pa.table(batch))
+            frame, first = _same_columns(frame, shown, first)
+            yield frame
+
+
+def _csv_blocks(
+    fs: Any, path: str, name: str, bad_rows: str, key: str, text: set[str]
+) -> Iterator[Any]:
+    """A CSV file's record batches, read a block at a time (`pyarrow.csv.open_csv`); rows
+    with the wrong number of fields fail (naming the line) or are dropped, as in `_csv`."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    bad: list[Any] = []
+
+    def skip(row: Any) -> str:
+        bad.append(row)
+        return "skip" if bad_rows == "drop" else "error"
+
+    def reader(threads: bool) -> Any:
+        with fs.open(path, "rb", compression="infer") as f:  # the header: which are `text`
+            names = pcsv.open_csv(f, read_options=pcsv.ReadOptions(block_size=1 << 16)).schema
+        convert = pcsv.ConvertOptions(
+            strings_can_be_null=True,
+            column_types={c: pa.string() for c in names.names if c in text},
+        )
+        f = fs.open(path, "rb", compression="infer")
+        return f, pcsv.open_csv(
+            f,
+            read_options=pcsv.ReadOptions(block_size=BLOCK_BYTES, use_threads=threads),
+            parse_options=pcsv.ParseOptions(newlines_in_values=True, invalid_row_handler=skip),
+            convert_options=convert,
+        )
+
+    try:
+        f, batches = reader(True)
+        with f:
+            yield from batches
+    except pa.ArrowInvalid as err:
+        if bad and bad_rows == "fail":
+            bad.clear()  # again in one thread, which knows the line's number
+            f, batches = reader(False)
+            with f, contextlib.suppress(pa.ArrowInvalid):
+                for _ in batches:
+                    pass
+            row = bad[0] if bad else None
+            raise StageError(
+                f"{name}: line {row.number if row else '?'}: expected "
+                f"{row.expected_columns if row else '?'} fields, found "
+                f"{row.actual_columns if row else '?'} ({key}.bad_rows=drop skips such rows)"
+            ) from None
+        raise StageError(f"{name}: cannot read as csv: {_first_line(err)}") from None
+    except (pa.ArrowException, UnicodeDecodeError) as err:
+        raise StageError(f"{name}: cannot read as csv: {_first_line(err)}") from None
+
+
+def _jsonl_blocks(
+    fs: Any,
+    path: str,
+    name: str,
+    bad_rows: str,
+    key: str,
+    lines: int | None = JSON_LINES,
+    dropped: list[int] | None = None,
+) -> Iterator[pd.DataFrame]:
+    """A JSON-lines file as frames of `lines` objects (None: one frame); blank lines are
+    skipped, other lines that are not an object fail or are dropped (counted in `dropped`)."""
+    records = []
+    try:
+        with fs.open(path, "rt", compression="infer", encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    record = None
+                if isinstance(record, dict):
+                    records.append(record)
+                elif bad_rows == "drop":
+                    if dropped is not None:
+                        dropped[0] += 1
+                else:
+                    raise StageError(
+                        f"{name}: line {number}: not a JSON object "
+                        f"({key}.bad_rows=drop skips such lines)"
+                    )
+                if len(records) == lines:
+                    yield pd.DataFrame.from_records(records)
+                    records = []
+    except UnicodeDecodeError:
+        raise StageError(f"{name}: cannot read as jsonl: not UTF-8 text") from None
+    if records:
+        yield pd.DataFrame.from_records(records)
 
 
 def _is_local(fs: Any) -> bool:
@@ -355,28 +541,9 @@ def _csv(fs: Any, path: str, name: str, bad_rows: str, key: str) -> tuple[pd.Dat
 
 def _jsonl(fs: Any, path: str, name: str, bad_rows: str, key: str) -> tuple[pd.DataFrame, int]:
     """JSON lines: one object per line; blank lines are skipped, other lines fail or drop."""
-    records, bad = [], 0
-    try:
-        with fs.open(path, "rt", compression="infer", encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    record = None
-                if isinstance(record, dict):
-                    records.append(record)
-                elif bad_rows == "drop":
-                    bad += 1
-                else:
-                    raise StageError(
-                        f"{name}: line {number}: not a JSON object "
-                        f"({key}.bad_rows=drop skips such lines)"
-                    )
-    except UnicodeDecodeError:
-        raise StageError(f"{name}: cannot read as jsonl: not UTF-8 text") from None
-    return pd.DataFrame.from_records(records), bad
+    dropped = [0]
+    frames = list(_jsonl_blocks(fs, path, name, bad_rows, key, None, dropped))
+    return (frames[0] if frames else pd.DataFrame()), dropped[0]
 
 
 # -- SQL databases through SQLAlchemy ---------------------------------------------------------

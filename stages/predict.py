@@ -26,6 +26,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import chain
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -54,7 +55,7 @@ from fullstack_ml.runtime.drift import (
 from fullstack_ml.runtime.meta import read_meta
 from fullstack_ml.runtime.preprocess import Preprocessor
 from fullstack_ml.runtime.program import load_runner
-from fullstack_ml.sources import open_url, read_source, storage_problem
+from fullstack_ml.sources import iter_source, open_url, storage_problem
 from fullstack_ml.stage import UMASK, StageError, read_json, run, write_atomic, write_json
 
 log = logging.getLogger("stages.predict")
@@ -236,33 +237,40 @@ def predict(cfg: DictConfig, seed: int) -> dict[str, Any]:
     with open_model(cfg.bento) as model:
         meta = read_meta(model.dir)
         pre = Preprocessor.from_dict(meta["preprocessing"])
-        table = read_source(cfg.input, seed, key="predict.input")
-        frame, source = table.frame, table.name
-        frame.columns = [str(c) for c in frame.columns]
+        source, frames = iter_source(cfg.input, seed, "predict.input", text=pre.numeric)
+        first = next(frames, None)
+        if first is None or first.empty:
+            raise StageError(f"{source}: no data rows")
         for column in [*meta["features"], *ids]:
-            if column not in frame.columns:
+            if column not in first.columns:
                 what = "id column" if column in ids else "feature"
                 raise StageError(f"{source}: {what} {column!r} missing (the model needs it)")
-        log.info("scoring %s (%d rows) with %s", source, len(frame), model.name)
+        log.info("scoring %s with %s", source, model.name)
         runner = load_runner(model.dir, model.serving, pre.width, log)
         keys = ids or ["row"]
         options = OmegaConf.to_container(cfg.storage_options) if cfg.storage_options else {}
         out = TableFile(str(cfg.output), "predict.output", options)
         rejects = TableFile(str(cfg.rejects), "predict.rejects", options)
         profile, reasons_seen = new_profile() if cfg.drift else None, Counter()
+        rows = 0
         try:
-            starts = range(0, len(frame), size)
-            rows = len(frame)
-            for start in track(starts, rows, "predict", "row", log, lambda s: min(size, rows - s)):
-                batch = frame.iloc[start : start + size]
-                typed, reasons = check_batch(batch, pre)
+            # checked and typed a part (a Parquet row group, a CSV block) at a time, scored
+            # `size` rows at a time
+            for part in track(chain([first], frames), None, "predict", "row", log, len):
+                typed, reasons = check_batch(part, pre)
                 ok = reasons.isna().to_numpy()
-                numbers = pd.DataFrame({"row": range(start, start + len(batch))}, batch.index)
-                key = batch[ids] if ids else numbers
+                numbers = pd.DataFrame({"row": np.arange(rows, rows + len(part))}, part.index)
+                key = part[ids] if ids else numbers
+                rows += len(part)
                 if ok.any():
-                    out.write(pd.concat([key[ok], score(runner, pre, meta, typed[ok])], axis=1))
+                    good = typed[ok]
+                    answers = [
+                        score(runner, pre, meta, good.iloc[i : i + size])
+                        for i in range(0, len(good), size)
+                    ]
+                    out.write(pd.concat([key[ok], pd.concat(answers)], axis=1))
                     if profile is not None:
-                        profile.track(pandas=typed[ok])
+                        profile.track(pandas=good)
                 if not ok.all():
                     rejects.write(key[~ok].assign(reason=reasons[~ok]))
                     reasons_seen.update(reasons[~ok])

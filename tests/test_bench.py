@@ -145,3 +145,16 @@ def test_serve_smoke_measures_bentoml_against_fastapi_and_the_model_in_process(
     (row,) = ratios
     assert row["model"] == "default" and row["concurrency"] == "4"
     assert ratio(row["(a)/(b) req/s"]) and ratio(row["(a)/(c)"]) and ratio(row["p99 (a) ms"])
+
+
+@pytest.mark.slow
+def test_predict_smoke_compares_batch_scoring_with_the_floor_and_the_service(
+    tmp_path: Path,
+) -> None:
+    out = smoke("predict", tmp_path)
+    (runs,) = tables(out)
+    assert [r["rows"] for r in runs] == ["20,000", "40,000"]
+    for r in runs:
+        assert ratio(r["(a) records/s"]) and ratio(r["(a)/(b)"]) and ratio(r["(a)/(c)"])
+        assert ratio(r["peak PSS GB"]) and r["rows accounted"] == "yes"
+    assert "Targets: (a)/(b) >= 0.5" in out

@@ -429,3 +429,52 @@ def open_in_chromium(page: Path) -> dict:
         seen["svg"] = tab.locator("svg").count()
         browser.close()
     return seen
+
+
+def test_release_promote_and_fetch_by_version_and_stage(repo: Path, env: dict) -> None:
+    """DVC's model registry as a user types it: release the build as 1.0.0, change a serving
+    key and release 1.1.0, promote 1.0.0 to prod; a fresh clone gets each bento back from
+    the DVC remote by version and by stage (the same bytes), and serves it naming its version.
+    Last in this module: it commits to the repo and tags it."""
+    import hashlib
+
+    def sha(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    release = [str(BIN / "python"), "-m", "fullstack_ml.release"]
+    bento = repo / "dist/fullstack_ml.bento"
+    refused = sh([*release, "register", "1.0.0"], repo, env, check=False)  # exp run's changes
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "error: the workspace has uncommitted changes (git status); commit them first"
+    )
+    sh([*git, "add", "-A"], repo, env)
+    sh([*git, "commit", "-qm", "build 1"], repo, env)
+    assert "released v1.0.0" in sh([*release, "register", "1.0.0"], repo, env).stdout
+    first = sha(bento)
+    sh(exp_run([*DISTIL, "serve.max_records=128"]), repo, env)  # package, validate, report
+    second = sha(bento)
+    assert second != first
+    stale = sh([*release, "register", "1.1.0"], repo, env, check=False)
+    assert "uncommitted changes" in stale.stderr
+    sh([*git, "add", "-A"], repo, env)
+    sh([*git, "commit", "-qm", "build 2"], repo, env)
+    sh([*release, "register", "1.1.0"], repo, env)
+    sh([*release, "assign", "1.0.0", "--stage", "prod"], repo, env)
+    tags = sh(["git", "tag"], repo, env).stdout.split()
+    assert {"fullstack-ml@v1.0.0", "fullstack-ml@v1.1.0", "fullstack-ml#prod#1"} <= set(tags)
+    # another machine: a clone without the DVC cache (the remote is the repo's default)
+    clone = repo.parent / "release-clone"
+    sh(["git", "clone", "-q", str(repo), str(clone)], repo.parent, env)
+    for version, want in (("v1.0.0", first), ("v1.1.0", second)):
+        get = ["dvc", "artifacts", "get", ".", "fullstack-ml", "--rev", version]
+        sh([*get, "-o", f"{version}.bento"], clone, env)
+        assert sha(clone / f"{version}.bento") == want, version
+    version, path = sh(
+        [*release, "fetch", "--stage", "prod", "-o", "prod"], clone, env
+    ).stdout.split()
+    assert version == "v1.0.0" and sha(clone / path) == first
+    with serve_bento(clone / path, env={"FULLSTACK_ML_RELEASE": version}) as server:
+        meta = requests.get(f"{server.url}/metadata", timeout=10).json()
+    assert meta["release"] == "v1.0.0"

@@ -63,10 +63,12 @@ def test_batch_answers_equal_the_served_answers(
 
 
 def test_bad_rows_are_rejected_with_a_reason_and_every_row_is_counted(
-    bento: Path, test_split: pd.DataFrame, tmp_path: Path
+    bento: Path, test_split: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The rows the service answers with a 400 are rejected here, each naming its field;
-    missing values and unseen categories are scored, as the service scores them."""
+    missing values and unseen categories are scored, as the service scores them. The CSV
+    streams in blocks of 2 KB here (16 MB by default), so rows span several parts."""
+    monkeypatch.setattr("fullstack_ml.sources.BLOCK_BYTES", 2048)
     frame = test_split.head(40).astype({"pixel_0_3": object})
     frame["key"] = [f"id-{i}" for i in range(len(frame))]
     frame.loc[frame.index[3], "pixel_0_3"] = "seven"
@@ -147,7 +149,9 @@ def test_csv_predictions_go_to_s3_with_the_id_columns(
     url = f"s3://{s3_server.bucket}/scores/today.csv"
     cfg = config(bento, tmp_path, f"predict.output={url}", "predict.id_columns=[order_id]")
     predict(cfg, seed=0)
-    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint)
+    keys = {"aws_access_key_id": s3_server.key_id, "aws_secret_access_key": s3_server.secret}
+    # its own session: boto3's default one would keep these keys for later tests' servers
+    s3 = boto3.session.Session(**keys).client("s3", endpoint_url=s3_server.endpoint)
     body = s3.get_object(Bucket=s3_server.bucket, Key="scores/today.csv")["Body"].read()
     rows = [line.split(",") for line in body.decode().strip().splitlines()]
     assert rows[0][:2] == ["order_id", "label"] and len(rows) == 31

@@ -1,0 +1,214 @@
+"""Batch scoring benchmark: `python -m stages.predict` against the model called in process and
+against the HTTP service, on synthetic rows of the default model's width.
+
+The model is built by bench.serve's `build` (ingest, profile, train, compress, package with the
+current conf/), then for each row count a Parquet file of seeded synthetic rows (64 numbers
+in 0-16, digits' width and range) is scored three ways:
+  (a) predict   `python -m stages.predict` in a process of its own on the file, with the bento:
+                wall time from start to exit (imports, compiling the program, reading,
+                checking, scoring, profiling for drift, writing), records/s, and the peak PSS
+                of its process tree (sampled every 0.1 s); predictions + rejects = rows is
+                checked from the files it wrote;
+  (b) floor     in this process, the rows already in memory, through the preprocessing and the
+                program on the path the serving plan picks (compiled where measured faster),
+                plus softmax, in batches of 1024: records/s;
+  (c) http      the bento under `bentoml serve`, wrk posting one record per request at each
+                `--concurrency`, the best: records/s.
+Prints per row count: (a) wall s, records/s, peak PSS; the ratios (a)/(b) and (a)/(c); and
+the growth of peak PSS between the smallest and the largest row count.
+
+    python -m bench.predict                       # 1M and 5M rows
+    python -m bench.predict --rows 200000 --concurrency 8,64 --keep /tmp/bp
+    python -m bench.predict --smoke               # 20k and 40k rows, 1 s of HTTP load
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bench.serve import ROOT, build, start, stop, wait_ready, wrk
+from fullstack_ml.bento import free_port
+
+BIN = Path(sys.executable).parent
+FLOOR_BATCH = 1024
+SMOKE_ARGS = {"rows": [20_000, 40_000], "concurrency": [4], "duration": 1}
+TARGETS = {"floor": 0.5, "http": 20.0, "memory": 1.5}  # the issue's: (a)/(b), (a)/(c), PSS
+
+
+def synthetic_rows(rows: int, features: list[str], path: Path, seed: int = 0) -> None:
+    """`rows` seeded rows of the features, integers 0-16 as floats, written in 1M-row parts
+    (row groups) so that writing them needs bounded memory too."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    schema = pa.schema([(f, pa.float64()) for f in features])
+    with pq.ParquetWriter(path, schema) as writer:
+        for start_at in range(0, rows, 1_000_000):
+            n = min(1_000_000, rows - start_at)
+            block = rng.integers(0, 17, size=(n, len(features))).astype(np.float64)
+            writer.write_table(pa.Table.from_pandas(pd.DataFrame(block, columns=features)))
+
+
+def peak_pss(proc: subprocess.Popen, every_s: float = 0.1) -> list[int]:
+    """Start sampling the PSS of `proc` and its descendants; the list's one item is the
+    peak so far (bytes), updated until the process exits."""
+    import psutil
+
+    peak = [0]
+
+    def sample() -> None:
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            total = 0
+            try:
+                for p in [root, *root.children(recursive=True)]:
+                    total += p.memory_full_info().pss
+            except psutil.Error:  # a process ended between listing and reading
+                pass
+            peak[0] = max(peak[0], total)
+            time.sleep(every_s)
+
+    threading.Thread(target=sample, daemon=True).start()
+    return peak
+
+
+def run_predict(bento: Path, data: Path, out: Path, env: dict) -> dict[str, Any]:
+    """(a): the stage as a user runs it alone (its metrics and report go to `out`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [str(BIN / "python"), "-m", "stages.predict", f"predict.bento={bento}"]
+    cmd += [f"predict.input.path={data}", f"predict.output={out / 'predictions.parquet'}"]
+    cmd += [f"predict.rejects={out / 'rejects.csv'}", "predict.max_reject_rate=1.0"]
+    began = time.perf_counter()
+    with (out / "predict.log").open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT)
+        peak = peak_pss(proc)
+        code = proc.wait()
+    wall = time.perf_counter() - began
+    if code != 0:
+        sys.exit(f"error: {' '.join(cmd)} exited {code}:\n{(out / 'predict.log').read_text()}")
+    import pyarrow.parquet as pq
+
+    predicted = pq.ParquetFile(out / "predictions.parquet").metadata.num_rows
+    rejected = len(pd.read_csv(out / "rejects.csv"))
+    return {"wall": wall, "pss": peak[0], "predicted": predicted, "rejected": rejected}
+
+
+def floor(model_dir: Path, data: Path, seconds: float) -> float:
+    """(b): records/s of preprocessing + program + softmax on batches in memory."""
+    import torch
+
+    from fullstack_ml.runtime.meta import read_meta
+    from fullstack_ml.runtime.preprocess import Preprocessor
+    from fullstack_ml.runtime.program import load_runner
+
+    pre = Preprocessor.from_dict(read_meta(model_dir)["preprocessing"])
+    serving = json.loads((model_dir / "serving.json").read_text())
+    runner = load_runner(model_dir, serving, pre.width)
+    frame = pd.read_parquet(data)
+    batches = [frame.iloc[i : i + FLOOR_BATCH] for i in range(0, len(frame), FLOOR_BATCH)]
+    done, began = 0, time.perf_counter()
+    with torch.inference_mode():
+        while time.perf_counter() - began < seconds:
+            for batch in batches:
+                torch.softmax(runner(torch.from_numpy(pre.encode_frame(batch))), dim=1).numpy()
+                done += len(batch)
+    return done / (time.perf_counter() - began)
+
+
+def http(bento_tag: str, body: Path, concurrency: list[int], seconds: int, work: Path) -> float:
+    """(c): the best records/s of `bentoml serve` over the concurrencies (1 record each)."""
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env.pop("FULLSTACK_ML_API_TOKEN", None)
+    port = free_port()
+    cmd = [str(BIN / "bentoml"), "serve", bento_tag, "--host", "127.0.0.1", "--port", str(port)]
+    url = f"http://127.0.0.1:{port}/predict_proba"
+    proc = start(cmd, env, work / "serve.log")
+    try:
+        wait_ready(proc, cmd, url, body, work / "serve.log")
+        best = 0.0
+        for c in concurrency:
+            wrk(url, body, c, 1)  # warm-up at this concurrency
+            best = max(best, wrk(url, body, c, seconds)["rps"])
+        return best
+    finally:
+        stop(proc)
+
+
+def table(results: list[dict[str, Any]], floor_rps: float, http_rps: float) -> str:
+    out = [
+        f"(b) floor, in process, batch {FLOOR_BATCH}: {floor_rps:,.0f} records/s; "
+        f"(c) http, bentoml serve, best concurrency: {http_rps:,.0f} records/s",
+        "",
+        "| rows | (a) wall s | (a) records/s | (a)/(b) | (a)/(c) | peak PSS GB | rows accounted |",
+        "|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        rps = r["rows"] / r["wall"]
+        accounted = r["predicted"] + r["rejected"] == r["rows"]
+        out.append(
+            f"| {r['rows']:,} | {r['wall']:.1f} | {rps:,.0f} | {rps / floor_rps:.2f} | "
+            f"{rps / http_rps:.1f} | {r['pss'] / 1e9:.2f} | {'yes' if accounted else 'NO'} |"
+        )
+    first, last = results[0], results[-1]
+    largest = last["rows"] / last["wall"]
+    out += [
+        "",
+        f"Targets: (a)/(b) >= {TARGETS['floor']} at {last['rows']:,} rows: "
+        f"{largest / floor_rps:.2f}; (a)/(c) >= {TARGETS['http']}: {largest / http_rps:.1f}; "
+        f"peak PSS {last['rows']:,} / {first['rows']:,} rows <= {TARGETS['memory']}: "
+        f"{last['pss'] / first['pss']:.2f}",
+    ]
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    parser.add_argument("--rows", type=ints, default=[1_000_000, 5_000_000])
+    parser.add_argument("--concurrency", type=ints, default=[8, 32, 64], help="of (c)")
+    parser.add_argument("--duration", type=int, default=5, help="seconds of (b) and each (c)")
+    parser.add_argument("--keep", type=Path, help="keep the model, data and logs here")
+    parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_ARGS}, a tiny model")
+    args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE_ARGS)
+    if not shutil.which("wrk"):
+        sys.exit("error: wrk not found (apt-get install wrk)")
+    work = (args.keep or Path(tempfile.mkdtemp(prefix="bench-predict-"))).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ["BENTOML_HOME"] = str(work / "bentoml")  # before bentoml is imported
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+    try:
+        built = build("default", 3, 1, work / "model", args.smoke)
+        bento = work / "model/dist/fullstack_ml.bento"
+        features = json.loads((built.model_dir / "model.json").read_text())["features"]
+        results = []
+        for rows in sorted(args.rows):
+            data = work / f"rows-{rows}.parquet"
+            synthetic_rows(rows, features, data)
+            result = run_predict(bento, data, work / f"out-{rows}", env)
+            results.append({"rows": rows, **result})
+            print(f"predict {rows:,} rows: {result}", file=sys.stderr)
+        floor_rps = floor(built.model_dir, work / f"rows-{min(args.rows)}.parquet", args.duration)
+        http_rps = http(built.bento_tag, built.body, args.concurrency, args.duration, work)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print(table(results, floor_rps, http_rps))
+
+
+if __name__ == "__main__":
+    main()
