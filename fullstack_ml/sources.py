@@ -333,6 +333,7 @@ def iter_source(
 
 BLOCK_BYTES = 16 << 20  # CSV bytes parsed at a time when streaming (pyarrow's default: 1 MB)
 JSON_LINES = 65_536  # JSON lines per frame when streaming
+PARQUET_BATCH = 65_536  # Parquet rows per frame when streaming
 
 
 def _stream_files(
@@ -349,9 +350,9 @@ def _stream_files(
     import pyarrow.dataset as pds
 
     local = None if _is_local(fs) else fs
-    if files is None:  # a partitioned Parquet folder
+    if files is None:  # a partitioned Parquet folder; one batch read ahead, not 16
         dataset = pds.dataset(root, format="parquet", partitioning="hive", filesystem=local)
-        for batch in dataset.to_batches():
+        for batch in dataset.to_batches(batch_readahead=1, fragment_readahead=1):
             yield _arrow_to_pandas(pa.Table.from_batches([batch]))
         return
     first = None
@@ -359,8 +360,8 @@ def _stream_files(
         if size == 0:
             raise StageError(f"{shown}: empty file")
         kind = _format_of(path, fmt, shown, key)
-        if kind == "parquet":
-            batches = pds.dataset(path, format="parquet", filesystem=local).to_batches()
+        if kind == "parquet":  # 5M rows in 1M-row groups: 0.66 GB peak (a dataset: 3.4 GB)
+            batches = _parquet_batches(fs, path)
         elif kind == "csv":
             batches = _csv_blocks(fs, path, shown, bad_rows, key, text)
         else:
@@ -369,6 +370,13 @@ def _stream_files(
             frame = batch if isinstance(batch, pd.DataFrame) else _arrow_to_pandas(pa.table(batch))
             frame, first = _same_columns(frame, shown, first)
             yield frame
+
+
+def _parquet_batches(fs: Any, path: str) -> Iterator[Any]:
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        yield from pq.ParquetFile(f).iter_batches(batch_size=PARQUET_BATCH)
 
 
 def _csv_blocks(

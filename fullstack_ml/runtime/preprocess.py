@@ -35,10 +35,12 @@ class Preprocessor:
         """Encode raw feature columns (feature -> values; None/NaN is missing) to float32."""
         rows = len(columns[(self.numeric or self.categorical)[0]])
         out = np.zeros((rows, self.width), dtype=np.float32)
-        if self.numeric:
+        if self.numeric:  # in place: the same values as (where(nan, median, x) - mean) / std
             x = np.stack([as_float(columns[c]) for c in self.numeric], axis=1)
-            x = np.where(np.isnan(x), np.asarray(self.median), x)
-            out[:, : len(self.numeric)] = (x - np.asarray(self.mean)) / np.asarray(self.std)
+            np.copyto(x, np.asarray(self.median), where=np.isnan(x))
+            x -= np.asarray(self.mean)
+            x /= np.asarray(self.std)
+            out[:, : len(self.numeric)] = x
         offset = len(self.numeric)
         for name in self.categorical:
             codes = pd.Categorical(columns[name], categories=self.vocab[name]).codes + 1
@@ -71,7 +73,7 @@ def as_float(values: Sequence[Any] | pd.Series) -> np.ndarray:
     """Values as float64 with NaN for missing (None, pandas NA)."""
     if isinstance(values, pd.Series):
         return values.to_numpy(dtype="float64", na_value=np.nan)
-    return np.array(values, dtype="float64")
+    return np.asarray(values, dtype="float64")  # an array of float64 as it is
 
 
 def fit_preprocessor(
