@@ -570,32 +570,12 @@ def read_sql(
     """
     import sqlalchemy as sa
 
-    try:
-        parsed = sa.engine.make_url(url)
-    except Exception:
-        raise StageError(
-            f"{key}.url: not a SQLAlchemy URL (dialect+driver://user@host/db)"
-        ) from None
-    if parsed.password:
-        raise StageError(
-            f"{key}.url: holds a password; remove it and set it in the environment "
-            "(PGPASSWORD for PostgreSQL)"
-        )
+    parsed = sql_url(url, key)
     shown = parsed.render_as_string(hide_password=True)
     if (table is None) == (query is None):
         raise StageError(f"{shown}: set exactly one of {key}.table and {key}.query")
     name = f"{shown} table {table}" if table else f"{shown} query"
-    backend = parsed.get_backend_name()
-    local_db = backend == "sqlite" and parsed.database not in (None, "", ":memory:")
-    if local_db and not os.path.isfile(parsed.database):
-        raise StageError(f"{name}: database file {parsed.database} not found")
-    connect_args = {}
-    if backend in ("postgresql", "mysql", "mariadb") and "connect_timeout" not in parsed.query:
-        connect_args["connect_timeout"] = CONNECT_TIMEOUT_S
-    try:
-        engine = sa.create_engine(parsed, poolclass=sa.pool.NullPool, connect_args=connect_args)
-    except Exception as err:  # a missing driver module, an unknown dialect
-        raise StageError(f"{name}: cannot use this URL: {_first_line(err)}") from None
+    engine = sql_engine(parsed, name, must_exist=True)
     try:
         with engine.connect() as conn:
             if table:
@@ -610,7 +590,7 @@ def read_sql(
     except StageError:
         raise
     except sa.exc.DBAPIError as err:
-        raise StageError(f"{name}: {_db_problem(err, parsed)}") from None
+        raise StageError(f"{name}: {db_problem(err, parsed)}") from None
     except sa.exc.SQLAlchemyError as err:
         raise StageError(f"{name}: {_first_line(err)}") from None
     finally:
@@ -620,7 +600,43 @@ def read_sql(
     return Table(frame, name, 0)
 
 
-def _db_problem(err: Any, url: Any) -> str:
+def sql_url(url: str, key: str) -> Any:
+    """`url` parsed by SQLAlchemy; one holding a password is refused (`key`: its config key)."""
+    import sqlalchemy as sa
+
+    try:
+        parsed = sa.engine.make_url(url)
+    except Exception:
+        raise StageError(
+            f"{key}.url: not a SQLAlchemy URL (dialect+driver://user@host/db)"
+        ) from None
+    if parsed.password:
+        raise StageError(
+            f"{key}.url: holds a password; remove it and set it in the environment "
+            "(PGPASSWORD for PostgreSQL)"
+        )
+    return parsed
+
+
+def sql_engine(parsed: Any, name: str, must_exist: bool) -> Any:
+    """An engine for the parsed URL (no pool; a 5 s connect timeout where the driver takes
+    one); `must_exist`: a SQLite file that is not there is a StageError naming `name`."""
+    import sqlalchemy as sa
+
+    backend = parsed.get_backend_name()
+    local_db = backend == "sqlite" and parsed.database not in (None, "", ":memory:")
+    if must_exist and local_db and not os.path.isfile(parsed.database):
+        raise StageError(f"{name}: database file {parsed.database} not found")
+    connect_args = {}
+    if backend in ("postgresql", "mysql", "mariadb") and "connect_timeout" not in parsed.query:
+        connect_args["connect_timeout"] = CONNECT_TIMEOUT_S
+    try:
+        return sa.create_engine(parsed, poolclass=sa.pool.NullPool, connect_args=connect_args)
+    except Exception as err:  # a missing driver module, an unknown dialect
+        raise StageError(f"{name}: cannot use this URL: {_first_line(err)}") from None
+
+
+def db_problem(err: Any, url: Any) -> str:
     """One line for a database failure: unreachable, authentication, or a bad query."""
     msg = _first_line(err.orig) if err.orig is not None else _first_line(err)
     low = msg.lower()

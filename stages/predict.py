@@ -55,7 +55,14 @@ from fullstack_ml.runtime.drift import (
 from fullstack_ml.runtime.meta import read_meta
 from fullstack_ml.runtime.preprocess import Preprocessor
 from fullstack_ml.runtime.program import load_runner
-from fullstack_ml.sources import iter_source, open_url, storage_problem
+from fullstack_ml.sources import (
+    db_problem,
+    iter_source,
+    open_url,
+    sql_engine,
+    sql_url,
+    storage_problem,
+)
 from fullstack_ml.stage import UMASK, StageError, read_json, run, write_atomic, write_json
 
 log = logging.getLogger("stages.predict")
@@ -229,6 +236,67 @@ class TableFile:
         Path(self.tmp).unlink(missing_ok=True)
 
 
+class SqlTable:
+    """A table written batch by batch to a staging table that replaces `table` in one
+    transaction on `commit()` (PostgreSQL and SQLite change tables transactionally) and is
+    dropped on `discard()`: a reader sees the previous table or the whole new one."""
+
+    def __init__(self, url: str, table: str, key: str) -> None:
+        self.parsed = sql_url(url, key)
+        self.where = f"{self.parsed.render_as_string(hide_password=True)} table {table}"
+        self.engine = sql_engine(self.parsed, self.where, must_exist=False)
+        schema, _, self.name = table.rpartition(".")
+        self.schema = schema or None
+        self.staging = f"{self.name}__predict_{os.getpid()}"
+        self.started, self.rows = False, 0
+
+    def _run(self, action: Any) -> None:
+        import sqlalchemy as sa
+
+        try:
+            action()
+        except sa.exc.DBAPIError as err:
+            raise StageError(f"{self.where}: {db_problem(err, self.parsed)}") from None
+        except sa.exc.SQLAlchemyError as err:
+            raise StageError(f"{self.where}: {str(err).splitlines()[0]}") from None
+
+    def write(self, frame: pd.DataFrame) -> None:
+        mode = "append" if self.started else "replace"
+        self._run(
+            lambda: frame.to_sql(
+                self.staging, self.engine, schema=self.schema, if_exists=mode, index=False
+            )
+        )
+        self.started, self.rows = True, self.rows + len(frame)
+
+    def finish(self, empty: pd.DataFrame) -> None:
+        if not self.started:
+            self.write(empty)
+
+    def commit(self) -> None:
+        import sqlalchemy as sa
+
+        quote = self.engine.dialect.identifier_preparer.quote
+        staging = ".".join(quote(p) for p in (self.schema, self.staging) if p)
+
+        def swap() -> None:
+            with self.engine.begin() as conn:
+                target = sa.Table(self.name, sa.MetaData(), schema=self.schema)
+                conn.execute(sa.schema.DropTable(target, if_exists=True))
+                conn.execute(sa.text(f"ALTER TABLE {staging} RENAME TO {quote(self.name)}"))
+
+        self._run(swap)
+        self.engine.dispose()
+
+    def discard(self) -> None:
+        import sqlalchemy as sa
+
+        with contextlib.suppress(sa.exc.SQLAlchemyError), self.engine.begin() as conn:
+            staging = sa.Table(self.staging, sa.MetaData(), schema=self.schema)
+            conn.execute(sa.schema.DropTable(staging, if_exists=True))
+        self.engine.dispose()
+
+
 def answer_columns(meta: dict[str, Any]) -> list[str]:
     if meta["task"] == "regression":
         return ["value"]
@@ -257,7 +325,11 @@ def predict(cfg: DictConfig, seed: int) -> dict[str, Any]:
         runner = load_runner(model.dir, model.serving, pre.width, log)
         keys = ids or ["row"]
         options = OmegaConf.to_container(cfg.storage_options) if cfg.storage_options else {}
-        out = TableFile(str(cfg.output), "predict.output", options)
+        out: TableFile | SqlTable = (
+            SqlTable(str(cfg.output), str(cfg.output_table), "predict.output")
+            if cfg.output_table
+            else TableFile(str(cfg.output), "predict.output", options)
+        )
         rejects = TableFile(str(cfg.rejects), "predict.rejects", options)
         profile, reasons_seen = new_profile() if cfg.drift else None, Counter()
         rows = 0

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import requests
 from omegaconf import DictConfig
-from servers import S3Server, s3_env, s3_server  # noqa: F401
+from servers import Postgres, S3Server, postgres_server, s3_env, s3_server  # noqa: F401
 
 from fullstack_ml.bento import Server, raw_records
 from fullstack_ml.stage import ROOT, StageError, compose
@@ -156,3 +156,54 @@ def test_csv_predictions_go_to_s3_with_the_id_columns(
     rows = [line.split(",") for line in body.decode().strip().splitlines()]
     assert rows[0][:2] == ["order_id", "label"] and len(rows) == 31
     assert [int(r[0]) for r in rows[1:]] == list(range(1000, 1030))
+
+
+def test_predictions_replace_a_sql_table_in_one_transaction(
+    bento: Path, test_split: pd.DataFrame, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    db = tmp_path / "scores.db"
+    sql = [f"predict.output=sqlite:///{db}", "predict.output_table=scores"]
+
+    def table() -> tuple[list, tuple]:
+        with sqlite3.connect(db) as conn:
+            names = [r[0] for r in conn.execute("select name from sqlite_master")]
+            return names, conn.execute("select count(*), min(row), max(row) from scores").fetchone()
+
+    test_split.head(30).to_parquet(tmp_path / "input.parquet")
+    predict(config(bento, tmp_path, *sql), seed=0)
+    assert table() == (["scores"], (30, 0, 29))
+    bad = test_split.head(20).astype({"pixel_1_1": object})
+    bad["pixel_1_1"] = "x"
+    bad.to_csv(tmp_path / "input.csv", index=False)
+    with pytest.raises(StageError, match="20 of 20 rows rejected"):
+        predict(config(bento, tmp_path, *sql, f"predict.input.path={tmp_path / 'input.csv'}"), 0)
+    assert table() == (["scores"], (30, 0, 29))  # as it was; no staging table left
+    test_split.head(12).to_parquet(tmp_path / "input.parquet")
+    predict(config(bento, tmp_path, *sql), seed=0)
+    assert table() == (["scores"], (12, 0, 11))
+
+
+def test_a_postgres_table_is_scored_into_another(
+    bento: Path,
+    test_split: pd.DataFrame,
+    tmp_path: Path,
+    postgres_server: Postgres,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sqlalchemy as sa
+
+    pg = postgres_server
+    url = f"postgresql+psycopg://{pg.user}@{pg.host}:{pg.port}/{pg.database}"
+    monkeypatch.setenv("PGPASSWORD", pg.password)
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    test_split.head(25).assign(order_id=range(25)).to_sql("new_rows", engine, index=False)
+    source = ["predict.input.source=sql", f"predict.input.url={url}"]
+    source += ["predict.input.table=new_rows", "predict.id_columns=[order_id]"]
+    sink = [f"predict.output={url}", "predict.output_table=public.scores"]
+    predict(config(bento, tmp_path, *source, *sink), seed=0)
+    scores = pd.read_sql("select * from public.scores order by order_id", engine)
+    assert scores["order_id"].tolist() == list(range(25))
+    assert set(scores["label"]) <= set(range(10)) and len(scores.columns) == 12
+    engine.dispose()
