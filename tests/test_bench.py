@@ -48,19 +48,27 @@ def smoke(name: str, tmp: Path) -> str:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def serve_smoke(
+def background(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[subprocess.Popen, Path] | None]:
-    """bench.serve's smoke (the longest, much of it servers starting and waiting) started
-    with the module, where its test is selected, so that it runs beside the other smokes."""
-    test = test_serve_smoke_measures_bentoml_against_fastapi_and_the_model_in_process
-    wanted = any(i.name == test.__name__ for i in request.session.items)
-    out = tmp_path_factory.mktemp("bench") / "serve"
-    proc = start("serve", out) if wanted else None
-    yield (proc, out) if proc else None
-    if proc and proc.poll() is None:
-        proc.kill()
-        proc.wait()
+) -> Iterator[dict[str, tuple[subprocess.Popen, Path]]]:
+    """bench.serve's and bench.predict's smokes (the longest, much of them building a model,
+    starting servers and waiting) started with the module, where their tests are selected,
+    so that they run beside the other smokes: name -> (process, output path)."""
+    tests = {
+        "serve": test_serve_smoke_measures_bentoml_against_fastapi_and_the_model_in_process,
+        "predict": test_predict_smoke_compares_batch_scoring_with_the_floor_and_the_service,
+    }
+    selected = {i.name for i in request.session.items}
+    started = {}
+    for name, test in tests.items():
+        if test.__name__ in selected:
+            out = tmp_path_factory.mktemp("bench") / name
+            started[name] = (start(name, out), out)
+    yield started
+    for proc, _ in started.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def tables(text: str) -> list[list[dict[str, str]]]:
@@ -136,9 +144,9 @@ def test_compress_smoke_measures_each_pipeline_against_fp32(tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_serve_smoke_measures_bentoml_against_fastapi_and_the_model_in_process(
-    serve_smoke: tuple[subprocess.Popen, Path],
-) -> None:  # the smoke was started by the `serve_smoke` fixture
-    results, ratios = tables(finish("serve", *serve_smoke))
+    background: dict[str, tuple[subprocess.Popen, Path]],
+) -> None:  # the smoke was started by the `background` fixture
+    results, ratios = tables(finish("serve", *background["serve"]))
     servers = {r["server"] for r in results}
     assert {"(a) bentoml", "(b) fastapi def", "(b) fastapi async def"} <= servers
     assert all(r["non-2xx"] == "0" and r["socket err"] == "0" for r in results if r["concurrency"])
@@ -149,9 +157,9 @@ def test_serve_smoke_measures_bentoml_against_fastapi_and_the_model_in_process(
 
 @pytest.mark.slow
 def test_predict_smoke_compares_batch_scoring_with_the_floor_and_the_service(
-    tmp_path: Path,
-) -> None:
-    out = smoke("predict", tmp_path)
+    background: dict[str, tuple[subprocess.Popen, Path]],
+) -> None:  # the smoke was started by the `background` fixture
+    out = finish("predict", *background["predict"])
     (runs,) = tables(out)
     assert [r["rows"] for r in runs] == ["20,000", "40,000"]
     for r in runs:

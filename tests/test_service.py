@@ -35,8 +35,10 @@ TOKEN = "test-token-0123456789"
 @pytest.fixture(scope="module")
 def guarded(bento: Path) -> Iterator[Server]:
     """A second server, with a bearer token: the drift, auth and shutdown tests, in that
-    order (the drift window starts nearly empty; the shutdown test stops it)."""
-    with serve_bento(bento, env={"FULLSTACK_ML_API_TOKEN": TOKEN}) as server:
+    order (the drift window starts nearly empty; the shutdown test stops it). Served as a
+    release is (`make serve VERSION=1.2.3`), naming its version."""
+    env = {"FULLSTACK_ML_API_TOKEN": TOKEN, "FULLSTACK_ML_RELEASE": "v1.2.3"}
+    with serve_bento(bento, env=env) as server:
         yield server
 
 
@@ -414,7 +416,8 @@ def test_bearer_token_guards_every_route_but_health_and_metrics(
         assert requests.get(f"{url}{path}", timeout=10).status_code == 401, path
     r = requests.post(f"{url}/predict", json=body, headers=AUTH, timeout=10)
     assert r.status_code == 200 and len(r.json()) == 2
-    assert requests.get(f"{url}/metadata", headers=AUTH, timeout=10).ok
+    meta = requests.get(f"{url}/metadata", headers=AUTH, timeout=10).json()
+    assert meta["release"] == "v1.2.3" and meta["model_tag"].startswith("fullstack_ml_classifier:")
     with bentoml.SyncHTTPClient(url, token=TOKEN) as client:  # as the README shows
         assert len(client.predict(records=body["records"])) == 2
         one = client.predict_proba(records=body["records"][:1])
