@@ -6,9 +6,10 @@ current conf/), then for each row count a Parquet file of seeded synthetic rows 
 in 0-16, digits' width and range) is scored three ways:
   (a) predict   `python -m stages.predict` in a process of its own on the file, with the bento:
                 wall time from start to exit (imports, compiling the program, reading,
-                checking, scoring, profiling for drift, writing), records/s, and the peak PSS
-                of its process tree (sampled every 0.1 s); predictions + rejects = rows is
-                checked from the files it wrote;
+                checking, scoring, sampling for drift, writing), records/s, the stage's own
+                scoring loop (its log line: without start-up), and the peak PSS of its
+                process tree (sampled every 0.1 s); predictions + rejects = rows is checked
+                from the files it wrote;
   (b) floor     in this process, the rows already in memory, through the preprocessing and the
                 program on the path the serving plan picks (compiled where measured faster),
                 plus softmax, in batches of 1024: records/s;
@@ -25,6 +26,7 @@ the growth of peak PSS between the smallest and the largest row count.
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -102,7 +104,16 @@ def run_predict(bento: Path, data: Path, out: Path, env: dict) -> dict[str, Any]
 
     predicted = pq.ParquetFile(out / "predictions.parquet").metadata.num_rows
     rejected = len(pd.read_csv(out / "rejects.csv"))
-    return {"wall": wall, "pss": peak[0], "predicted": predicted, "rejected": rejected}
+    # the stage's own line for its scoring loop (read, check, score, write, sample for drift)
+    found = re.search(r"predict: ([\d,]+) rows in ([\d.]+) s", (out / "predict.log").read_text())
+    loop = float(found.group(2)) if found else float("nan")
+    return {
+        "wall": wall,
+        "loop": loop,
+        "pss": peak[0],
+        "predicted": predicted,
+        "rejected": rejected,
+    }
 
 
 def floor(model_dir: Path, data: Path, seconds: float) -> float:
@@ -151,22 +162,28 @@ def table(results: list[dict[str, Any]], floor_rps: float, http_rps: float) -> s
         f"(b) floor, in process, batch {FLOOR_BATCH}: {floor_rps:,.0f} records/s; "
         f"(c) http, bentoml serve, best concurrency: {http_rps:,.0f} records/s",
         "",
-        "| rows | (a) wall s | (a) records/s | (a)/(b) | (a)/(c) | peak PSS GB | rows accounted |",
-        "|---:|---:|---:|---:|---:|---:|---|",
+        "| rows | (a) wall s | (a) records/s | (a)/(b) | (a)/(c) | (a) loop s | loop/(b) "
+        "| peak PSS GB | rows accounted |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
-        rps = r["rows"] / r["wall"]
+        rps, loop_rps = r["rows"] / r["wall"], r["rows"] / r["loop"]
         accounted = r["predicted"] + r["rejected"] == r["rows"]
         out.append(
             f"| {r['rows']:,} | {r['wall']:.1f} | {rps:,.0f} | {rps / floor_rps:.2f} | "
-            f"{rps / http_rps:.1f} | {r['pss'] / 1e9:.2f} | {'yes' if accounted else 'NO'} |"
+            f"{rps / http_rps:.1f} | {r['loop']:.1f} | {loop_rps / floor_rps:.2f} | "
+            f"{r['pss'] / 1e9:.2f} | {'yes' if accounted else 'NO'} |"
         )
     first, last = results[0], results[-1]
     largest = last["rows"] / last["wall"]
     out += [
         "",
+        "(a) loop: the stage's own scoring loop (its `predict: N rows in S s` line): reading, "
+        "checking, scoring, writing and sampling for drift, without start-up (imports, "
+        "compiling the program) and the drift scores at the end.",
         f"Targets: (a)/(b) >= {TARGETS['floor']} at {last['rows']:,} rows: "
-        f"{largest / floor_rps:.2f}; (a)/(c) >= {TARGETS['http']}: {largest / http_rps:.1f}; "
+        f"{largest / floor_rps:.2f} (loop: {last['rows'] / last['loop'] / floor_rps:.2f}); "
+        f"(a)/(c) >= {TARGETS['http']}: {largest / http_rps:.1f}; "
         f"peak PSS {last['rows']:,} / {first['rows']:,} rows <= {TARGETS['memory']}: "
         f"{last['pss'] / first['pss']:.2f}",
     ]

@@ -297,6 +297,34 @@ class SqlTable:
         self.engine.dispose()
 
 
+class Reservoir:
+    """A uniform sample of at most `size` rows of a stream of parts (feature -> array),
+    Algorithm R vectorised per part: bounded memory, one whylogs profile at the end."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.rng, self.seen = size, np.random.default_rng(seed), 0
+        self.rows: dict[str, np.ndarray] = {}
+
+    def add(self, part: dict[str, np.ndarray]) -> None:
+        n = len(next(iter(part.values())))
+        if not self.rows:
+            self.rows = {k: np.empty(self.size, dtype=v.dtype) for k, v in part.items()}
+        fill = min(n, max(self.size - self.seen, 0))  # the first `size` rows go in as they are
+        for k, v in part.items():
+            self.rows[k][self.seen : self.seen + fill] = v[:fill]
+        later = np.arange(fill, n)
+        if len(later):  # row i (0-based, in the stream) replaces a random slot with p = size/(i+1)
+            slot = self.rng.integers(0, self.seen + later + 1)
+            kept = slot < self.size
+            for k, v in part.items():
+                self.rows[k][slot[kept]] = v[later[kept]]
+        self.seen += n
+
+    def frame(self) -> pd.DataFrame:
+        n = min(self.seen, self.size)
+        return pd.DataFrame({k: v[:n] for k, v in self.rows.items()}, copy=False)
+
+
 def answer_columns(meta: dict[str, Any]) -> list[str]:
     if meta["task"] == "regression":
         return ["value"]
@@ -331,7 +359,8 @@ def predict(cfg: DictConfig, seed: int) -> dict[str, Any]:
             else TableFile(str(cfg.output), "predict.output", options)
         )
         rejects = TableFile(str(cfg.rejects), "predict.rejects", options)
-        profile, reasons_seen = new_profile() if cfg.drift else None, Counter()
+        sample = Reservoir(int(cfg.drift_rows), seed) if cfg.drift else None
+        reasons_seen: Counter = Counter()
         rows = 0
         try:
             # checked and typed a part (a Parquet row group, a CSV block) at a time, scored
@@ -347,8 +376,8 @@ def predict(cfg: DictConfig, seed: int) -> dict[str, Any]:
                     answers = score(runner, pre, meta, good, size)
                     ids_ok = key[ok].reset_index(drop=True)
                     out.write(pd.concat([ids_ok, answers], axis=1))
-                    if profile is not None:  # columns as they are (no copy into one block)
-                        profile.track(pandas=pd.DataFrame(good, copy=False))
+                    if sample is not None:
+                        sample.add(good)
                 if not ok.all():
                     rejects.write(key[~ok].assign(reason=reasons[~ok]))
                     reasons_seen.update(reasons[~ok])
@@ -364,7 +393,9 @@ def predict(cfg: DictConfig, seed: int) -> dict[str, Any]:
                     f"{reason!r} ({count} rows)"
                 )
             scores = {}
-            if profile is not None and predicted:
+            if sample is not None and predicted:  # whylogs on every row: half of the loop
+                profile = new_profile()
+                profile.track(pandas=sample.frame())
                 view = reproducible(profile.view())
                 reference = load_profile(model.reference)
                 scores = drift_scores(view, reference, categorical=pre.categorical)

@@ -164,5 +164,6 @@ def test_predict_smoke_compares_batch_scoring_with_the_floor_and_the_service(
     assert [r["rows"] for r in runs] == ["20,000", "40,000"]
     for r in runs:
         assert ratio(r["(a) records/s"]) and ratio(r["(a)/(b)"]) and ratio(r["(a)/(c)"])
+        assert ratio(r["(a) loop s"]) and ratio(r["loop/(b)"])
         assert ratio(r["peak PSS GB"]) and r["rows accounted"] == "yes"
     assert "Targets: (a)/(b) >= 0.5" in out

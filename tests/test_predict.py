@@ -207,3 +207,21 @@ def test_a_postgres_table_is_scored_into_another(
     assert scores["order_id"].tolist() == list(range(25))
     assert set(scores["label"]) <= set(range(10)) and len(scores.columns) == 12
     engine.dispose()
+
+
+def test_the_drift_sample_is_uniform_over_the_stream() -> None:
+    from stages.predict import Reservoir
+
+    few = Reservoir(1000, seed=0)
+    few.add({"x": np.arange(300.0)})
+    assert few.frame()["x"].tolist() == list(range(300))  # fewer rows than the sample: all
+    sample = Reservoir(2000, seed=0)
+    start = 0
+    for size in [700, 5000, 1, 30_000, 64_299]:  # parts of any size, 100,000 rows in all
+        sample.add({"x": np.arange(start, start + size, dtype=float), "c": np.full(size, "a")})
+        start += size
+    got = sample.frame()
+    assert len(got) == 2000 and got["x"].is_unique and set(got["c"]) == {"a"}
+    deciles = np.bincount((got["x"] // 10_000).astype(int), minlength=10)
+    # 200 expected per decile; the binomial's sd is about 13: 5 sd either side
+    assert deciles.min() > 135 and deciles.max() < 265, deciles
