@@ -1,9 +1,11 @@
 """Batch scoring benchmark: `python -m stages.predict` against the model called in process and
 against the HTTP service, on synthetic rows of the default model's width.
 
-The model is built by bench.serve's `build` (ingest, profile, train, compress, package with the
-current conf/), then for each row count a Parquet file of seeded synthetic rows (64 numbers
-in 0-16, digits' width and range) is scored three ways:
+For each table (`--tables`): `digits`, the default model on seeded synthetic rows of its width
+and range (64 numbers 0-16); `mixed`, a model trained on `data=synthetic` (16 numbers, 4
+categories of 6 strings, 1% missing) on more rows of that kind (another seed). Each model is
+built by bench.serve's `build` (ingest, profile, train, compress, package with the current
+conf/), then for each row count a Parquet file of the table's rows is scored three ways:
   (a) predict   `python -m stages.predict` in a process of its own on the file, with the bento:
                 wall time from start to exit (imports, compiling the program, reading,
                 checking, scoring, sampling for drift, writing), records/s, the stage's own
@@ -18,7 +20,7 @@ in 0-16, digits' width and range) is scored three ways:
 Prints per row count: (a) wall s, records/s, peak PSS; the ratios (a)/(b) and (a)/(c); and
 the growth of peak PSS between the smallest and the largest row count.
 
-    python -m bench.predict                       # 1M and 5M rows
+    python -m bench.predict                       # both tables, 1M and 5M rows
     python -m bench.predict --rows 200000 --concurrency 8,64 --keep /tmp/bp
     python -m bench.predict --smoke               # 20k and 40k rows, 1 s of HTTP load
 """
@@ -46,6 +48,21 @@ BIN = Path(sys.executable).parent
 FLOOR_BATCH = 1024
 SMOKE_ARGS = {"rows": [20_000, 40_000], "concurrency": [4], "duration": 1}
 TARGETS = {"floor": 0.5, "http": 20.0, "memory": 1.5}  # the issue's: (a)/(b), (a)/(c), PSS
+
+
+# The tables: the default model's (digits: 64 numbers 0-16) and a mixed-type one (a model
+# trained on data=synthetic: 16 numbers, 4 categories of 6 strings, 1% missing values)
+MIXED = ("data=synthetic", "profile=basic")  # digits' pixel-range constraints do not apply
+
+
+def mixed_rows(rows: int, path: Path, seed: int = 1) -> None:
+    """`rows` rows of the synthetic source's table (the training table's kind, another seed),
+    written in 1M-row groups."""
+    from fullstack_ml.sources import synthetic_frame
+    from fullstack_ml.stage import compose
+
+    params = dict(compose(list(MIXED)).data.synthetic) | {"rows": rows}
+    synthetic_frame(params, "label", seed).to_parquet(path, index=False, row_group_size=1 << 20)
 
 
 def synthetic_rows(rows: int, features: list[str], path: Path, seed: int = 0) -> None:
@@ -105,8 +122,10 @@ def run_predict(bento: Path, data: Path, out: Path, env: dict) -> dict[str, Any]
     predicted = pq.ParquetFile(out / "predictions.parquet").metadata.num_rows
     rejected = len(pd.read_csv(out / "rejects.csv"))
     # the stage's own line for its scoring loop (read, check, score, write, sample for drift)
-    found = re.search(r"predict: ([\d,]+) rows in ([\d.]+) s", (out / "predict.log").read_text())
-    loop = float(found.group(2)) if found else float("nan")
+    line = r"predict: ([\d,]+) rows in [\d.]+ s \(([\d,]+) rows/s\)"  # its rate is exact
+    found = re.search(line, (out / "predict.log").read_text())
+    rate = float(found.group(2).replace(",", "")) if found else float("nan")
+    loop = float(found.group(1).replace(",", "")) / rate if found else float("nan")
     return {
         "wall": wall,
         "loop": loop,
@@ -157,9 +176,9 @@ def http(bento_tag: str, body: Path, concurrency: list[int], seconds: int, work:
         stop(proc)
 
 
-def table(results: list[dict[str, Any]], floor_rps: float, http_rps: float) -> str:
+def table(name: str, results: list[dict[str, Any]], floor_rps: float, http_rps: float) -> str:
     out = [
-        f"(b) floor, in process, batch {FLOOR_BATCH}: {floor_rps:,.0f} records/s; "
+        f"{name}: (b) floor, in process, batch {FLOOR_BATCH}: {floor_rps:,.0f} records/s; "
         f"(c) http, bentoml serve, best concurrency: {http_rps:,.0f} records/s",
         "",
         "| rows | (a) wall s | (a) records/s | (a)/(b) | (a)/(c) | (a) loop s | loop/(b) "
@@ -171,7 +190,7 @@ def table(results: list[dict[str, Any]], floor_rps: float, http_rps: float) -> s
         accounted = r["predicted"] + r["rejected"] == r["rows"]
         out.append(
             f"| {r['rows']:,} | {r['wall']:.1f} | {rps:,.0f} | {rps / floor_rps:.2f} | "
-            f"{rps / http_rps:.1f} | {r['loop']:.1f} | {loop_rps / floor_rps:.2f} | "
+            f"{rps / http_rps:.1f} | {r['loop']:.2f} | {loop_rps / floor_rps:.2f} | "
             f"{r['pss'] / 1e9:.2f} | {'yes' if accounted else 'NO'} |"
         )
     first, last = results[0], results[-1]
@@ -194,6 +213,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     parser.add_argument("--rows", type=ints, default=[1_000_000, 5_000_000])
+    parser.add_argument(
+        "--tables", type=lambda s: s.split(","), default=["digits", "mixed"], help="of rows"
+    )
     parser.add_argument("--concurrency", type=ints, default=[8, 32, 64], help="of (c)")
     parser.add_argument("--duration", type=int, default=5, help="seconds of (b) and each (c)")
     parser.add_argument("--keep", type=Path, help="keep the model, data and logs here")
@@ -203,28 +225,45 @@ def main() -> None:
         vars(args).update(SMOKE_ARGS)
     if not shutil.which("wrk"):
         sys.exit("error: wrk not found (apt-get install wrk)")
+    if len(args.tables) > 1:  # a process per table: `bentoml build` imports service.py once
+        # per process, and a second bento would pin the first one's model
+        for name in args.tables:
+            cmd = [sys.executable, "-m", "bench.predict", *sys.argv[1:], "--tables", name]
+            if args.keep:
+                cmd += ["--keep", str(args.keep / name)]
+            print(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout)
+        return
     work = (args.keep or Path(tempfile.mkdtemp(prefix="bench-predict-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
     os.environ["BENTOML_HOME"] = str(work / "bentoml")  # before bentoml is imported
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
     try:
-        built = build("default", 3, 1, work / "model", args.smoke)
-        bento = work / "model/dist/fullstack_ml.bento"
-        features = json.loads((built.model_dir / "model.json").read_text())["features"]
-        results = []
-        for rows in sorted(args.rows):
-            data = work / f"rows-{rows}.parquet"
-            synthetic_rows(rows, features, data)
-            result = run_predict(bento, data, work / f"out-{rows}", env)
-            results.append({"rows": rows, **result})
-            print(f"predict {rows:,} rows: {result}", file=sys.stderr)
-        floor_rps = floor(built.model_dir, work / f"rows-{min(args.rows)}.parquet", args.duration)
-        http_rps = http(built.bento_tag, built.body, args.concurrency, args.duration, work)
+        reports = [bench_table(name, args, work, env) for name in args.tables]
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(table(results, floor_rps, http_rps))
+    print("\n\n".join(reports))
+
+
+def bench_table(name: str, args: argparse.Namespace, work: Path, env: dict) -> str:
+    """Build the table's model, score each row count with (a), then measure (b) and (c)."""
+    built = build("default", 3, 1, work / name, args.smoke, MIXED if name == "mixed" else ())
+    bento = work / name / "dist/fullstack_ml.bento"
+    features = json.loads((built.model_dir / "model.json").read_text())["features"]
+    results = []
+    for rows in sorted(args.rows):
+        data = work / f"{name}-{rows}.parquet"
+        if name == "mixed":
+            mixed_rows(rows, data)
+        else:
+            synthetic_rows(rows, features, data)
+        result = run_predict(bento, data, work / f"out-{name}-{rows}", env)
+        results.append({"rows": rows, **result})
+        print(f"{name}: predict {rows:,} rows: {result}", file=sys.stderr)
+    floor_rps = floor(built.model_dir, work / f"{name}-{min(args.rows)}.parquet", args.duration)
+    http_rps = http(built.bento_tag, built.body, args.concurrency, args.duration, work / name)
+    return table(name, results, floor_rps, http_rps)
 
 
 if __name__ == "__main__":

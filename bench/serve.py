@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fullstack_ml.bento import free_port
+from fullstack_ml.bento import free_port, raw_records
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -66,8 +66,11 @@ def overrides_for(model: str, epochs: int, smoke: bool = False) -> list[str]:
     return [f"model={model}", f"train.epochs={epochs}", "compress.max_accuracy_drop=100", *quick]
 
 
-def build(model: str, epochs: int, records: int, work: Path, smoke: bool = False) -> Built:
-    """Ingest, profile, train, compress and package `model` under `work` with the stages."""
+def build(
+    model: str, epochs: int, records: int, work: Path, smoke: bool = False, extra: tuple = ()
+) -> Built:
+    """Ingest, profile, train, compress and package `model` under `work` with the stages
+    (`extra`: more config overrides, e.g. another data set)."""
     from fullstack_ml.curated import load_split
     from fullstack_ml.model import encode_split, load_fp32
     from fullstack_ml.paths import SPLITS
@@ -78,7 +81,7 @@ def build(model: str, epochs: int, records: int, work: Path, smoke: bool = False
     from stages.profile import profile
     from stages.train import train
 
-    cfg = compose(overrides_for(model, epochs, smoke))
+    cfg = compose([*overrides_for(model, epochs, smoke), *extra])
     data, fp32, out = work / "data", work / "fp32", work / "compressed"
     if not (out / "reference_profile.bin").is_file():  # else kept (--keep) from an earlier run
         schema = ingest(cfg.data, cfg.seed, data)
@@ -95,7 +98,7 @@ def build(model: str, epochs: int, records: int, work: Path, smoke: bool = False
     meta = {"git_commit": git_commit()}
     info = package({n: out / n for n in names}, meta, cfg.serve, work / "dist")
     features = [f["name"] for f in json.loads((out / "schema.json").read_text())["features"]]
-    rows = load_split("test", data)[features].head(records).astype(float).to_dict("records")
+    rows = raw_records(load_split("test", data).head(records), features)  # as JSON sends them
     body = work / "body.json"
     body.write_text(json.dumps({"records": rows}))
     return Built(out, info["bento_tag"], body)
