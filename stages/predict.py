@@ -5,14 +5,16 @@ Reads `predict.input` with the ingest stage's sources (a file, a glob, a partiti
 folder, an s3:// URL, a SQL table or query), types each feature as the model's `schema.json`
 says, and scores batches of `predict.batch_rows` with the bento's runtime: the training
 preprocessing and the compressed program on the execution path the compress stage measured.
-Writes, each through a temporary file that replaces the destination only once the run has
-succeeded (a failed run leaves the previous files, or none):
-- `predict.output` (.parquet or .csv, a local path or an fsspec URL): the id columns (or
-  `row`, the input's row number), `label` and `proba_<class>` per class (or `value`);
+Writes, each through a temporary file (or staging table) that replaces the destination only
+once the run has succeeded (a failed run leaves the previous files and table, or none):
+- `predict.output` (.parquet or .csv, a local path or an fsspec URL; or a SQLAlchemy URL with
+  `predict.output_table`): the id columns (or `row`, the input's row number), `label` and
+  `proba_<class>` per class (or `value`);
 - `predict.rejects` (CSV): each row the service would refuse (a feature that is not a number,
   not finite, or out of the model's range), with `row`, the id columns and the reason;
 - `metrics/predict.json` (rows, predicted, rejected, reject rate, drifted features) and
-  `reports/predict.html` (drift of the scored input against the training profile).
+  `reports/predict.html` (drift of a uniform sample of the scored rows against the training
+  profile).
 Fails when the reject rate passes `predict.max_reject_rate` or the drifted features pass
 `predict.max_drifted_features`: predictions + rejects always equal the input rows.
 """
