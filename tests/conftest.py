@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from omegaconf import DictConfig
+from servers import postgres_server, s3_server  # noqa: F401  one of each per session
 
 from fullstack_ml.stage import ROOT, compose
 from stages.ingest import ingest

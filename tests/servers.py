@@ -1,8 +1,9 @@
 """Real servers on loopback for the data-source and DVC-remote tests.
 
-Import the fixtures into a test module: `from servers import s3_server, postgres_server`
-(pytest puts tests/ on sys.path). `s3_server` is a moto S3 server that checks credentials;
-`postgres_server` is a PostgreSQL cluster in a temporary folder, run as an unprivileged user.
+tests/conftest.py imports the fixtures, so a session starts one of each, whichever modules
+use them (pytest puts tests/ on sys.path). `s3_server` is a moto S3 server that checks
+credentials; `postgres_server` is a PostgreSQL cluster in a temporary folder, run as an
+unprivileged user.
 """
 
 import contextlib

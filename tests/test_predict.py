@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import requests
 from omegaconf import DictConfig
-from servers import Postgres, S3Server, postgres_server, s3_env, s3_server  # noqa: F401
+from servers import Postgres, S3Server, s3_env
 
 from fullstack_ml.bento import Server, raw_records
 from fullstack_ml.stage import ROOT, StageError, compose
@@ -138,7 +138,7 @@ def test_csv_predictions_go_to_s3_with_the_id_columns(
     bento: Path,
     test_split: pd.DataFrame,
     tmp_path: Path,
-    s3_server: S3Server,  # noqa: F811
+    s3_server: S3Server,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import boto3
@@ -189,7 +189,7 @@ def test_a_postgres_table_is_scored_into_another(
     bento: Path,
     test_split: pd.DataFrame,
     tmp_path: Path,
-    postgres_server: Postgres,  # noqa: F811
+    postgres_server: Postgres,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import sqlalchemy as sa

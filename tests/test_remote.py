@@ -8,7 +8,7 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pytest
-from servers import S3Server, s3_server  # noqa: F401
+from servers import S3Server
 from test_pipeline import BIN, sh
 
 from fullstack_ml.stage import ROOT
@@ -73,7 +73,7 @@ def test_push_and_pull_through_the_default_local_remote(
 def test_push_and_pull_through_an_s3_remote(
     repo: Path,
     env: dict,
-    s3_server: S3Server,  # noqa: F811
+    s3_server: S3Server,
 ) -> None:
     expected = track(repo, env)
     url = f"s3://{s3_server.bucket}/dvc-store"

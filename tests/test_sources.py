@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from servers import Postgres, S3Server, free_port, postgres_server, s3_env, s3_server  # noqa: F401
+from servers import Postgres, S3Server, free_port, s3_env
 
 from fullstack_ml.sources import SOURCES, Table, read_source
 from fullstack_ml.stage import StageError, compose
@@ -143,7 +143,7 @@ def test_unknown_source_and_credentials_in_config_are_refused(tmp_path: Path) ->
 
 
 @pytest.fixture
-def bucket(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:  # noqa: F811
+def bucket(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     """The moto bucket holding t.csv and parts/{a,b}.parquet, credentials in the env only."""
     s3_env(monkeypatch, s3_server)
     s3 = boto3.client("s3")  # endpoint and keys from the environment too
@@ -205,7 +205,7 @@ def test_sqlite_table_query_and_failures(tmp_path: Path) -> None:
 
 
 def test_postgres_with_the_password_from_the_environment(
-    postgres_server: Postgres,  # noqa: F811
+    postgres_server: Postgres,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     pg = postgres_server
