@@ -395,18 +395,28 @@ def _csv_blocks(
 
     def reader(threads: bool) -> Any:
         with fs.open(path, "rb", compression="infer") as f:  # the header: which are `text`
-            names = pcsv.open_csv(f, read_options=pcsv.ReadOptions(block_size=1 << 16)).schema
+            names = pcsv.open_csv(
+                f,
+                read_options=pcsv.ReadOptions(block_size=1 << 16),
+                parse_options=pcsv.ParseOptions(
+                    newlines_in_values=True, invalid_row_handler=lambda _: "skip"
+                ),
+            ).schema
         convert = pcsv.ConvertOptions(
             strings_can_be_null=True,
             column_types={c: pa.string() for c in names.names if c in text},
         )
         f = fs.open(path, "rb", compression="infer")
-        return f, pcsv.open_csv(
-            f,
-            read_options=pcsv.ReadOptions(block_size=BLOCK_BYTES, use_threads=threads),
-            parse_options=pcsv.ParseOptions(newlines_in_values=True, invalid_row_handler=skip),
-            convert_options=convert,
-        )
+        try:  # open_csv parses the first block: a bad line there raises here
+            return f, pcsv.open_csv(
+                f,
+                read_options=pcsv.ReadOptions(block_size=BLOCK_BYTES, use_threads=threads),
+                parse_options=pcsv.ParseOptions(newlines_in_values=True, invalid_row_handler=skip),
+                convert_options=convert,
+            )
+        except BaseException:
+            f.close()
+            raise
 
     try:
         f, batches = reader(True)
@@ -415,19 +425,15 @@ def _csv_blocks(
     except pa.ArrowInvalid as err:
         if bad and bad_rows == "fail":
             bad.clear()  # again in one thread, which knows the line's number
-            f, batches = reader(False)
-            with f, contextlib.suppress(pa.ArrowInvalid):
-                for _ in batches:
-                    pass
-            row = bad[0] if bad else None
-            raise StageError(
-                f"{name}: line {row.number if row else '?'}: expected "
-                f"{row.expected_columns if row else '?'} fields, found "
-                f"{row.actual_columns if row else '?'} ({key}.bad_rows=drop skips such rows)"
-            ) from None
-        raise StageError(f"{name}: cannot read as csv: {_first_line(err)}") from None
+            with contextlib.suppress(pa.ArrowInvalid):  # raised at the line, once it is seen
+                f, batches = reader(False)
+                with f:
+                    for _ in batches:
+                        pass
+            raise (_bad_line(name, bad[0], key) if bad else _unparsed(name, err)) from None
+        raise _unparsed(name, err) from None
     except (pa.ArrowException, UnicodeDecodeError) as err:
-        raise StageError(f"{name}: cannot read as csv: {_first_line(err)}") from None
+        raise _unparsed(name, err) from None
 
 
 def _jsonl_blocks(
@@ -536,15 +542,23 @@ def _csv(fs: Any, path: str, name: str, bad_rows: str, key: str) -> tuple[pd.Dat
             raise
     except pa.ArrowInvalid as err:
         if bad and bad_rows == "fail":
-            row = bad[0]
-            raise StageError(
-                f"{name}: line {row.number}: expected {row.expected_columns} fields, found "
-                f"{row.actual_columns} ({key}.bad_rows=drop skips such rows)"
-            ) from None
-        raise StageError(f"{name}: cannot read as csv: {_first_line(err)}") from None
+            raise _bad_line(name, bad[0], key) from None
+        raise _unparsed(name, err) from None
     except (pa.ArrowException, UnicodeDecodeError) as err:
-        raise StageError(f"{name}: cannot read as csv: {_first_line(err)}") from None
+        raise _unparsed(name, err) from None
     return _arrow_to_pandas(table), len(bad)
+
+
+def _bad_line(name: str, row: Any, key: str) -> StageError:
+    """A CSV line with the wrong number of fields (pyarrow's InvalidRow), without its text."""
+    return StageError(
+        f"{name}: line {row.number}: expected {row.expected_columns} fields, found "
+        f"{row.actual_columns} ({key}.bad_rows=drop skips such rows)"
+    )
+
+
+def _unparsed(name: str, err: BaseException) -> StageError:
+    return StageError(f"{name}: cannot read as csv: {_first_line(err)}")
 
 
 def _jsonl(fs: Any, path: str, name: str, bad_rows: str, key: str) -> tuple[pd.DataFrame, int]:

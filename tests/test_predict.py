@@ -225,3 +225,22 @@ def test_the_drift_sample_is_uniform_over_the_stream() -> None:
     deciles = np.bincount((got["x"] // 10_000).astype(int), minlength=10)
     # 200 expected per decile; the binomial's sd is about 13: 5 sd either side
     assert deciles.min() > 135 and deciles.max() < 265, deciles
+
+
+def test_a_streamed_csv_line_with_extra_fields_is_named_by_its_number(
+    bento: Path, test_split: pd.DataFrame, tmp_path: Path
+) -> None:
+    path = tmp_path / "input.csv"
+    lines = test_split.head(30).to_csv(index=False).splitlines()
+    lines[17] += ",1,2"  # line 18 of the file: two fields too many
+    path.write_text("\n".join(lines) + "\n")
+    cfg = config(bento, tmp_path, f"predict.input.path={path}")
+    with pytest.raises(StageError) as err:
+        predict(cfg, seed=0)
+    assert str(err.value) == (
+        f"{path}: line 18: expected 65 fields, found 67 "
+        "(predict.input.bad_rows=drop skips such rows)"
+    )
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    dropped = config(bento, tmp_path, f"predict.input.path={path}", "predict.input.bad_rows=drop")
+    assert predict(dropped, seed=0)["metrics"]["rows"] == 29
