@@ -121,6 +121,11 @@ class Postgres(NamedTuple):
     password: str
     database: str  # holds table `people` (id, name, score, label)
 
+    @property
+    def url(self) -> str:
+        """The SQLAlchemy URL, without the password (PGPASSWORD carries it)."""
+        return f"postgresql+psycopg://{self.user}@{self.host}:{self.port}/{self.database}"
+
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[Postgres]:

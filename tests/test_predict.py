@@ -195,7 +195,7 @@ def test_a_postgres_table_is_scored_into_another(
     import sqlalchemy as sa
 
     pg = postgres_server
-    url = f"postgresql+psycopg://{pg.user}@{pg.host}:{pg.port}/{pg.database}"
+    url = pg.url
     monkeypatch.setenv("PGPASSWORD", pg.password)
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     test_split.head(25).assign(order_id=range(25)).to_sql("new_rows", engine, index=False)

@@ -209,7 +209,7 @@ def test_postgres_with_the_password_from_the_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     pg = postgres_server
-    url = f"postgresql+psycopg://{pg.user}@{pg.host}:{pg.port}/{pg.database}"
+    url = pg.url
     monkeypatch.setenv("PGPASSWORD", pg.password)
     table = read_source({"source": "sql", "url": url, "table": "people"}, 0)
     expected = pd.DataFrame(
