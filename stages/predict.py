@@ -23,8 +23,10 @@ import contextlib
 import html
 import logging
 import os
+import pickle
 import tarfile
 import tempfile
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -299,32 +301,48 @@ class SqlTable:
         self.engine.dispose()
 
 
-class Reservoir:
-    """A uniform sample of at most `size` rows of a stream of parts (feature -> array),
-    Algorithm R vectorised per part: bounded memory, one whylogs profile at the end."""
+class Sample:
+    """A uniform sample of at most `size` rows of a stream of parts (feature -> array): each
+    row gets a uniform random key and the rows of the `size` smallest keys are kept
+    (bottom-k sampling). Bounded memory, one whylogs profile at the end, and samples merge:
+    a row that did not enter a part of the stream's sample cannot be in the whole's, so
+    Ray's actors send the driver only the rows that entered their own."""
 
     def __init__(self, size: int, seed: int) -> None:
-        self.size, self.rng, self.seen = size, np.random.default_rng(seed), 0
+        self.size, self.rng = size, np.random.default_rng(seed)
+        self.keys = np.empty(0)
         self.rows: dict[str, np.ndarray] = {}
 
-    def add(self, part: dict[str, np.ndarray]) -> None:
-        n = len(next(iter(part.values())))
-        if not self.rows:
-            self.rows = {k: np.empty(self.size, dtype=v.dtype) for k, v in part.items()}
-        fill = min(n, max(self.size - self.seen, 0))  # the first `size` rows go in as they are
-        for k, v in part.items():
-            self.rows[k][self.seen : self.seen + fill] = v[:fill]
-        later = np.arange(fill, n)
-        if len(later):  # row i (0-based, in the stream) replaces a random slot with p = size/(i+1)
-            slot = self.rng.integers(0, self.seen + later + 1)
-            kept = slot < self.size
-            for k, v in part.items():
-                self.rows[k][slot[kept]] = v[later[kept]]
-        self.seen += n
+    def add(self, part: dict[str, np.ndarray], keys: np.ndarray | None = None) -> np.ndarray:
+        """Add a part's rows (`keys`: theirs; None: drawn here; `part` may be empty, to keep
+        keys only). Returns which of them entered the sample."""
+        if keys is None:
+            keys = self.rng.random(len(next(iter(part.values()))))
+        full = len(self.keys) >= self.size
+        taken = keys < (self.keys.max() if full else np.inf)
+        new = keys[taken]
+        if not len(new):
+            return taken
+        rows = {c: v[taken] for c, v in part.items()}
+        if not full:  # every row enters; past `size`, the largest keys leave
+            self.keys = np.concatenate([self.keys, new])
+            self.rows = {
+                c: np.concatenate([self.rows[c], v]) if self.rows else v for c, v in rows.items()
+            }
+            if len(self.keys) > self.size:
+                keep = np.sort(np.argpartition(self.keys, self.size - 1)[: self.size])
+                self.keys, self.rows = self.keys[keep], {c: v[keep] for c, v in self.rows.items()}
+            return taken
+        keep = np.argpartition(np.concatenate([self.keys, new]), self.size - 1)[: self.size]
+        slots = np.setdiff1d(np.arange(self.size), keep, assume_unique=True)  # in place
+        incoming = keep[keep >= self.size] - self.size
+        self.keys[slots] = new[incoming]
+        for c, v in rows.items():
+            self.rows[c][slots] = v[incoming]
+        return taken
 
     def frame(self) -> pd.DataFrame:
-        n = min(self.seen, self.size)
-        return pd.DataFrame({k: v[:n] for k, v in self.rows.items()}, copy=False)
+        return pd.DataFrame(self.rows, copy=False)
 
 
 def answer_columns(meta: dict[str, Any]) -> list[str]:
@@ -333,27 +351,161 @@ def answer_columns(meta: dict[str, Any]) -> list[str]:
     return ["label", *(f"proba_{c}" for c in meta["classes"])]
 
 
-def predict(cfg: DictConfig, seed: int) -> dict[str, Any]:
+class Runtime(NamedTuple):
+    """The service's runtime for one model, loaded once per process (or Ray actor)."""
+
+    meta: dict[str, Any]
+    pre: Preprocessor
+    runner: Any
+    size: int  # rows per model call
+    ids: list[str]
+
+
+def load_runtime(model: Path, serving: dict | None, size: int, ids: list[str]) -> Runtime:
+    meta = read_meta(model)
+    pre = Preprocessor.from_dict(meta["preprocessing"])
+    return Runtime(meta, pre, load_runner(model, serving, pre.width, log), size, ids)
+
+
+def score_part(
+    part: pd.DataFrame, rt: Runtime
+) -> tuple[pd.DataFrame, np.ndarray, dict[str, np.ndarray]]:
+    """A part's rows answered as the service would, in order: a frame of the id columns
+    and the answers (missing on rejected rows), the reason per row (None: scored), and the
+    typed features of the scored rows (for the drift sample)."""
+    typed, reasons = check_batch(part, rt.pre)
+    ok = reasons == None  # noqa: E711  elementwise
+    frame = part[rt.ids].reset_index(drop=True)
+    good = typed if ok.all() else {k: v[ok] for k, v in typed.items()}
+    if ok.any():
+        answers = score(rt.runner, rt.pre, rt.meta, good, rt.size)
+        answers.index = np.flatnonzero(ok)  # rejected rows: missing answers
+        frame = frame.join(answers) if len(frame.columns) else answers.reindex(frame.index)
+    else:
+        frame = frame.reindex(columns=[*rt.ids, *answer_columns(rt.meta)])
+    return frame, reasons, good
+
+
+Scored = tuple[pd.DataFrame, np.ndarray, dict[str, np.ndarray], np.ndarray | None]
+
+
+def check_columns(columns: Any, meta: dict[str, Any], ids: list[str], source: str) -> None:
+    for column in [*meta["features"], *ids]:
+        if column not in columns:
+            what = "id column" if column in ids else "feature"
+            raise StageError(f"{source}: {what} {column!r} missing (the model needs it)")
+
+
+def local_parts(
+    cfg: DictConfig, model: Model, rt: Runtime, seed: int
+) -> tuple[str, Iterator[Scored]]:
+    """engine=pandas: the input streamed and scored part by part in this process."""
+    source, frames = iter_source(cfg.input, seed, "predict.input", text=rt.pre.numeric)
+    first = next(frames, None)
+    if first is None or first.empty:
+        raise StageError(f"{source}: no data rows")
+    check_columns(first.columns, rt.meta, rt.ids, source)
+    log.info("scoring %s with %s", source, model.name)
+    return source, ((*score_part(part, rt), None) for part in chain([first], frames))
+
+
+class RayScorer:
+    """engine=ray: a Ray Data actor that loads the model once (its files: `files[0]`, a
+    reference to file name -> bytes in the object store, so any node can load it) and
+    scores blocks; the block's rows that enter the actor's own drift sample go to the
+    driver with their keys (pickled into the first row of `__sample`)."""
+
+    def __init__(self, files: list[Any], serving: Any, cfg: dict, seed: int) -> None:
+        import ray
+
+        with tempfile.TemporaryDirectory(prefix="predict-model-") as tmp:  # loaded whole
+            for name, data in ray.get(files[0]).items():
+                (Path(tmp) / name).write_bytes(data)
+            self.rt = load_runtime(Path(tmp), serving, cfg["batch_rows"], cfg["id_columns"])
+        self.sample = Sample(cfg["drift_rows"], seed) if cfg["drift"] else None
+        self.seed = seed
+
+    def __call__(self, part: pd.DataFrame) -> pd.DataFrame:
+        frame, reasons, good = score_part(part, self.rt)
+        frame["__reason"] = reasons
+        blob: list[bytes | None] = [None] * len(frame)
+        if self.sample is not None and good and len(next(iter(good.values()))):
+            # keys seeded by the block's rows: the same input gives the same sample
+            digest = pd.util.hash_pandas_object(part, index=False).to_numpy()
+            rng = np.random.default_rng([self.seed, int(digest.sum())])
+            keys = rng.random(len(next(iter(good.values()))))
+            taken = self.sample.add({}, keys)
+            blob[0] = pickle.dumps(({k: v[taken] for k, v in good.items()}, keys[taken]))
+        frame["__sample"] = blob
+        return frame
+
+
+def ray_parts(
+    cfg: DictConfig, model: Model, meta: dict[str, Any], ids: list[str], seed: int
+) -> tuple[str, Iterator[Scored]]:
+    """engine=ray: the input as a Ray dataset, scored by `predict.workers` actors
+    (`map_batches`), the answers streamed back in the input's order."""
+    import ray.data
+
+    from fullstack_ml.ray_session import bounded_ray_data
+    from fullstack_ml.ray_source import ray_source, stage_error
+
+    bounded_ray_data()
+    warnings.filterwarnings("ignore", "The minimum number of concurrent actors")  # few blocks
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # row numbers
+    ds, source, empty = ray_source(cfg.input, seed, "predict.input")
+    check_columns([str(c) for c in empty.columns], meta, ids, source)
+    log.info("scoring %s with %s on Ray Data (%d actors)", source, model.name, cfg.workers)
+    files = {p.name: p.read_bytes() for p in model.dir.iterdir() if p.is_file()}
+    plain = OmegaConf.to_container(cfg)
+    scored = ds.map_batches(
+        RayScorer,
+        fn_constructor_args=([ray.put(files)], model.serving, plain, seed),
+        batch_format="pandas",
+        batch_size=None,
+        compute=ray.data.ActorPoolStrategy(size=int(cfg.workers)),
+        num_cpus=1,
+    )
+
+    def parts() -> Iterator[Scored]:
+        try:
+            for frame in scored.iter_batches(batch_size=None, batch_format="pandas"):
+                reasons = frame.pop("__reason").to_numpy(dtype=object)
+                blob = frame.pop("__sample")
+                rows, keys = (
+                    pickle.loads(blob.iloc[0]) if len(blob) and blob.iloc[0] else ({}, None)
+                )
+                yield frame, np.where(pd.isna(reasons), None, reasons), rows, keys
+        except Exception as err:  # a StageError raised in an actor arrives wrapped
+            raise stage_error(err) from None
+
+    return source, parts()
+
+
+def predict(cfg: DictConfig, seed: int, address: str | None = None) -> dict[str, Any]:
     """Score `cfg.input` (the `predict` config) and write the predictions and rejects;
-    returns the figures of `metrics/predict.json` and the drift scores per feature."""
+    returns the figures of `metrics/predict.json` and the drift scores per feature.
+    `address`: with `predict.engine=ray`, the Ray cluster to join (None: a local Ray)."""
     ids = [str(c) for c in cfg.id_columns or []]
     size = int(cfg.batch_rows)
     if size < 1:
         raise StageError(f"predict.batch_rows: {size} is not a positive number of rows")
-    with open_model(cfg.bento) as model:
-        meta = read_meta(model.dir)
-        pre = Preprocessor.from_dict(meta["preprocessing"])
-        source, frames = iter_source(cfg.input, seed, "predict.input", text=pre.numeric)
-        first = next(frames, None)
-        if first is None or first.empty:
-            raise StageError(f"{source}: no data rows")
-        for column in [*meta["features"], *ids]:
-            if column not in first.columns:
-                what = "id column" if column in ids else "feature"
-                raise StageError(f"{source}: {what} {column!r} missing (the model needs it)")
-        log.info("scoring %s with %s", source, model.name)
-        runner = load_runner(model.dir, model.serving, pre.width, log)
+    if cfg.engine not in ("pandas", "ray"):
+        raise StageError(f"predict.engine: {cfg.engine!r} is not pandas | ray")
+    with open_model(cfg.bento) as model, contextlib.ExitStack() as stack:
+        if cfg.engine == "ray":
+            from fullstack_ml import ray_session
+
+            stack.enter_context(ray_session.session(address, cpus=int(cfg.workers)))
+            meta = read_meta(model.dir)
+            source, parts = ray_parts(cfg, model, meta, ids, seed)
+        else:
+            rt = load_runtime(model.dir, model.serving, size, ids)
+            meta = rt.meta
+            source, parts = local_parts(cfg, model, rt, seed)
+        categorical = Preprocessor.from_dict(meta["preprocessing"]).categorical
         keys = ids or ["row"]
+        label = pd.Series(np.asarray(meta.get("classes") or [0])).dtype
         options = OmegaConf.to_container(cfg.storage_options) if cfg.storage_options else {}
         out: TableFile | SqlTable = (
             SqlTable(str(cfg.output), str(cfg.output_table), "predict.output")
@@ -361,28 +513,29 @@ def predict(cfg: DictConfig, seed: int) -> dict[str, Any]:
             else TableFile(str(cfg.output), "predict.output", options)
         )
         rejects = TableFile(str(cfg.rejects), "predict.rejects", options)
-        sample = Reservoir(int(cfg.drift_rows), seed) if cfg.drift else None
+        sample = Sample(int(cfg.drift_rows), seed) if cfg.drift else None
         reasons_seen: Counter = Counter()
         rows = 0
         try:
             # checked and typed a part (a Parquet row group, a CSV block) at a time, scored
             # `size` rows at a time
-            for part in track(chain([first], frames), None, "predict", "row", log, len):
-                typed, reasons = check_batch(part, pre)
+            for frame, reasons, good, drawn in track(
+                parts, None, "predict", "row", log, lambda p: len(p[0])
+            ):
                 ok = reasons == None  # noqa: E711  elementwise
-                numbers = pd.DataFrame({"row": np.arange(rows, rows + len(part))}, part.index)
-                key = part[ids] if ids else numbers
-                rows += len(part)
-                if ok.any():
-                    good = typed if ok.all() else {k: v[ok] for k, v in typed.items()}
-                    answers = score(runner, pre, meta, good, size)
-                    ids_ok = key[ok].reset_index(drop=True)
-                    out.write(pd.concat([ids_ok, answers], axis=1))
-                    if sample is not None:
-                        sample.add(good)
+                if not ids:
+                    frame.insert(0, "row", np.arange(rows, rows + len(frame)))
+                rows += len(frame)
+                if ok.all():
+                    out.write(frame)
+                elif ok.any():
+                    answers = frame[ok].reset_index(drop=True)
+                    out.write(answers.astype({"label": label}) if "label" in answers else answers)
                 if not ok.all():
-                    rejects.write(key[~ok].assign(reason=reasons[~ok]))
+                    rejects.write(frame.loc[~ok, keys].assign(reason=reasons[~ok]))
                     reasons_seen.update(reasons[~ok])
+                if sample is not None and good and len(next(iter(good.values()))):
+                    sample.add(good, drawn)
             predicted, rejected = out.rows, rejects.rows
             if predicted + rejected != rows:  # never a row lost: a bug, not bad input
                 raise AssertionError(f"{predicted} + {rejected} rows written of {rows}")
@@ -400,7 +553,7 @@ def predict(cfg: DictConfig, seed: int) -> dict[str, Any]:
                 profile.track(pandas=sample.frame())
                 view = reproducible(profile.view())
                 reference = load_profile(model.reference)
-                scores = drift_scores(view, reference, categorical=pre.categorical)
+                scores = drift_scores(view, reference, categorical=categorical)
             shifted = drifted(scores)
             limit = cfg.max_drifted_features
             if limit is not None and len(shifted) > limit:
@@ -458,7 +611,7 @@ def report(result: dict[str, Any], source: str, model: str) -> str:
 
 
 def main(cfg: DictConfig) -> None:
-    result = predict(cfg.predict, cfg.seed)
+    result = predict(cfg.predict, cfg.seed, OmegaConf.select(cfg, "cluster.address"))
     write_json(METRICS["predict"], result["metrics"])
     source = str(cfg.predict.input.get("path") or cfg.predict.input.get("source"))
     write_atomic(PREDICT_REPORT, report(result, source, str(cfg.predict.bento or COMPRESSED_DIR)))

@@ -166,4 +166,4 @@ def test_predict_smoke_compares_batch_scoring_with_the_floor_and_the_service(
         assert ratio(r["(a) records/s"]) and ratio(r["(a)/(b)"]) and ratio(r["(a)/(c)"])
         assert ratio(r["(a) loop s"]) and ratio(r["loop/(b)"])
         assert ratio(r["peak PSS GB"]) and r["rows accounted"] == "yes"
-    assert "\nmixed: (b) floor" in out and "Targets: (a)/(b) >= 0.5" in out
+    assert "\nmixed: (b) floor" in out and "Targets, engine pandas: (a)/(b) >= 0.5" in out

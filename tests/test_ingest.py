@@ -261,7 +261,7 @@ def test_ray_engine_streams_the_same_rows_into_part_folders(
     src = tmp_path / "shop.csv"
     mixed_frame(3000).to_csv(src, index=False)
     monkeypatch.setattr(
-        "stages.ingest.ray_engine.BLOCK_BYTES", 20_000
+        "fullstack_ml.ray_source.BLOCK_BYTES", 20_000
     )  # cut the CSV into ~10 ranges
     by_group = ["data.split.strategy=group", "data.split.column=shop"]
     pandas = ingest(file_cfg(src, *by_group), 0, tmp_path / "pandas")

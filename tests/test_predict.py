@@ -14,7 +14,7 @@ from servers import Postgres, S3Server, s3_env
 
 from fullstack_ml.bento import Server, raw_records
 from fullstack_ml.stage import ROOT, StageError, compose
-from stages.predict import predict
+from stages.predict import Sample, predict
 
 pytestmark = pytest.mark.slow  # the session's bento, served
 
@@ -210,12 +210,10 @@ def test_a_postgres_table_is_scored_into_another(
 
 
 def test_the_drift_sample_is_uniform_over_the_stream() -> None:
-    from stages.predict import Reservoir
-
-    few = Reservoir(1000, seed=0)
+    few = Sample(1000, seed=0)
     few.add({"x": np.arange(300.0)})
-    assert few.frame()["x"].tolist() == list(range(300))  # fewer rows than the sample: all
-    sample = Reservoir(2000, seed=0)
+    assert sorted(few.frame()["x"]) == list(range(300))  # fewer rows than the sample: all
+    sample = Sample(2000, seed=0)
     start = 0
     for size in [700, 5000, 1, 30_000, 64_299]:  # parts of any size, 100,000 rows in all
         sample.add({"x": np.arange(start, start + size, dtype=float), "c": np.full(size, "a")})
@@ -225,6 +223,57 @@ def test_the_drift_sample_is_uniform_over_the_stream() -> None:
     deciles = np.bincount((got["x"] // 10_000).astype(int), minlength=10)
     # 200 expected per decile; the binomial's sd is about 13: 5 sd either side
     assert deciles.min() > 135 and deciles.max() < 265, deciles
+
+
+def test_samples_of_parts_merge_into_the_sample_of_the_whole() -> None:
+    """What engine=ray does: each actor keeps the keys of its own sample and sends on only
+    the rows that entered it; the driver's sample of those is the sample of all rows."""
+    rng = np.random.default_rng(1)
+    parts = [np.arange(start, start + 9000.0) for start in range(0, 90_000, 9000)]
+    keys = [rng.random(len(p)) for p in parts]
+    whole = Sample(500, seed=0)
+    for x, k in zip(parts, keys, strict=True):
+        whole.add({"x": x}, k)
+    actors, driver, sent = [Sample(500, seed=0) for _ in range(3)], Sample(500, seed=0), 0
+    for i, (x, k) in enumerate(zip(parts, keys, strict=True)):
+        taken = actors[i % 3].add({}, k)  # keys only
+        driver.add({"x": x[taken]}, k[taken])
+        sent += int(taken.sum())
+    assert sorted(driver.frame()["x"]) == sorted(whole.frame()["x"])
+    assert sent < 90_000 / 2  # most rows never leave their actor
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_the_ray_engine_writes_what_the_pandas_engine_writes(
+    bento: Path, test_split: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`predict.engine=ray`: the CSV cut into blocks of about 4 KB, scored by two actors;
+    the same predictions (row numbers across blocks), rejects and drift as the pandas engine."""
+    monkeypatch.setattr("fullstack_ml.ray_source.BLOCK_BYTES", 4096)
+    frame = test_split.astype({"pixel_0_3": object})
+    frame.loc[frame.index[[3, 100, 250]], "pixel_0_3"] = "seven"
+    frame.to_csv(tmp_path / "input.csv", index=False)
+    runs = {}
+    for engine in ("pandas", "ray"):
+        cfg = config(
+            bento,
+            tmp_path,
+            f"predict.input.path={tmp_path / 'input.csv'}",
+            f"predict.output={tmp_path / engine / 'predictions.csv'}",
+            f"predict.rejects={tmp_path / engine / 'rejects.csv'}",
+            f"predict.engine={engine}",
+            "predict.max_reject_rate=0.05",
+        )
+        runs[engine] = predict(cfg, seed=0)
+    assert runs["ray"]["metrics"] == runs["pandas"]["metrics"]
+    assert runs["ray"]["metrics"]["rejected"] == 3
+    for name in ("predictions.csv", "rejects.csv"):
+        assert (tmp_path / "ray" / name).read_text() == (tmp_path / "pandas" / name).read_text()
+    assert pd.read_csv(tmp_path / "ray/rejects.csv")["row"].tolist() == [3, 100, 250]
+    assert runs["ray"]["drift"].keys() == runs["pandas"]["drift"].keys()
+    test_split.drop(columns=["pixel_2_2"]).to_parquet(tmp_path / "input.parquet")
+    with pytest.raises(StageError, match=r"input.parquet: feature 'pixel_2_2' missing"):
+        predict(config(bento, tmp_path, "predict.engine=ray"), seed=0)
 
 
 def test_a_streamed_csv_line_with_extra_fields_is_named_by_its_number(
