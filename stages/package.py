@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,7 @@ from fullstack_ml.stage import ROOT, StageError, atomic_dir, git_commit, read_js
 
 log = logging.getLogger("stages.package")
 BENTOFILE = ROOT / "bentofile.yaml"
+SERVICE_MODULE = "service"  # bentofile.yaml's `service: "service:Classifier"`
 
 
 def build_metadata(params_file: Path, metrics_files: list[Path]) -> dict[str, Any]:
@@ -109,6 +111,9 @@ def package(
             copy = Path(ctx) / path.relative_to(ROOT)
             copy.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, copy)
+        # BentoML imports service.py once per process and the service pins its model at
+        # import (`model_tag`): a second build in this process would pin the first model
+        sys.modules.pop(SERVICE_MODULE, None)
         bento = bentoml.bentos.build_bentofile(
             str(Path(ctx) / BENTOFILE.name),
             build_ctx=ctx,

@@ -452,9 +452,15 @@ def ray_parts(
 
     bounded_ray_data()
     warnings.filterwarnings("ignore", "The minimum number of concurrent actors")  # few blocks
-    ray.data.DataContext.get_current().execution_options.preserve_order = True  # row numbers
-    ds, source, empty = ray_source(cfg.input, seed, "predict.input")
-    check_columns([str(c) for c in empty.columns], meta, ids, source)
+    options = ray.data.DataContext.get_current().execution_options
+    ordered = options.preserve_order  # restored when the answers are in: the Ray is shared
+    options.preserve_order = True  # the driver numbers the rows
+    try:
+        ds, source, empty = ray_source(cfg.input, seed, "predict.input")
+        check_columns([str(c) for c in empty.columns], meta, ids, source)
+    except BaseException:
+        options.preserve_order = ordered
+        raise
     log.info("scoring %s with %s on Ray Data (%d actors)", source, model.name, cfg.workers)
     files = {p.name: p.read_bytes() for p in model.dir.iterdir() if p.is_file()}
     plain = OmegaConf.to_container(cfg)
@@ -478,6 +484,8 @@ def ray_parts(
                 yield frame, np.where(pd.isna(reasons), None, reasons), rows, keys
         except Exception as err:  # a StageError raised in an actor arrives wrapped
             raise stage_error(err) from None
+        finally:
+            options.preserve_order = ordered
 
     return source, parts()
 

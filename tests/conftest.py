@@ -138,9 +138,11 @@ def server(bento: Path) -> Iterator["Server"]:
         yield served
 
 
-def package_bento(work: Path, out: Path) -> dict:
+def package_bento(work: Path, out: Path, *more: tuple[Path, dict[str, Path]]) -> list[dict]:
     """The package stage on the files the `bento` fixture made in `work`, in a process of
-    its own with `work/store` as the BentoML store: `out` gets the bento; its tags returned."""
+    its own with `work/store` as the BentoML store: `out` gets the bento. `more`: further
+    builds in the same process, each (out, files replacing some of those). Returns the
+    bentos' tags (bento.json), one per build."""
     files = {
         "model.pt2": work / "int8/model.pt2",
         "model.json": work / "int8/model.json",
@@ -148,12 +150,14 @@ def package_bento(work: Path, out: Path) -> dict:
         "reference_profile.bin": work / "train.bin",
         "serving.json": work / "serving.json",
     }
-    script = (
-        "import sys; from pathlib import Path; from fullstack_ml.stage import compose;"
-        "from stages.package import package;"
-        f"package({ {k: str(v) for k, v in files.items()} }, {{'git_commit': 'test'}},"
-        f" compose([]).serve, Path({str(out)!r}))"
-    )
+    builds = [(out, files)] + [(o, files | changed) for o, changed in more]
+    script = "from pathlib import Path; from fullstack_ml.stage import compose;"
+    script += "from stages.package import package;"
+    for dest, used in builds:
+        script += (
+            f"package({ {k: str(v) for k, v in used.items()} }, {{'git_commit': 'test'}},"
+            f" compose([]).serve, Path({str(dest)!r}));"
+        )
     env = {**os.environ, "BENTOML_HOME": str(work / "store")}
     subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True)
-    return json.loads((out / "bento.json").read_text())
+    return [json.loads((dest / "bento.json").read_text()) for dest, _ in builds]

@@ -1,8 +1,10 @@
 """The package stage: the bento and its model are versioned by what they are made of."""
 
 import json
+import tarfile
 from pathlib import Path
 
+import yaml
 from conftest import package_bento
 
 from stages.package import BENTOFILE, content_version, shipped_files
@@ -16,7 +18,7 @@ def test_the_same_inputs_give_the_same_tags(bento: Path) -> None:
     plan = json.loads((work / "serving.json").read_text())
     (work / "serving.json").write_text(json.dumps({**plan, "plan": plan["plan"][:1]}))
     try:
-        again = package_bento(work, work / "again")
+        (again,) = package_bento(work, work / "again")
     finally:
         (work / "serving.json").write_text(json.dumps(plan))
     assert (again["bento_tag"], again["model_tag"]) == (first["bento_tag"], first["model_tag"])
@@ -33,3 +35,20 @@ def test_the_version_follows_every_shipped_byte(tmp_path: Path) -> None:
     assert content_version([a]) != content_version([b])
     shipped = shipped_files()
     assert BENTOFILE.parent / "service.py" in shipped and all(p.is_file() for p in shipped)
+
+
+def test_two_bentos_built_in_one_process_pin_their_own_models(bento: Path) -> None:
+    """BentoML imports service.py once per process and the service pins its model at import:
+    package() makes it import the service again, so a second build pins the second model."""
+    work = bento.parent.parent
+    other = work / "other"
+    other.mkdir(exist_ok=True)
+    meta = json.loads((work / "int8/model.json").read_text())
+    (other / "model.json").write_text(json.dumps({**meta, "note": "another model"}))
+    bentos = package_bento(work, work / "one", (work / "two", {"model.json": other / "model.json"}))
+    assert bentos[0]["model_tag"] != bentos[1]["model_tag"]
+    for info, out in zip(bentos, ("one", "two"), strict=True):
+        with tarfile.open(work / out / info["file"]) as tar:
+            described = yaml.safe_load(tar.extractfile("./bento.yaml"))
+        pinned = [m["tag"] for service in described["services"] for m in service["models"]]
+        assert pinned == [info["model_tag"]] and described["args"]["model_tag"] == pinned[0]

@@ -83,6 +83,12 @@ def compile_module(module: nn.Module, width: int) -> Callable[[torch.Tensor], to
     if not any(shutil.which(cxx) for cxx in (os.environ.get("CXX", "g++"), "c++", "clang++")):
         raise RuntimeError("no C++ compiler on PATH (Inductor needs one)")
     inductor_config.freezing = True  # global: a per-compile option is not seen by all passes
+    if inductor_config.cpp.vec_isa_ok is None:  # unset (TORCHINDUCTOR_VEC_ISA_OK: the user's)
+        # the CPU's flags still pick the vector ISA; this skips checking that each candidate
+        # builds and loads: a test build and a child Python dlopen-ing it per ISA, 1.9 s of
+        # every compiling process here. A compiler that cannot build it fails the compile,
+        # which load_runner and the compress stage turn into the eager path.
+        inductor_config.cpp.vec_isa_ok = True
     # INT8 GEMMs on Inductor's C++ template; graphs it cannot take (dynamic INT8) get the
     # default lowering
     for options in [INT8_OPTIONS, None] if quantized(module) else [None]:
