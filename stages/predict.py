@@ -477,10 +477,12 @@ def ray_parts(
         try:
             for frame in scored.iter_batches(batch_size=None, batch_format="pandas"):
                 reasons = frame.pop("__reason").to_numpy(dtype=object)
-                blob = frame.pop("__sample")
-                rows, keys = (
-                    pickle.loads(blob.iloc[0]) if len(blob) and blob.iloc[0] else ({}, None)
-                )
+                blobs = frame.pop("__sample")  # one per actor's block: a batch may join blocks
+                found = [pickle.loads(b) for b in blobs[blobs.notna()]]
+                rows, keys = {}, None
+                if found:
+                    rows = {k: np.concatenate([f[0][k] for f in found]) for k in found[0][0]}
+                    keys = np.concatenate([f[1] for f in found])
                 yield frame, np.where(pd.isna(reasons), None, reasons), rows, keys
         except Exception as err:  # a StageError raised in an actor arrives wrapped
             raise stage_error(err) from None
@@ -555,10 +557,11 @@ def predict(cfg: DictConfig, seed: int, address: str | None = None) -> dict[str,
                     f"predict.max_reject_rate={cfg.max_reject_rate}); most often "
                     f"{reason!r} ({count} rows)"
                 )
-            scores = {}
+            scores, sampled = {}, 0
             if sample is not None and predicted:  # whylogs on every row: half of the loop
-                profile = new_profile()
-                profile.track(pandas=sample.frame())
+                profile, rows_sampled = new_profile(), sample.frame()
+                sampled = len(rows_sampled)
+                profile.track(pandas=rows_sampled)
                 view = reproducible(profile.view())
                 reference = load_profile(model.reference)
                 scores = drift_scores(view, reference, categorical=categorical)
@@ -588,7 +591,8 @@ def predict(cfg: DictConfig, seed: int, address: str | None = None) -> dict[str,
         "reject_rate": rate,
         "drifted_features": len(shifted),
     }
-    return {"metrics": figures, "drift": scores, "reasons": dict(reasons_seen.most_common())}
+    reasons = dict(reasons_seen.most_common())
+    return {"metrics": figures, "drift": scores, "sampled": sampled, "reasons": reasons}
 
 
 def report(result: dict[str, Any], source: str, model: str) -> str:

@@ -263,6 +263,7 @@ def test_the_ray_engine_writes_what_the_pandas_engine_writes(
             f"predict.rejects={tmp_path / engine / 'rejects.csv'}",
             f"predict.engine={engine}",
             "predict.max_reject_rate=0.05",
+            "predict.drift_rows=100",  # fewer than the rows: samples of the actors' blocks
         )
         runs[engine] = predict(cfg, seed=0)
     assert runs["ray"]["metrics"] == runs["pandas"]["metrics"]
@@ -271,6 +272,7 @@ def test_the_ray_engine_writes_what_the_pandas_engine_writes(
         assert (tmp_path / "ray" / name).read_text() == (tmp_path / "pandas" / name).read_text()
     assert pd.read_csv(tmp_path / "ray/rejects.csv")["row"].tolist() == [3, 100, 250]
     assert runs["ray"]["drift"].keys() == runs["pandas"]["drift"].keys()
+    assert runs["ray"]["sampled"] == runs["pandas"]["sampled"] == 100
     test_split.drop(columns=["pixel_2_2"]).to_parquet(tmp_path / "input.parquet")
     with pytest.raises(StageError, match=r"input.parquet: feature 'pixel_2_2' missing"):
         predict(config(bento, tmp_path, "predict.engine=ray"), seed=0)
