@@ -220,3 +220,15 @@ def test_the_numpy_2_alias_is_added_only_where_numpy_lacks_it() -> None:
     whylogs_compat.alias_unicode(numpy_2)
     assert numpy_2.unicode_ is str
     assert np.unicode_ is np.str_  # the installed numpy, either way
+
+
+def test_whylogs_is_imported_without_scikit_learn_which_still_imports_after() -> None:
+    """A fresh process: importing the compat module (so whylogs) leaves scikit-learn
+    unimported and whylogs on its stubs; the hidden modules import as usual afterwards."""
+    code = (
+        "import sys; import fullstack_ml.runtime.whylogs_compat; import whylogs.core.stubs as s;"
+        "print('sklearn' in sys.modules, s.is_not_stub(s.sklc), s.is_not_stub(s.sklp));"
+        "import sklearn.cluster, sklearn.metrics.pairwise; print(sklearn.cluster.KMeans.__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False", "False", "KMeans"]

@@ -14,6 +14,10 @@ process on import:
   Object columns whose values are all strings (pandas' `infer_dtype`, in C) are split here
   into the same counts and series; whylogs still checks the nulls, a few, its own way.
 Every other column (mixed objects, extension dtypes, ints) takes whylogs' own path.
+- whylogs imports scikit-learn (`core/stubs.py`) for its experimental embedding metrics,
+  which this project does not use: 1.5 s of every process that imports whylogs (the profile
+  and predict stages, each server worker). It is imported here with those modules hidden,
+  so whylogs takes its own fallback (stubs), as where scikit-learn is not installed.
 - whylogs' frequent items cut each string to 128 characters with a Python slice per value
   (`FrequentItemsMetric.columnar_update`), 1 of 8 s of profiling those 1M rows; a column of
   strings no longer than that (`max(map(len, ...))`: no Python frame a value) goes uncut.
@@ -22,6 +26,9 @@ tests/test_whylogs_compat.py holds the profiles equal to unpatched whylogs' on t
 """
 
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
 
 import numpy as np
@@ -38,9 +45,30 @@ def alias_unicode(numpy: ModuleType) -> None:
 
 alias_unicode(np)
 
+# what `whylogs/core/stubs.py` imports from scikit-learn, all for embedding metrics
+SKLEARN_STUBS = ("sklearn.cluster", "sklearn.decomposition", "sklearn.metrics.pairwise")
+
+
+@contextmanager
+def hidden(modules: tuple[str, ...]) -> Iterator[None]:
+    """Within, importing one of `modules` not yet imported raises ImportError (a None entry
+    in `sys.modules`, which Python checks before importing the parent package); after, they
+    import as usual."""
+    blocked = [name for name in modules if name not in sys.modules]
+    sys.modules.update(dict.fromkeys(blocked))
+    try:
+        yield
+    finally:
+        for name in blocked:
+            if sys.modules.get(name, ...) is None:
+                del sys.modules[name]
+
+
 import pandas as pd  # noqa: E402
 import pandas.api.types as pdc  # noqa: E402
-import whylogs  # noqa: E402
+
+with hidden(SKLEARN_STUBS):
+    import whylogs  # noqa: E402
 from whylogs.core.metrics.metrics import FrequentItemsMetric, OperationResult  # noqa: E402
 from whylogs.core.preprocessing import NumpyView, PreprocessedColumn  # noqa: E402
 
