@@ -20,7 +20,7 @@ the clock starts), each stage's own work:
             FP32 and the method built, measured and gated (what ships)
   package   the stage's `package` (model store, bento build, export)
   validate  the compressed model's answers on the test split in process, plus the load the
-            gate is configured to apply (1 s warm-up + serve.slo.duration_s, then the burst
+            gate is configured to apply (0.5 s warm-up + serve.slo.duration_s, then the burst
             phase: serve.slo.burst_s + settle_s + 2.4 s of lone requests: a fixed time)
   predict   the stage's `predict` on its configured input (the test split), in process: the
             program loaded (and compiled, as served), the rows checked, scored, profiled
@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SMOKE_SET = ["experiment=smoke"]
 SMOKE_UNTIL = "profile"
-WARMUP_S = 1.0  # stages.validate.validate's warm-up load before the measured one
+WARMUP_S = 0.5  # stages.validate.WARMUP_S: the warm-up load before the measured one
 LONE_S = 2 * 3 * 0.4  # stages.validate.burst_recovery: lone requests before and after a burst
 
 

@@ -30,6 +30,7 @@ from fullstack_ml.paths import COMPRESSED_DIR, DIST_DIR, METRICS, VALIDATE_DETAI
 from fullstack_ml.stage import StageError, read_json, run, write_json
 
 log = logging.getLogger("stages.validate")
+WARMUP_S = 0.5  # load before the measured one: the first requests of a fresh worker
 
 
 def in_process_answers(test: pd.DataFrame, model_file: Path) -> tuple[dict, np.ndarray]:
@@ -173,7 +174,7 @@ def validate(
         checked = check_answers(port, test, meta, answers)
         log.info("served answers equal the in-process model on %d test rows", checked)
         bodies = [json.dumps({"records": r}).encode() for r in raw_records(test, meta["features"])]
-        load(port, bodies, slo.concurrency, 1.0)  # warm-up
+        load(port, bodies, slo.concurrency, WARMUP_S)
         result = load(port, bodies, slo.concurrency, slo.duration_s)
         result |= burst_recovery(port, bodies, slo)
     result["answers_checked"] = checked
