@@ -1,9 +1,11 @@
 """The train stage on a real two-node Ray cluster started with `ray start` on this machine."""
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -37,15 +39,24 @@ def cluster(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     address = f"127.0.0.1:{free_port()}"
     common = ["--num-cpus=2", "--disable-usage-stats"]
     head = [RAY, "start", "--head", f"--port={address.split(':')[1]}", "--include-dashboard=false"]
+    # Each `ray start` in a session of its own: its node's processes (GCS, raylet, agents,
+    # workers) stay in that process group, killed as one at the end. (`ray stop --force`
+    # kills every Ray on the machine and then waits ~6 s for orphans PID 1 reaps late.)
+    groups: list[int] = []
     try:
         # started outside the repo. (On one machine, workers also find the project through
         # the driver's sys.path, which Ray passes on; other machines need the working_dir.)
-        run = {"env": env, "cwd": tmp_path, "check": True, "capture_output": True}
-        subprocess.run([*head, *common], **run)
-        subprocess.run([RAY, "start", f"--address={address}", *common], **run)
+        for cmd in ([*head, *common], [RAY, "start", f"--address={address}", *common]):
+            pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+            proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, **pipe)
+            groups.append(proc.pid)
+            out = proc.communicate()[0]
+            assert proc.returncode == 0, out[-2000:]
         yield address, env
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError):  # none left in it
+                os.killpg(group, signal.SIGKILL)
 
 
 def test_train_stage_runs_one_worker_per_node(
