@@ -23,8 +23,8 @@ $(STAMP): pyproject.toml
 repro: $(STAMP)  ## run the pipeline: data -> profile -> model -> INT8 -> bento
 	$(BIN)/dvc repro
 
-test: $(STAMP)  ## the whole test suite, end-to-end tests included
-	$(BIN)/python -m pytest
+test: $(STAMP)  ## the whole test suite, end-to-end tests included, on two workers (tests/conftest.py)
+	$(BIN)/python -m pytest -n 2
 
 test-fast: $(STAMP)  ## unit tests only
 	$(BIN)/python -m pytest -m "not slow"
