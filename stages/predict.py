@@ -58,7 +58,7 @@ from fullstack_ml.runtime.drift import (
 )
 from fullstack_ml.runtime.meta import read_meta
 from fullstack_ml.runtime.preprocess import Preprocessor
-from fullstack_ml.runtime.program import load_runner
+from fullstack_ml.runtime.program import load_runner, torch_threads
 from fullstack_ml.sources import (
     db_problem,
     iter_source,
@@ -502,7 +502,8 @@ def predict(cfg: DictConfig, seed: int, address: str | None = None) -> dict[str,
         raise StageError(f"predict.batch_rows: {size} is not a positive number of rows")
     if cfg.engine not in ("pandas", "ray"):
         raise StageError(f"predict.engine: {cfg.engine!r} is not pandas | ray")
-    with open_model(cfg.bento) as model, contextlib.ExitStack() as stack:
+    threads = int(cfg.torch_threads)  # the server's: its compiled kernels (a Ray actor has 1)
+    with open_model(cfg.bento) as model, contextlib.ExitStack() as stack, torch_threads(threads):
         if cfg.engine == "ray":
             from fullstack_ml import ray_session
 

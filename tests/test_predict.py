@@ -62,6 +62,27 @@ def test_batch_answers_equal_the_served_answers(
     assert (tmp_path / "out/rejects.csv").read_text().strip() == "row,reason"  # a header only
 
 
+def test_the_program_loads_under_the_servers_torch_threads(
+    bento: Path, test_split: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inductor generates kernels for the thread count it compiles under: the pandas engine
+    loads (and compiles) the program under serve.torch_threads, as the server does, and
+    gives the caller's thread count back."""
+    import torch
+
+    import stages.predict as stage
+
+    assert compose().predict.torch_threads == compose().serve.torch_threads
+    seen, load = [], stage.load_runtime
+    monkeypatch.setattr(
+        stage, "load_runtime", lambda *a: seen.append(torch.get_num_threads()) or load(*a)
+    )
+    before = torch.get_num_threads()
+    test_split.head(20).to_parquet(tmp_path / "input.parquet")
+    predict(config(bento, tmp_path, f"serve.torch_threads={before + 1}"), seed=0)
+    assert seen == [before + 1] and torch.get_num_threads() == before
+
+
 def test_bad_rows_are_rejected_with_a_reason_and_every_row_is_counted(
     bento: Path, test_split: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -44,7 +44,7 @@ from fullstack_ml.paths import (
 )
 from fullstack_ml.progress import track
 from fullstack_ml.runtime.meta import write_meta
-from fullstack_ml.runtime.program import fastest_paths
+from fullstack_ml.runtime.program import fastest_paths, torch_threads
 from fullstack_ml.stage import StageError, atomic_dir, write_json
 from stages.compress.measure import measure
 from stages.compress.prune import check_prune, finetune, prune_model, sparsity
@@ -225,13 +225,9 @@ def compress(
             log.warning("pipeline %s skipped: fine-tuning after pruning needs the train split", key)
             del pipelines[key]
     quiet_inc()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         data = {"val": val, "val_y": val_y, "train": train, "seed": seed}
         return _compress(fp32_dir, test, cfg, out_dir, pipelines, data, student_dir)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _compress(
