@@ -25,7 +25,6 @@ from fullstack_ml.runtime import whylogs_compat  # noqa: F401  before whylogs: i
 from whylogs.core import DatasetProfile, DatasetProfileView
 from whylogs.core.metrics.metrics import MetricConfig
 from whylogs.core.schema import DatasetSchema
-from whylogs.viz.drift.column_drift_algorithms import KS, ChiSquare
 
 logging.getLogger("whylogs").setLevel(logging.WARNING)  # INFO logs a line per column read
 # Large enough to keep the numeric sketches exact on moderate splits, so drift is reproducible.
@@ -75,6 +74,11 @@ def drift_scores(
     columns, which have no numeric distribution); each with p-value, statistic and category
     (NO_DRIFT, POSSIBLE_DRIFT, DRIFT). A column that cannot be scored (no values on one side,
     say) scores None. Columns of `reference` missing from `view` are left out."""
+    # imported here, not with the module: it imports scipy.stats and whylogs.viz (1 s here),
+    # which the package and report stages and the serving worker, which only read profiles,
+    # do not need
+    from whylogs.viz.drift.column_drift_algorithms import KS, ChiSquare
+
     chi_square = {*categorical, *([target] if target else [])}
     scores: dict[str, Any] = {}
     for name, column in view.get_columns().items():
