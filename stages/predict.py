@@ -4,7 +4,8 @@ released one), as the service would answer each row.
 Reads `predict.input` with the ingest stage's sources (a file, a glob, a partitioned Parquet
 folder, an s3:// URL, a SQL table or query), types each feature as the model's `schema.json`
 says, and scores batches of `predict.batch_rows` with the bento's runtime: the training
-preprocessing and the compressed program on the execution path the compress stage measured.
+preprocessing and the compressed program on the execution path the compress stage measured
+fastest for batches of that size (every batch runs on it).
 Writes, each through a temporary file (or staging table) that replaces the destination only
 once the run has succeeded (a failed run leaves the previous files and table, or none):
 - `predict.output` (.parquet or .csv, a local path or an fsspec URL; or a SQLAlchemy URL with
@@ -58,7 +59,7 @@ from fullstack_ml.runtime.drift import (
 )
 from fullstack_ml.runtime.meta import read_meta
 from fullstack_ml.runtime.preprocess import Preprocessor
-from fullstack_ml.runtime.program import load_runner, torch_threads
+from fullstack_ml.runtime.program import for_batch, load_runner, torch_threads
 from fullstack_ml.sources import (
     db_problem,
     iter_source,
@@ -364,7 +365,8 @@ class Runtime(NamedTuple):
 def load_runtime(model: Path, serving: dict | None, size: int, ids: list[str]) -> Runtime:
     meta = read_meta(model)
     pre = Preprocessor.from_dict(meta["preprocessing"])
-    return Runtime(meta, pre, load_runner(model, serving, pre.width, log), size, ids)
+    runner = load_runner(model, for_batch(serving, size), pre.width, log)
+    return Runtime(meta, pre, runner, size, ids)
 
 
 def score_part(

@@ -16,7 +16,7 @@ from fullstack_ml.model import (
     predict_logits,
     save_fp32,
 )
-from fullstack_ml.runtime.program import load_program, load_runner
+from fullstack_ml.runtime.program import for_batch, load_program, load_runner
 from fullstack_ml.stage import StageError
 from stages.compress import compress, write_report
 from stages.compress.prune import finetune, prune_model, sparsity
@@ -242,6 +242,11 @@ def test_compiled_execution_paths_are_recorded_served_and_reported(
     x, _ = data["test"]
     runner = load_runner(tmp_path / "c", serving, x.shape[1])
     assert [runner.path_for(n) for n in (1, 63, 64, 500)] == [plan[0][1]] * 2 + [plan[1][1]] * 2
+    # a caller of batches of 64 (the predict stage) loads and compiles the path for 64 alone
+    one = load_runner(tmp_path / "c", for_batch(serving, 64), x.shape[1])
+    program = plan[1][1].rsplit("_", 1)[0]
+    assert set(one.paths) == {"compressed_eager", f"{program}_eager", plan[1][1]}
+    assert {one.path_for(n) for n in (1, 63, 64, 500)} == {plan[1][1]}
     eager = predict_logits(load_program(tmp_path / "c/model.pt2"), x)
     fp32 = predict_logits(load_fp32(fp32_dir)[0], x)
     for batch in (1, 64):

@@ -151,6 +151,18 @@ def fastest_paths(
     return [(b, min(usable, key=lambda p: latency[p].get(str(b), float("inf")))) for b in sizes]
 
 
+def for_batch(serving: dict | None, rows: int) -> dict | None:
+    """`serving` cut to the one path its plan runs batches of `rows` on, for a caller that
+    sends batches of that size (the predict stage): `load_runner` then loads and compiles
+    that path alone and runs every batch on it, a smaller last one too (a compile costs
+    seconds, more than it saves on a run of a few batches where eager is the faster path)."""
+    if not serving:
+        return serving
+    latency = serving["latency_ms"]
+    path = Runner({}, fastest_paths(latency, set(latency))).path_for(rows)
+    return {**serving, "latency_ms": {path: latency[path]}}
+
+
 def load_runner(model_dir: Path, serving: dict | None, width: int, log=None) -> Runner:
     """The compressed model of `model_dir` (`model.pt2`, maybe `fp32.pt2`) on the execution
     paths `serving` (the compress stage's measured plan) says are fastest per batch size;
