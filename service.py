@@ -239,7 +239,7 @@ class DriftMonitor:
         metrics().window.set(len(rows))
         if len(rows) < self.min_records:
             return {**result, "status": "insufficient_data", "min_records": self.min_records}
-        from fullstack_ml.runtime.drift import CATEGORIES, drifted, window_drift
+        from fullstack_ml.runtime.drift_pool import CATEGORIES, drifted, window_drift
 
         scorer = self.scorer
         try:
@@ -261,7 +261,7 @@ class DriftMonitor:
     def scorer(self) -> ProcessPoolExecutor:
         """A helper process: whylogs holds the GIL for ~0.15 s per score, which in the
         serving process stalls every request in flight (p99 x3 at 64 concurrent)."""
-        from fullstack_ml.runtime.drift import helper_pool
+        from fullstack_ml.runtime.drift_pool import helper_pool
 
         return helper_pool()
 
@@ -579,12 +579,12 @@ class Classifier:
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
-        from fullstack_ml.runtime.drift import cached_profile
+        from fullstack_ml.runtime.drift_pool import load_reference
 
         # The drift helper starts first, on the other core while this one loads and compiles
         # the model: started last, its start-up (~2 s of CPU) overlapped the first requests.
         MONITOR.reference = self.model_ref.path_of("reference_profile.bin")
-        MONITOR.scorer.submit(cached_profile, MONITOR.reference)  # start it, load the profile
+        MONITOR.scorer.submit(load_reference, MONITOR.reference)  # start it, load the profile
 
         import torch
 

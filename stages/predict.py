@@ -50,13 +50,8 @@ from fullstack_ml.paths import (
     SCHEMA,
 )
 from fullstack_ml.progress import track
-from fullstack_ml.runtime.drift import (
-    drift_scores,
-    drifted,
-    load_profile,
-    new_profile,
-    reproducible,
-)
+from fullstack_ml.runtime.drift import drift_scores, load_profile, new_profile, reproducible
+from fullstack_ml.runtime.drift_pool import drifted
 from fullstack_ml.runtime.meta import read_meta
 from fullstack_ml.runtime.preprocess import Preprocessor
 from fullstack_ml.runtime.program import for_batch, load_runner, torch_threads

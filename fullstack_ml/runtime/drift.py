@@ -5,12 +5,7 @@ Only whylogs and pandas: the service imports this module inside the bento.
 
 import logging
 import math
-import multiprocessing
-import os
-import threading
-import time
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
@@ -29,7 +24,6 @@ from whylogs.core.schema import DatasetSchema
 logging.getLogger("whylogs").setLevel(logging.WARNING)  # INFO logs a line per column read
 # Large enough to keep the numeric sketches exact on moderate splits, so drift is reproducible.
 KLL_K = 4096
-CATEGORIES = ("NO_DRIFT", "POSSIBLE_DRIFT", "DRIFT")  # drift_category, in order of severity
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -120,29 +114,6 @@ def cached_profile(path: str) -> DatasetProfileView:
 
 def window_drift(rows: np.ndarray, columns: list[str], reference: str) -> dict[str, Any]:
     """Drift scores of `rows` (named `columns`) against the profile in the file `reference`;
-    the service calls it in a helper process."""
+    the service calls it in a helper process (`drift_pool`)."""
     view = profile_frame(pd.DataFrame(rows, columns=columns))
     return drift_scores(view, cached_profile(reference))
-
-
-def helper_pool() -> ProcessPoolExecutor:
-    """One helper process (spawned) for `window_drift`, which exits once the process that
-    started it is gone: a SIGKILLed serving worker left its helper, and the resource
-    tracker the helper kept open, running as orphans (about 240 MB)."""
-    spawn = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(1, mp_context=spawn, initializer=exit_with, initargs=(os.getpid(),))
-
-
-def exit_with(parent: int, every_s: float = 1.0) -> None:
-    """In a helper: a thread that ends the process once `parent` is no longer its parent."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(every_s)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
-def drifted(scores: dict[str, Any]) -> list[str]:
-    return sorted(c for c, s in scores.items() if s and s["drift_category"] == "DRIFT")

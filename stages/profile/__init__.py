@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from fullstack_ml.curated import split_path
 from fullstack_ml.paths import METRICS, PROFILE_DIR, SCHEMA, SPLITS
-from fullstack_ml.runtime.drift import drift_scores, drifted
+from fullstack_ml.runtime.drift import drift_scores
+from fullstack_ml.runtime.drift_pool import drifted
 from fullstack_ml.schema import parse_schema
 from fullstack_ml.stage import StageError, atomic_dir, read_json, write_atomic, write_json
 from stages.profile.batches import (
