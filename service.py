@@ -593,6 +593,8 @@ class Classifier:
         # Idle OpenMP threads spin between the many small ops of the INT8 graph and take the
         # CPU the event loop needs; one intra-op thread per worker serves more, not less.
         torch.set_num_threads(SERVE["torch_threads"])
+        PRE.encode({name: [None] for name in FEATURES})  # imports what it needs (pandas for
+        # categories) now, not at the first request
         # The execution path measured fastest per batch size by the compress stage (INT8 compiled
         # by Inductor, or eager); a path that fails to compile (no C++ compiler in the image)
         # is logged and left out.

@@ -340,20 +340,6 @@ def test_part_with_an_all_null_column_merges(tmp_path: Path) -> None:
     assert (city["counts/n"], city["counts/null"], city["types/string"]) == (120, 60, 60)
 
 
-LIGHT = """
-import sys
-from fullstack_ml.runtime import drift_pool
-print(sorted(m for m in ("whylogs", "pandas", "scipy") if m in sys.modules))
-"""
-
-
-def test_the_serving_side_of_drift_imports_neither_whylogs_nor_pandas() -> None:
-    """The serving worker scores drift through `drift_pool`, in a helper process: importing
-    whylogs and pandas itself cost 0.8 s of its start-up."""
-    out = subprocess.run([sys.executable, "-c", LIGHT], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
-
-
 HELPER = """
 import os
 from fullstack_ml.runtime.drift_pool import helper_pool
