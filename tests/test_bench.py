@@ -4,6 +4,7 @@ No timing is asserted: the figures only have to be real numbers."""
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,6 +15,10 @@ import pytest
 from fullstack_ml.stage import ROOT
 
 GUARD_S = 900  # against a hung run, not a speed check
+# bench.serve and bench.predict load the server with wrk, a Debian package (.ci/run installs it)
+WRK = pytest.mark.skipif(
+    shutil.which("wrk") is None, reason="wrk not found on PATH (apt-get install wrk; .ci/run does)"
+)
 
 
 def start(name: str, out: Path) -> subprocess.Popen:
@@ -61,7 +66,7 @@ def background(
     selected = {i.name for i in request.session.items}
     started = {}
     for name, test in tests.items():
-        if test.__name__ in selected:
+        if test.__name__ in selected and shutil.which("wrk"):
             out = tmp_path_factory.mktemp("bench") / name
             started[name] = (start(name, out), out)
     yield started
@@ -140,6 +145,7 @@ def test_compress_smoke_measures_each_pipeline_against_fp32(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
+@WRK
 def test_serve_smoke_measures_bentoml_against_fastapi_and_the_model_in_process(
     background: dict[str, tuple[subprocess.Popen, Path]],
 ) -> None:  # the smoke was started by the `background` fixture
@@ -153,6 +159,7 @@ def test_serve_smoke_measures_bentoml_against_fastapi_and_the_model_in_process(
 
 
 @pytest.mark.slow
+@WRK
 def test_predict_smoke_compares_batch_scoring_with_the_floor_and_the_service(
     background: dict[str, tuple[subprocess.Popen, Path]],
 ) -> None:  # the smoke was started by the `background` fixture
