@@ -582,7 +582,7 @@ class Classifier:
         from fullstack_ml.runtime.drift_pool import load_reference
 
         # The drift helper starts first, on the other core while this one loads and compiles
-        # the model: started last, its start-up (~2 s of CPU) overlapped the first requests.
+        # the model: started last, its start-up (1-2 s of CPU) overlapped the first requests.
         MONITOR.reference = self.model_ref.path_of("reference_profile.bin")
         MONITOR.scorer.submit(load_reference, MONITOR.reference)  # start it, load the profile
 

@@ -1,6 +1,7 @@
 """whylogs profiles and drift scores, shared by the profile stage and the service.
 
-Only whylogs and pandas: the service imports this module inside the bento.
+Only whylogs and pandas: it ships in the bento, where the service's drift helper process
+imports it (`drift_pool`).
 """
 
 import logging
