@@ -10,9 +10,10 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from fullstack_ml.paths import SPLITS
-from fullstack_ml.runtime.drift import load_profile, profile_frame
+from fullstack_ml.runtime.drift import DatasetProfileView, load_profile, profile_frame
 from fullstack_ml.stage import StageError, compose
 from stages.profile import profile, profile_split
+from stages.profile.batches import SetCheck, profile_splits, shared_columns
 
 # ---------------------------------------------------------------- digits (the default data)
 
@@ -209,6 +210,45 @@ def test_mixed_splits_profiled_with_report(
         assert "<td>city</td>" in section and "<td>label</td>" in section  # categorical table
         assert "a (" in section and "mean" in section  # top values and the distribution
     assert "Drift against train" in html and "Constraints: " in html
+
+
+def test_processes_sharing_the_columns_profile_like_one(mixed: dict[str, Path]) -> None:
+    """Each process profiles every row of its share of the columns; joined, the profiles
+    and the set-check counts are those of one process. (Compared as summaries, frequent
+    items as a set: whylogs orders items of equal count differently from run to run, and
+    its KLL sketches compact at random past `KLL_K` values, so even one process does not
+    give the same bytes twice on larger splits.)"""
+
+    def summary(view: DatasetProfileView) -> dict:
+        out = {}
+        for column in view.get_columns():
+            d = view.get_column(column).to_summary_dict()
+            items = d.pop("frequent_items/frequent_strings", [])
+            d = {k: None if isinstance(v, float) and np.isnan(v) else v for k, v in d.items()}
+            out[column] = {**d, "items": {(i.value, i.est) for i in items}}
+        return out
+
+    assert shared_columns(mixed) == ["age", "income", "city", "label"]
+    checks = [SetCheck("city", ("a", "b")), SetCheck("label", ("no",))]
+    one = profile_splits(mixed, checks, batch_rows=37, processes=1)
+    assert one["train"].counts[checks[0].key]["outside"] > 0  # the c's
+    for processes in (2, 3):
+        many = profile_splits(mixed, checks, batch_rows=37, processes=processes)
+        for name in SPLITS:
+            assert many[name].rows == one[name].rows
+            assert many[name].counts == one[name].counts
+            assert list(many[name].view.get_columns()) == shared_columns(mixed)
+            assert summary(many[name].view) == summary(one[name].view)
+
+
+def test_processes_key_is_checked(
+    mixed: dict[str, Path], basic: DictConfig, tmp_path: Path
+) -> None:
+    for bad in (0, "two"):
+        cfg = OmegaConf.merge(basic, {"processes": bad})
+        with pytest.raises(StageError, match=r"^profile.processes: .* is not a number >= 1"):
+            profile(mixed, MIXED_SCHEMA, cfg, tmp_path / "p")
+        assert not (tmp_path / "p").exists()
 
 
 @pytest.mark.usefixtures("ray_local")

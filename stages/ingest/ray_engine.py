@@ -27,7 +27,7 @@ from stages.ingest.columns import (
     kept_columns,
 )
 from stages.ingest.gates import leaks, quality_gates, unknown_gate
-from stages.ingest.split import assign_splits, check_split
+from stages.ingest.split import assign_splits, check_split, write_part
 
 log = logging.getLogger("stages.ingest")
 
@@ -61,7 +61,7 @@ def process_block(batch: Any, spec: dict[str, Any]) -> pd.DataFrame:
         if len(part):
             folder = Path(spec["out"]) / f"{split}.parquet"
             folder.mkdir(exist_ok=True)
-            part.to_parquet(folder / name, index=False)
+            write_part(part, folder / name)
     y = df[spec["target"]]
     counts = y.value_counts()  # as [value, count] pairs: JSON keeps the values' types
     stats["targets"] = [[v, int(n)] for v, n in counts.items()] if len(counts) <= 1000 else None

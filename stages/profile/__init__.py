@@ -13,7 +13,6 @@ alongside; whylogs' frequent items are approximate.
 import logging
 import os
 from collections.abc import Mapping
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from stages.profile.batches import (
     SplitSource,
     profile_bytes,
     profile_split,
+    profile_splits,
     ray_data,
 )
 from stages.profile.constraints import (
@@ -72,10 +72,18 @@ def profile(
     checks = build_checks(constraints, parsed, splits)  # a bad key fails before profiling
     set_checks = {c.set_check for c in checks if c.set_check} | set(vocabulary_checks(parsed))
     batch_rows = int(cfg.get("batch_rows") or BATCH_ROWS)
-    profiles = {}
-    with ray_data(address) if engine == "ray" else nullcontext():  # one Ray for all the splits
-        for name, source in splits.items():
-            profiles[name] = profile_split(source, set_checks, batch_rows, engine, name)
+    processes = cfg.get("processes")
+    if processes is not None and (not isinstance(processes, int) or processes < 1):
+        raise StageError(f"profile.processes: {processes!r} is not a number >= 1 or null")
+    if engine == "ray":
+        with ray_data(address):  # one Ray for all the splits
+            profiles = {
+                n: profile_split(s, set_checks, batch_rows, engine, n) for n, s in splits.items()
+            }
+    elif engine == "pandas":
+        profiles = profile_splits(splits, set_checks, batch_rows, processes)
+    else:
+        raise StageError(f"engine: unknown engine {engine!r} (pandas | ray)")
     for name, source in splits.items():
         if profiles[name].view is None:
             where = f" ({source})" if isinstance(source, (str, os.PathLike)) else ""

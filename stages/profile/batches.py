@@ -4,8 +4,10 @@ counted exactly with pyarrow alongside (whylogs' frequent items are approximate)
 
 import json
 import logging
+import multiprocessing
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,7 @@ from fullstack_ml.stage import StageError
 log = logging.getLogger("stages.profile")
 
 BATCH_ROWS = 65_536  # default rows per record batch (profile.batch_rows)
+PARALLEL_ROWS = 100_000  # profile.processes=null: from this many rows, a process per core
 EXAMPLES = 5  # values outside a set kept as examples, per check and split
 
 Batches = Iterable[pa.RecordBatch | pa.Table | pd.DataFrame]
@@ -63,8 +66,11 @@ def batch_frame(batch: pa.RecordBatch | pa.Table) -> pd.DataFrame:
     return pa.table(decoded, names=batch.column_names).to_pandas(types_mapper=dtype)
 
 
-def iter_batches(source: SplitSource, batch_rows: int = BATCH_ROWS) -> Iterator[pa.Table]:
-    """The record batches of a split (a frame is cut into batches too)."""
+def iter_batches(
+    source: SplitSource, batch_rows: int = BATCH_ROWS, columns: list[str] | None = None
+) -> Iterator[pa.Table]:
+    """The record batches of a split (a frame is cut into batches too); of a Parquet path,
+    only `columns` (None: all)."""
     if isinstance(source, pd.DataFrame):
         try:
             table = pa.Table.from_pandas(source, preserve_index=False)
@@ -90,7 +96,7 @@ def iter_batches(source: SplitSource, batch_rows: int = BATCH_ROWS) -> Iterator[
             if schemas:
                 unified = pa.unify_schemas(schemas, promote_options="permissive")
                 dataset = pds.dataset(path, format="parquet", schema=unified)
-        for batch in dataset.to_batches(batch_size=batch_rows):
+        for batch in dataset.to_batches(columns=columns, batch_size=batch_rows):
             yield pa.Table.from_batches([batch])
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as err:
         raise StageError(f"{path}: cannot read as Parquet: {err}") from None
@@ -192,11 +198,13 @@ def profile_split(
     checks: Iterable[SetCheck] = (),
     batch_rows: int = BATCH_ROWS,
     engine: str = "pandas",
-    name: str = "split",
+    name: str | None = "split",
+    columns: list[str] | None = None,
 ) -> SplitProfile:
     """Profile a split batch by batch and merge; `engine="ray"` profiles the Parquet blocks
     of a path in parallel with Ray Data (other sources are profiled here). The progress
-    (`fullstack_ml.progress`) is labelled `profile <name>`."""
+    (`fullstack_ml.progress`) is labelled `profile <name>`, None: not shown. `columns`: of a
+    Parquet path, profile only those."""
     checks = list(checks)
     if engine == "ray" and isinstance(source, (str, os.PathLike)):
         return _profile_split_ray(Path(source), checks, batch_rows)
@@ -206,13 +214,99 @@ def profile_split(
     # batch of 65,536 rows x 51 columns here (whylogs deep-copies each column's metric
     # configs), 3 s of 11 s at 1M rows; the sketches are those of the whole split at once.
     profile, merged = new_profile(), SplitProfile()
-    batches = iter_batches(source, batch_rows)
-    for batch in track(batches, source_rows(source), f"profile {name}", "row", log, len):
+    batches = iter_batches(source, batch_rows, columns)
+    if name is not None:
+        batches = track(batches, source_rows(source), f"profile {name}", "row", log, len)
+    for batch in batches:
         profile.track(pandas=batch_frame(batch))
         merged = merged.merge(check_counts(batch, checks))
     if merged.rows:
         merged.view = reproducible(profile.view())
     return merged
+
+
+def profile_splits(
+    splits: Mapping[str, SplitSource],
+    checks: Iterable[SetCheck] = (),
+    batch_rows: int = BATCH_ROWS,
+    processes: int | None = None,
+) -> dict[str, SplitProfile]:
+    """Every split profiled here (the pandas engine), in `processes` processes side by side
+    where every split is a Parquet path with the same columns (None: one per core from
+    PARALLEL_ROWS rows in all, else one). The columns are dealt out among the processes,
+    each profiling every row of its own: whylogs tracks each column on its own, so the
+    joined profiles are one process's (tests/test_profile.py). 1M rows x 51 columns on 2
+    cores: 11.4 s -> 6.3 s. The extra processes are forked: spawned, each would import
+    whylogs and pyarrow again."""
+    checks = list(checks)
+    columns = shared_columns(splits)
+    if processes is None:
+        rows = sum(source_rows(s) or 0 for s in splits.values()) if columns else 0
+        processes = len(os.sched_getaffinity(0)) if rows >= PARALLEL_ROWS else 1
+    groups = [g for g in (columns[k::processes] for k in range(processes)) if g]
+    if len(groups) < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return {n: profile_split(s, checks, batch_rows, name=n) for n, s in splits.items()}
+    fork = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(len(groups) - 1, mp_context=fork) as pool:
+        others = [
+            pool.submit(_profile_columns, splits, checks, batch_rows, group) for group in groups[1:]
+        ]
+        parts = [
+            {
+                n: profile_split(s, checks, batch_rows, name=n, columns=groups[0])
+                for n, s in splits.items()
+            }
+        ]
+        parts += [{n: _loaded(p) for n, p in f.result().items()} for f in others]
+    return {name: _joined([p[name] for p in parts], columns) for name in splits}
+
+
+def shared_columns(splits: Mapping[str, SplitSource]) -> list[str]:
+    """The columns of the splits where each is a Parquet path and all have the same; else []."""
+    if not all(isinstance(s, (str, os.PathLike)) and Path(s).exists() for s in splits.values()):
+        return []
+    try:
+        names = {
+            tuple(pds.dataset(Path(s), format="parquet").schema.names) for s in splits.values()
+        }
+    except (pa.ArrowInvalid, OSError):
+        return []  # profile_split names the file that is not Parquet
+    return list(names.pop()) if len(names) == 1 else []
+
+
+def _profile_columns(
+    splits: Mapping[str, SplitSource], checks: list[SetCheck], batch_rows: int, columns: list[str]
+) -> dict[str, tuple[bytes | None, int, dict[str, Any]]]:
+    """In a forked process: `columns` of every split profiled, the views serialized."""
+    parts = {
+        n: profile_split(s, checks, batch_rows, name=None, columns=columns)
+        for n, s in splits.items()
+    }
+    return {n: (p.view and p.view.serialize(), p.rows, p.counts) for n, p in parts.items()}
+
+
+def _loaded(part: tuple[bytes | None, int, dict[str, Any]]) -> SplitProfile:
+    view, rows, counts = part
+    return SplitProfile(view and DatasetProfileView.deserialize(view), rows, counts)
+
+
+def _joined(parts: list[SplitProfile], columns: list[str]) -> SplitProfile:
+    """The profiles of the same rows' column groups as one, its columns in `columns` order."""
+    first = parts[0]
+    if first.view is None:
+        return first
+    views = {}
+    for part in parts:
+        views.update(part.view.get_columns())
+    view = DatasetProfileView(
+        columns={c: views[c] for c in columns},
+        dataset_timestamp=first.view.dataset_timestamp,
+        creation_timestamp=first.view.creation_timestamp,
+        metrics=first.view._metrics,  # noqa: SLF001  dataset-level metrics, none by default
+        metadata=first.view._metadata,  # noqa: SLF001
+    )
+    counts = {k: v for part in parts for k, v in part.counts.items()}
+    return SplitProfile(view, first.rows, counts)
 
 
 @contextmanager
