@@ -11,7 +11,8 @@ from omegaconf import DictConfig
 
 from fullstack_ml import ray_session
 from fullstack_ml.stage import StageError, compose
-from stages.ingest import ingest, split_table
+from stages.ingest import ingest
+from stages.ingest.split import split_table
 
 
 def file_cfg(path: Path, *overrides: str) -> DictConfig:
@@ -330,7 +331,30 @@ def test_duplicate_rows_counts_as_pandas_duplicated_does() -> None:
     )
     for df in (base, base.drop_duplicates(), base.iloc[::-1], base.head(0)):
         assert duplicate_rows(df) == int(df.duplicated().sum())
+        codes = {c: pd.factorize(df[c]) for c in ("s", "o")}  # as ingest passes them
+        assert duplicate_rows(df, codes) == int(df.duplicated().sum())
     assert duplicate_rows(base) > 0 and duplicate_rows(base.drop_duplicates()) == 0
+
+
+def test_unseen_categories_from_codes_match_the_values() -> None:
+    """The train vocabulary and unseen rates from factorized codes are those of the values:
+    `unique` of train's non-null values in order, the share of val's non-null values not in
+    it; nulls are neither."""
+    from stages.ingest.gates import check_unknown_categories
+
+    rng = np.random.default_rng(5)
+    values = rng.choice(np.array(["d", "a", None, "c", "b", np.nan], dtype=object), size=300)
+    column = pd.Series(values)
+    idx = [np.arange(0, 200), np.arange(200, 300), np.arange(200, 300)]
+    column.iloc[:200] = column.iloc[:200].replace("b", "a")  # "b" only in val and test
+    codes = {"s": pd.factorize(column)}
+    train, val = column.iloc[idx[0]].dropna(), column.iloc[idx[1]].dropna()
+    rate = float((~val.isin(train.unique())).mean())
+    assert 0 < rate < 1
+    vocabularies = check_unknown_categories(codes, idx, max_rate=rate)
+    assert vocabularies == {"s": train.unique().tolist()} and "b" not in vocabularies["s"]
+    with pytest.raises(StageError, match=f"val split, column 's': {rate:.1%} of values"):
+        check_unknown_categories(codes, idx, max_rate=rate - 0.01)
 
 
 INGEST_SCRIPT = """
