@@ -2,13 +2,14 @@
 
 Serves `dist/<service>.bento` as a real server (`bentoml serve` on a free loopback port,
 with an empty model store: the bento carries its model), checks that its answers on the
-test split equal the compressed model's predictions in process, then sends one-record
-/predict requests at `serve.slo.concurrency` for `serve.slo.duration_s`, then a burst at
-`serve.slo.burst_concurrency` and, `serve.slo.settle_s` after it, lone requests again: a
-server that stays slow after a burst fails. Writes p50/p99 latency, throughput, error rate
-and the lone-request p50 before and after the burst to `reports/validate.json`, the
-headline figures of it to `metrics/validate.json`; fails, writing nothing, when an SLO in
-`conf/serve/` is missed or an answer differs.
+test split equal the compressed model's predictions in process, then sends lone one-record
+/predict requests (also the server's warm-up), then requests at `serve.slo.concurrency` for
+`serve.slo.duration_s`, then a burst at `serve.slo.burst_concurrency` and,
+`serve.slo.settle_s` after it, lone requests again: a server that stays slow after a burst
+fails. Writes p50/p99 latency, throughput, error rate and the lone-request p50 before and
+after the burst to `reports/validate.json`, the headline figures of it to
+`metrics/validate.json`; fails, writing nothing, when an SLO in `conf/serve/` is missed or
+an answer differs.
 """
 
 import http.client
@@ -30,7 +31,6 @@ from fullstack_ml.paths import COMPRESSED_DIR, DIST_DIR, METRICS, VALIDATE_DETAI
 from fullstack_ml.stage import StageError, read_json, run, write_json
 
 log = logging.getLogger("stages.validate")
-WARMUP_S = 0.5  # load before the measured one: the first requests of a fresh worker
 
 
 def in_process_answers(test: pd.DataFrame, model_file: Path) -> tuple[dict, np.ndarray]:
@@ -115,19 +115,22 @@ def load(port: int, bodies: list[bytes], concurrency: int, duration_s: float) ->
     }
 
 
-def burst_recovery(port: int, bodies: list[bytes], slo: DictConfig) -> dict[str, float]:
-    """The p50 of one client's back-to-back requests (each alone on the server) on the warm
-    server, and again `slo.settle_s` after `slo.burst_s` at `slo.burst_concurrency`. Each
-    is the least of three 0.4 s windows: on 2 shared cores one window's p50 varied 0.6-1.4x
-    between runs with no burst, while a server slowed by a burst stays slow in all three."""
+def lone_p50_ms(port: int, bodies: list[bytes]) -> float:
+    """The p50 of one client's back-to-back requests, each alone on the server: the least of
+    three 0.4 s windows (on 2 shared cores one window's p50 varied 0.6-1.4x between runs with
+    no burst, while a server slowed by a burst stays slow in all three; the first window on a
+    fresh worker, its warm-up, is the slowest)."""
+    return min(load(port, bodies, 1, 0.4)["p50_ms"] for _ in range(3))
 
-    def lone() -> float:
-        return min(load(port, bodies, 1, 0.4)["p50_ms"] for _ in range(3))
 
-    before = lone()
+def burst_recovery(
+    port: int, bodies: list[bytes], slo: DictConfig, before: float
+) -> dict[str, float]:
+    """`lone_p50_ms` `slo.settle_s` after `slo.burst_s` at `slo.burst_concurrency`, against
+    `before`, the same measured before the burst."""
     burst = load(port, bodies, slo.burst_concurrency, slo.burst_s)
     time.sleep(slo.settle_s)
-    after = lone()
+    after = lone_p50_ms(port, bodies)
     return {
         "lone_p50_ms": before,
         "after_burst_p50_ms": after,
@@ -174,9 +177,9 @@ def validate(
         checked = check_answers(port, test, meta, answers)
         log.info("served answers equal the in-process model on %d test rows", checked)
         bodies = [json.dumps({"records": r}).encode() for r in raw_records(test, meta["features"])]
-        load(port, bodies, slo.concurrency, WARMUP_S)
+        before = lone_p50_ms(port, bodies)  # and the warm-up of the load after it
         result = load(port, bodies, slo.concurrency, slo.duration_s)
-        result |= burst_recovery(port, bodies, slo)
+        result |= burst_recovery(port, bodies, slo, before)
     result["answers_checked"] = checked
     log.info(
         "load at concurrency %d: %.0f requests/s, p50 %.1f ms, p99 %.1f ms, error rate %.4f;"
