@@ -23,6 +23,7 @@ DISTIL_LIVE_SUMMARY = LIVE["distil"] / "metrics.json"  # an output; metrics/dist
 CONFUSION = Path("plots/confusion.csv")
 COMPRESS_PLOT = Path("plots/compress.csv")
 COMPRESS_DETAILS = Path("reports/compress.json")  # every candidate, the serving plan (measured)
+COMPRESS_ANSWERS = Path("reports/compress_answers.npz")  # model.pt2 on the test split, eager
 PER_CLASS = Path("plots/per_class.csv")  # precision, recall, F1 and support per class
 VALIDATE_DETAILS = Path("reports/validate.json")  # the release gate's every figure, bento tag
 PREDICTIONS_DIR = Path("data/predictions")  # the predict stage's default output and rejects

@@ -2,7 +2,9 @@
 
 Serves `dist/<service>.bento` as a real server (`bentoml serve` on a free loopback port,
 with an empty model store: the bento carries its model), checks that its answers on the
-test split equal the compressed model's predictions in process, then sends lone one-record
+test split equal the compressed model's, computed in process by the compress stage
+(`reports/compress_answers.npz`, checked to be of `models/compressed/model.pt2`), then sends
+lone one-record
 /predict requests (also the server's warm-up), then requests at `serve.slo.concurrency` for
 `serve.slo.duration_s`, then a burst at `serve.slo.burst_concurrency` and,
 `serve.slo.settle_s` after it, lone requests again: a server that stays slow after a burst
@@ -17,7 +19,6 @@ import json
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,30 +26,22 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from fullstack_ml.answers import load_answers
 from fullstack_ml.bento import raw_records, request, serve_bento
 from fullstack_ml.curated import load_split
-from fullstack_ml.paths import COMPRESSED_DIR, DIST_DIR, METRICS, VALIDATE_DETAILS
+from fullstack_ml.paths import COMPRESS_ANSWERS, COMPRESSED_DIR, DIST_DIR, METRICS, VALIDATE_DETAILS
+from fullstack_ml.runtime.meta import read_meta
 from fullstack_ml.stage import StageError, read_json, run, write_json
 
 log = logging.getLogger("stages.validate")
-
-
-def in_process_answers(test: pd.DataFrame, model_file: Path) -> tuple[dict, np.ndarray]:
-    """The compressed model's meta and decoded answers on `test`, run eager in this process.
-    torch is imported here, beside the server's start-up, not before it (1 s here)."""
-    from fullstack_ml.model import decode, encode_split, load_meta, predict_logits
-    from fullstack_ml.runtime.program import load_program
-
-    meta = load_meta(model_file.parent)
-    x, _ = encode_split(test, meta)
-    return meta, decode(predict_logits(load_program(model_file), x), meta)
 
 
 def check_answers(
     port: int, test: pd.DataFrame, meta: dict, expected: np.ndarray, batch: int = 64
 ) -> int:
     """Served answers on every test row (raw values in) equal `expected`, the compressed
-    model's in process (eager): the same label, or for regression the same value to 1e-3
+    model's in process (eager, `fullstack_ml.answers`): the same label, or for regression the
+    same value to 1e-3
     relative (the service may run the program compiled by Inductor, whose INT8 kernels round
     differently from eager's by about 1e-4 relative)."""
     classify = meta["task"] == "classification"
@@ -161,19 +154,19 @@ def missed_slos(result: dict[str, float], slo: DictConfig) -> list[str]:
 
 
 def validate(
-    bento_file: Path, test: pd.DataFrame, model_file: Path, slo: DictConfig
+    bento_file: Path, test: pd.DataFrame, model_file: Path, answers_file: Path, slo: DictConfig
 ) -> dict[str, Any]:
-    """Serve `bento_file`, check its answers on `test`, load it; raises StageError on a
-    wrong answer or a missed SLO."""
+    """Serve `bento_file`, check its answers on `test` against `answers_file` (those of
+    `model_file`), load it; raises StageError on a wrong answer or a missed SLO."""
     if not bento_file.is_file():
         raise StageError(f"{bento_file}: not found (run the package stage first)")
-    # the in-process answers are made while the server starts (on the other core: ~1.5 s)
-    pool = ThreadPoolExecutor(1)
-    expected = pool.submit(in_process_answers, test, model_file)
-    pool.shutdown(wait=False)
+    try:
+        meta = read_meta(model_file.parent)
+    except (FileNotFoundError, ValueError) as err:
+        raise StageError(str(err)) from None
+    answers = load_answers(answers_file, model_file, len(test))
     with serve_bento(bento_file) as server:
         port = server.port
-        meta, answers = expected.result()
         checked = check_answers(port, test, meta, answers)
         log.info("served answers equal the in-process model on %d test rows", checked)
         bodies = [json.dumps({"records": r}).encode() for r in raw_records(test, meta["features"])]
@@ -201,7 +194,8 @@ def validate(
 def main(cfg: DictConfig) -> None:
     info = read_json(DIST_DIR / "bento.json")
     model_file = COMPRESSED_DIR / "model.pt2"
-    result = validate(DIST_DIR / info["file"], load_split("test"), model_file, cfg.serve.slo)
+    test = load_split("test")
+    result = validate(DIST_DIR / info["file"], test, model_file, COMPRESS_ANSWERS, cfg.serve.slo)
     headline = ["rps", "p99_ms", "error_rate", "after_burst_ratio", "answers_checked"]
     write_json(METRICS["validate"], {k: result[k] for k in headline})
     write_json(VALIDATE_DETAILS, {"bento_tag": info["bento_tag"], **result})

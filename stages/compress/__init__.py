@@ -10,7 +10,9 @@ batch sizes, eager and compiled by Inductor (FP32 compiled only when it may ship
 compared with pipelines). `compress.select` says which one is written to
 `models/compressed/` (with the execution path to serve per batch size in `model.json`);
 fails past `compress.max_accuracy_drop`. Writes `metrics/compress.json`,
-`plots/compress.csv` and `reports/compress.html`.
+`plots/compress.csv`, `reports/compress.html`, and `reports/compress_answers.npz`: the
+shipped program's own answers on the test split (eager), which the validate stage holds the
+served ones to.
 """
 
 import logging
@@ -23,6 +25,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from fullstack_ml.answers import save_answers
 from fullstack_ml.curated import load_split
 from fullstack_ml.model import (
     SCORE_NAME,
@@ -30,10 +33,12 @@ from fullstack_ml.model import (
     encode_split,
     encode_targets,
     load_fp32,
+    load_meta,
     predict_logits,
     score,
 )
 from fullstack_ml.paths import (
+    COMPRESS_ANSWERS,
     COMPRESS_DETAILS,
     COMPRESS_PLOT,
     COMPRESS_REPORT,
@@ -44,7 +49,7 @@ from fullstack_ml.paths import (
 )
 from fullstack_ml.progress import track
 from fullstack_ml.runtime.meta import write_meta
-from fullstack_ml.runtime.program import fastest_paths, torch_threads
+from fullstack_ml.runtime.program import fastest_paths, load_program, torch_threads
 from fullstack_ml.stage import StageError, atomic_dir, write_json
 from stages.compress.measure import measure
 from stages.compress.prune import check_prune, finetune, prune_model, sparsity
@@ -329,7 +334,8 @@ def main(cfg: DictConfig) -> None:
     _, meta = load_fp32(FP32_DIR)
     try:
         val_x, val_y = encode_split(load_split("val"), meta)
-        test_xy = encode_split(load_split("test"), meta)
+        test_df = load_split("test")
+        test_xy = encode_split(test_df, meta)
         train_df = load_split("train")
         train = (encode_split(train_df, meta)[0], encode_targets(train_df[meta["target"]], meta))
     except (KeyError, ValueError) as err:
@@ -346,6 +352,10 @@ def main(cfg: DictConfig) -> None:
         seed=cfg.seed,
     )
     name = SCORE_NAME[meta["task"]]
+    shipped, shipped_meta = COMPRESSED_DIR / "model.pt2", load_meta(COMPRESSED_DIR)
+    x = encode_split(test_df, shipped_meta)[0]
+    answers = decode(predict_logits(load_program(shipped), x), shipped_meta)
+    save_answers(COMPRESS_ANSWERS, answers, shipped)  # what validate holds the server to
     write_json(COMPRESS_DETAILS, result)
     write_json(METRICS["compress"], headline(result, name))
     write_report(result, name, COMPRESS_PLOT, COMPRESS_REPORT)
