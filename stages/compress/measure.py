@@ -66,11 +66,12 @@ def measure(
     """Save `module` to `path`, load it back and measure the loaded program: file size,
     score on `test` (passed to `check`, which may raise before anything is timed), latency
     per execution path (compiled too if `compile`, by default `compress.compile`) and batch
-    size."""
+    size; `answers`: the loaded program's on `test` (decoded), not for the metrics file."""
     x, y = test
     save_program(module, path, torch.from_numpy(x[:2]))
     program = load_program(path)
-    value = score(y, decode(predict_logits(program, x), meta), meta["task"])
+    answers = decode(predict_logits(program, x), meta)
+    value = score(y, answers, meta["task"])
     if check:
         check(value)
     times = latencies(program, x, cfg, cfg.compile if compile is None else compile)
@@ -82,4 +83,5 @@ def measure(
         "latency_ms_batch1": best[first],
         "latency_ms_batch256": best[last],
         "latency_ms": times,
+        "answers": answers,
     }
