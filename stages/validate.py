@@ -4,14 +4,13 @@ Serves `dist/<service>.bento` as a real server (`bentoml serve` on a free loopba
 with an empty model store: the bento carries its model), checks that its answers on the
 test split equal the compressed model's, computed in process by the compress stage
 (`reports/compress_answers.npz`, checked to be of `models/compressed/model.pt2`), then sends
-lone one-record
-/predict requests (also the server's warm-up), then requests at `serve.slo.concurrency` for
-`serve.slo.duration_s`, then a burst at `serve.slo.burst_concurrency` and,
-`serve.slo.settle_s` after it, lone requests again: a server that stays slow after a burst
-fails. Writes p50/p99 latency, throughput, error rate and the lone-request p50 before and
-after the burst to `reports/validate.json`, the headline figures of it to
-`metrics/validate.json`; fails, writing nothing, when an SLO in `conf/serve/` is missed or
-an answer differs.
+lone one-record /predict requests (also the server's warm-up), then requests at
+`serve.slo.concurrency` for `serve.slo.duration_s`, then a burst at
+`serve.slo.burst_concurrency` and, `serve.slo.settle_s` after it, lone requests again: a
+server that stays slow after a burst fails. Writes p50/p99 latency, throughput, error rate
+and the lone-request p50 before and after the burst to `reports/validate.json`, the headline
+figures of it to `metrics/validate.json`; fails, writing nothing, when an SLO in
+`conf/serve/` is missed or an answer differs.
 """
 
 import http.client
@@ -41,9 +40,8 @@ def check_answers(
 ) -> int:
     """Served answers on every test row (raw values in) equal `expected`, the compressed
     model's in process (eager, `fullstack_ml.answers`): the same label, or for regression the
-    same value to 1e-3
-    relative (the service may run the program compiled by Inductor, whose INT8 kernels round
-    differently from eager's by about 1e-4 relative)."""
+    same value to 1e-3 relative (the service may run the program compiled by Inductor, whose
+    INT8 kernels round differently from eager's by about 1e-4 relative)."""
     classify = meta["task"] == "classification"
     records = raw_records(test, meta["features"])
     for start in range(0, len(records), batch):
