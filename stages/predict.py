@@ -41,6 +41,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fullstack_ml.card import page, table
+from fullstack_ml.gates import rate_bounds, rate_over
 from fullstack_ml.paths import (
     COMPRESS_DETAILS,
     COMPRESSED_DIR,
@@ -548,10 +549,12 @@ def predict(cfg: DictConfig, seed: int, address: str | None = None) -> dict[str,
             if predicted + rejected != rows:  # never a row lost: a bug, not bad input
                 raise AssertionError(f"{predicted} + {rejected} rows written of {rows}")
             rate = rejected / rows
-            if rate > cfg.max_reject_rate:
+            # on evidence: the rate's lower 95% bound (1 bad row of 10 is no sign of > 1%)
+            if rate_over(rejected, rows, cfg.max_reject_rate):
                 reason, count = reasons_seen.most_common(1)[0]
                 raise StageError(
-                    f"{source}: {rejected} of {rows} rows rejected ({rate:.2%} > "
+                    f"{source}: {rejected} of {rows} rows rejected ({rate:.2%}, at least "
+                    f"{rate_bounds(rejected, rows)[0]:.2%} at 95% confidence > "
                     f"predict.max_reject_rate={cfg.max_reject_rate}); most often "
                     f"{reason!r} ({count} rows)"
                 )
