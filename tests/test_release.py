@@ -3,11 +3,14 @@
 import pytest
 
 from fullstack_ml.release import gate_failures, version_tag
-from fullstack_ml.stage import StageError
+from fullstack_ml.stage import StageError, compose
 
-SLO = {"p99_ms": 250, "min_rps": 100, "max_error_rate": 0.0, "max_after_burst_ratio": 2.0}
+SLO = dict(compose().serve.slo)
 PASSED = {"rps": 900.0, "p99_ms": 12.0, "error_rate": 0.0, "after_burst_ratio": 1.1}
 PASSED |= {"answers_checked": 270}
+FIGURES = {"bento_tag": "fullstack_ml:abc", **PASSED, "p99_low_ms": 11.0, "rps_high": 950.0}
+FIGURES |= {"burst_error_rate": 0.0, "after_burst_ratio_low": 1.0}
+FIGURES |= {"after_burst_diff_ms": 0.1, "after_burst_diff_low_ms": 0.0}
 
 
 def test_versions_are_semver_tags() -> None:
@@ -18,17 +21,21 @@ def test_versions_are_semver_tags() -> None:
 
 
 def test_the_gate_must_have_passed_on_this_very_bento() -> None:
-    details = {"bento_tag": "fullstack_ml:abc"}
+    details = FIGURES
     assert gate_failures(PASSED, details, "fullstack_ml:abc", SLO) == []
     assert gate_failures(PASSED, details, "fullstack_ml:def", SLO) == [
         "the gate measured fullstack_ml:abc, not fullstack_ml:def"
     ]
-    slow = PASSED | {"p99_ms": 300.0, "rps": 50.0}
-    assert gate_failures(slow, details, "fullstack_ml:abc", SLO) == [
-        "p99_ms 300.0 is not <= 250",
-        "rps 50.0 is not >= 100",
+    slow = details | {"p99_ms": 300.0, "p99_low_ms": 290.0, "rps": 50.0, "rps_high": 60.0}
+    assert gate_failures(PASSED, slow, "fullstack_ml:abc", SLO) == [
+        "serve.slo: p99 300.0 ms > 250 (at least 290.0 ms at 99% confidence)",
+        "serve.slo: throughput 50.0/s < 100 (at most 60.0/s at 99% confidence)",
     ]
     unchecked = {k: v for k, v in PASSED.items() if k != "answers_checked"}
     assert gate_failures(unchecked, details, "fullstack_ml:abc", SLO) == [
         "no served answer was checked"
+    ]
+    old = {k: v for k, v in details.items() if k != "p99_low_ms"}  # an older gate's figures
+    assert gate_failures(PASSED, old, "fullstack_ml:abc", SLO) == [
+        "the gate's figures lack 'p99_low_ms' (run dvc repro)"
     ]
