@@ -1,5 +1,6 @@
 import json
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,51 @@ def test_accuracy_budget_exceeded_fails_and_keeps_previous_model(
     assert [p.name for p in tmp_path.iterdir()] == ["c"]
 
 
+def test_a_layer_that_breaks_in_int8_is_left_in_fp32_and_the_rest_ships_in_int8(
+    fp32_dir: Path, data: dict, cfg: DictConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stages.compress import quantize as _  # noqa: F401  the module, for monkeypatch
+
+    module = sys.modules["stages.compress.quantize"]
+    fold = module.fold_weight_quantization
+    first = load_fp32(fp32_dir)[0].net[0].weight.shape
+
+    def broken_first_layer(gm: torch.fx.GraphModule) -> None:  # a bad INT8 kernel, say
+        fold(gm)
+        for name, weight in gm.named_buffers():
+            if name.startswith("int8_weight_") and weight.shape == first:
+                weight.copy_(weight.flip(0))
+
+    monkeypatch.setattr(module, "fold_weight_quantization", broken_first_layer)
+    result = run(fp32_dir, data, small(cfg), tmp_path / "c")
+    assert result["method"] == "int8_static+fp32:net.0"
+    assert result["budget"] == "within" and result["accuracy_drop_bound"] <= 1.0
+    tried = {t["name"]: t["verdict"] for t in result["compressed"]["fallback"]}
+    assert tried["int8_static+fp32:net.0"] == "within"
+    assert tried["int8_static+fp32:net.3"] == "over"  # net.0 still broken
+    assert result["size_ratio"] < 0.5  # two layers of three still INT8
+    int8 = load_program(tmp_path / "c" / "model.pt2")
+    assert {n for n, b in int8.named_buffers() if b.dtype == torch.int8}  # INT8 left
+    assert json.loads((tmp_path / "c/model.json").read_text())["compression"] == result["method"]
+
+
+def test_rows_too_few_to_judge_the_budget_warn_by_default_or_fail_when_asked(
+    fp32_dir: Path, data: dict, cfg: DictConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    few = {**data, "val": data["val"][:20], "val_y": data["val_y"][:20]}
+    few["test"] = (data["test"][0][:20], data["test"][1][:20])
+    with caplog.at_level(logging.WARNING, logger="stages.compress"):
+        result = run(fp32_dir, few, small(cfg), tmp_path / "c")
+    assert result["budget"] == "unresolvable" and result["method"] == "int8_static"
+    (line,) = [r.message for r in caplog.records if "cannot resolve" in r.message]
+    assert line.startswith("40 rows of val+test cannot resolve compress.max_accuracy_drop=1.0")
+    assert line.endswith("(compress.undecided=warn)")
+    out = tmp_path / "strict"
+    with pytest.raises(StageError, match=r"cannot resolve .*\(compress.undecided=fail\)$") as err:
+        run(fp32_dir, few, small(cfg, undecided="fail"), out)
+    assert "\n" not in str(err.value) and not out.exists()
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -105,6 +151,9 @@ def test_accuracy_budget_exceeded_fails_and_keeps_previous_model(
         ({"pipelines": {"p": ["int8_static", "prune_structured"]}}, "compress.pipelines.p: "),
         ({"pipelines": {"d": ["distil", "woq_int4"]}}, "compress.pipelines.d: step 'distil' needs"),
         ({"objective": "speed"}, "compress.objective: 'speed'"),
+        ({"eval_split": ["train"]}, "compress.eval_split: 'train' is not one of val, test"),
+        ({"undecided": "maybe"}, r"compress.undecided: 'maybe' is not one of \('warn', 'fail'\)"),
+        ({"confidence": 1.5}, r"compress.confidence: 1.5 is not in \(0.5, 1\)"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(
@@ -186,7 +235,7 @@ def test_auto_tunes_with_inc_and_keeps_the_smallest_within_budget(
     result = run(fp32_dir, data, small(cfg, max_accuracy_drop=3.0, **changes), tmp_path / "c")
     tuning = result["compressed"]["tuning"]
     assert [t["method"] for t in tuning] == ["int8_static", "woq_int4"]
-    assert all(t["within_budget"] for t in tuning)
+    assert all(t["gate"]["verdict"] == "within" for t in tuning)  # judged on val+test
     assert [t["chosen"] for t in tuning] == [False, True]  # woq_int4 is the smaller
     assert tuning[1]["size_bytes"] < tuning[0]["size_bytes"]
     assert result["size_ratio"] < 0.2

@@ -16,6 +16,7 @@ served ones to.
 """
 
 import logging
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from torch import nn
 
 from fullstack_ml.answers import save_answers
 from fullstack_ml.curated import load_split
+from fullstack_ml.gates import budget_verdict, paired_drop, paired_error_drop
 from fullstack_ml.model import (
     SCORE_NAME,
     decode,
@@ -52,13 +54,24 @@ from fullstack_ml.runtime.program import fastest_paths, torch_threads
 from fullstack_ml.stage import StageError, atomic_dir, write_json
 from stages.compress.measure import measure
 from stages.compress.prune import check_prune, finetune, prune_model, sparsity
-from stages.compress.quantize import calibrator, inc_config, quantize, quiet_inc, tune
+from stages.compress.quantize import (
+    calibrator,
+    family,
+    inc_config,
+    quantizable_layers,
+    quantize,
+    quiet_inc,
+    trials,
+    tune,
+    with_fp32_layers,
+)
 from stages.compress.report import table, write_report
 
 log = logging.getLogger("stages.compress")
 PRUNE_STEPS = {"prune_structured": "structured", "prune_global_unstructured": "global_unstructured"}
 OBJECTIVES = ("size", "latency")
 SELECT = ("method", "best")
+UNDECIDED = ("warn", "fail")  # compress.undecided: when the rows cannot tell
 
 
 def method_names(cfg: DictConfig) -> list[str]:
@@ -83,6 +96,10 @@ def check_config(cfg: DictConfig, student_dir: Path | None) -> dict[str, list[st
         raise StageError(f"compress.objective: {cfg.objective!r} is not one of {OBJECTIVES}")
     if cfg.select not in SELECT:
         raise StageError(f"compress.select: {cfg.select!r} is not one of {SELECT}")
+    if cfg.undecided not in UNDECIDED:
+        raise StageError(f"compress.undecided: {cfg.undecided!r} is not one of {UNDECIDED}")
+    if not 0.5 < cfg.confidence < 1:
+        raise StageError(f"compress.confidence: {cfg.confidence!r} is not in (0.5, 1)")
     pipelines = {"+".join(main_steps(cfg)): main_steps(cfg)}
     for name, steps in (cfg.get("pipelines") or {}).items():  # `~compress.pipelines`: none
         steps = list(steps)
@@ -123,7 +140,7 @@ def build(
             details["sparsity"] = sparsity(model)
             details["hidden_sizes"] = meta["model"].get("hidden_sizes")
         elif step == "auto":
-            model, details["tuning"] = auto(model, meta, data, cfg)
+            model, details["tuning"] = auto(model, meta, data, cfg, data["judge"])
         elif step != "none":
             run_fn = calibrator(data["val"], cfg.calibration_batches, cfg.calibration_batch_size)
             example = torch.from_numpy(data["val"][: cfg.calibration_batch_size])
@@ -132,11 +149,12 @@ def build(
 
 
 def auto(
-    model: nn.Module, meta: dict, data: dict[str, Any], cfg: DictConfig
+    model: nn.Module, meta: dict, data: dict[str, Any], cfg: DictConfig, judge: Callable
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """INC autotune over `compress.tune.methods`, scored on the val split; of the trials
-    within `compress.max_accuracy_drop` of the model on val, the smallest (objective size)
-    or the fastest at the largest batch (objective latency)."""
+    """INC autotune over `compress.tune.methods`, scored on the val split for INC; of the
+    trials the budget judges `within` (`judge`, on the eval rows), the smallest (objective
+    size) or the fastest at the largest batch (objective latency); with none within, the
+    least drop that is not `over`, which `decide` then warns about or fails."""
     if data["val_y"] is None:
         raise StageError("compress.method=auto: tuning needs the val split's labels")
     val_x, val_y = data["val"], data["val_y"]
@@ -144,58 +162,176 @@ def auto(
     def evaluate(candidate: nn.Module) -> float:
         return score(val_y, decode(predict_logits(candidate, val_x), meta), meta["task"])
 
-    baseline = evaluate(model)
     run_fn = calibrator(val_x, cfg.calibration_batches, cfg.calibration_batch_size)
     example = torch.from_numpy(val_x[: cfg.calibration_batch_size])
     trials = tune(
         model, cfg.methods, list(cfg.tune.methods), evaluate, run_fn, example, cfg.tune.max_trials
     )
-    rows, best = [], None
+    rows, candidates = [], {}
     for name, candidate, value in trials:
         m = measure(candidate, data["scratch"] / f"auto_{name}.pt2", (val_x, val_y), meta, cfg)
         (data["scratch"] / f"auto_{name}.pt2").unlink()
-        key = m["size_bytes"] if cfg.objective == "size" else m["latency_ms_batch256"]
-        within = (baseline - value) * 100 <= cfg.max_accuracy_drop
-        rows.append({"method": name, "val_score": value, "within_budget": within, **m})
-        log.info("autotune trial %s: val %.4f, %s %.4g", name, value, cfg.objective, key)
-        if within and (best is None or key < best[0]):
-            best = (key, name, candidate)
-    if best is None:
-        raise StageError(
-            f"compress.method=auto: no trial of {list(cfg.tune.methods)} is within "
-            f"compress.max_accuracy_drop={cfg.max_accuracy_drop} on the val split"
-        )
+        gate = judge(candidate)
+        rows.append({"method": name, "val_score": value, "gate": gate, **m})
+        candidates[name] = candidate
+        log.info("autotune trial %s: val %.4f, budget %s", name, value, gate["verdict"])
+    key = "size_bytes" if cfg.objective == "size" else "latency_ms_batch256"
+    best = best_candidate([(r["method"], r["gate"], r[key]) for r in rows])
     for row in rows:
-        row["chosen"] = row["method"] == best[1]
-    return best[2], rows
+        row["chosen"] = row["method"] == best
+        del row["answers"]
+    return candidates[best], rows
 
 
-def check_budget(fp32: float, new: float, max_drop: float, name: str = "accuracy") -> float:
-    """The drop of the score `name` in points; StageError when it exceeds `max_drop`."""
-    drop = (fp32 - new) * 100
-    if drop > max_drop:
+def best_candidate(candidates: list[tuple[str, dict[str, Any], float]]) -> str:
+    """Of (name, gate, cost) triples: the least cost judged `within` the budget; with none,
+    the least drop (then cost) not judged `over`; with none, the least drop."""
+    within = [c for c in candidates if c[1]["verdict"] == "within"]
+    if within:
+        return min(within, key=lambda c: c[2])[0]
+    pool = [c for c in candidates if c[1]["verdict"] != "over"] or candidates
+    return min(pool, key=lambda c: (c[1]["drop"], c[2]))[0]
+
+
+def judge(
+    model: nn.Module, reference: np.ndarray, rows: dict[str, Any], meta: dict, cfg: DictConfig
+) -> dict[str, Any]:
+    """The accuracy budget's verdict on `model` against the FP32 model's answers `reference`,
+    paired on the same rows (`rows`: x, y, splits): `fullstack_ml.gates.paired_drop` and
+    `budget_verdict` (regression: the R^2 drop, bootstrapped)."""
+    answers = decode(predict_logits(model, rows["x"]), meta)
+    y = rows["y"]
+    if meta["task"] == "classification":
+        drop = paired_drop(reference == y, answers == y, cfg.confidence)
+    else:
+        drop = paired_error_drop(
+            (reference - y) ** 2, (answers - y) ** 2, float(((y - y.mean()) ** 2).sum()),
+            cfg.confidence,
+        )  # fmt: skip
+    return {
+        **drop,
+        "splits": rows["splits"],
+        "verdict": budget_verdict(drop, cfg.max_accuracy_drop),
+    }
+
+
+def decide(gate: dict[str, Any], cfg: DictConfig, chosen: str, name: str) -> None:
+    """Fail (StageError, one line) when `chosen`'s drop is over the budget, or undecided and
+    `compress.undecided` is `fail`; log one warning line when it is undecided and `warn`."""
+    budget, rows = cfg.max_accuracy_drop, f"{gate['rows']} rows of {gate['splits']}"
+    seen = f"{name} drop {gate['drop']:.2f} points on {rows}"
+    if "lost" in gate:
+        seen += f" ({gate['lost']} rows lost, {gate['won']} won against FP32)"
+    level = f"{cfg.confidence:.0%} confidence"
+    if gate["verdict"] == "over":
         raise StageError(
-            f"compressed {name} {new:.4f} is {drop:.2f} points below FP32 "
-            f"{fp32:.4f}, over the budget compress.max_accuracy_drop={max_drop}"
+            f"compressed model {chosen}: {seen}, at least {gate['drop_low']:.2f} at {level}: "
+            f"over the budget compress.max_accuracy_drop={budget}"
         )
-    return drop
+    if gate["verdict"] == "within":
+        return
+    if gate["verdict"] == "unresolvable":
+        why = (
+            f"{rows} cannot resolve compress.max_accuracy_drop={budget}: with no disagreement "
+            f"at all the drop would be bounded only below {gate['resolution']:.2f} points"
+        )
+    else:
+        why = (
+            f"{rows} cannot tell whether {chosen} is within compress.max_accuracy_drop={budget}:"
+            f" its drop is between {gate['drop_low']:.2f} and {gate['drop_high']:.2f} points"
+            f" at {level}"
+        )
+    if cfg.undecided == "fail":
+        raise StageError(f"{why}; {seen} (compress.undecided=fail)")
+    log.warning("%s; shipping %s, %s (compress.undecided=warn)", why, chosen, seen)
 
 
-def pick(results: dict[str, dict], first: str, cfg: DictConfig, name: str) -> str:
-    """The pipeline to write: the configured one (`select: method`), or the best within the
-    budget by `compress.objective` (`select: best`)."""
+def worth_falling_back(gate: dict[str, Any]) -> bool:
+    """Whether layers left in FP32 could do better: the budget is missed or undecided, or the
+    rows cannot resolve it but rows were lost."""
+    return gate["verdict"] in ("over", "undecided") or (
+        gate["verdict"] == "unresolvable" and gate["drop"] > 0
+    )
+
+
+def can_fall_back(steps: list[str], cfg: DictConfig) -> bool:
+    """Whether INC's per-layer fallback applies: `compress.fallback.max_layers` > 0 and the
+    last step a PT2E INT8 method."""
+    method = steps[-1]
+    if cfg.fallback.max_layers <= 0 or method not in cfg.methods:
+        return False
+    return family(inc_config(cfg.methods, method)) == "pt2e"
+
+
+def fall_back(
+    steps: list[str],
+    fp32: tuple[nn.Module, dict],
+    data: dict[str, Any],
+    cfg: DictConfig,
+    student_dir: Path | None,
+    judge: Callable,
+) -> list[tuple[str, nn.Module, dict[str, Any]]]:
+    """INC's accuracy-aware tuning for a PT2E method that missed the budget: `autotune` over
+    the method with one layer left in FP32 each, then, most sensitive first (the layer whose
+    fallback lost the fewest rows), with 2, 3, ... layers left in FP32, as INC 2.x's basic
+    strategy did; every trial judged by the budget. (name, model, gate) per trial."""
+    source, _, _ = build(steps[:-1], fp32, data, cfg, student_dir)
+    method, layers = steps[-1], quantizable_layers(source)
+    run_fn = calibrator(data["val"], cfg.calibration_batches, cfg.calibration_batch_size)
+    example = torch.from_numpy(data["val"][: cfg.calibration_batch_size])
+
+    def evaluate(candidate: nn.Module) -> float:  # INC's score: higher is better
+        return 100 - judge(candidate)["drop"]  # INC divides by the baseline's (100)
+
+    def run(sets: list[list[str]]) -> list[tuple[str, nn.Module, dict[str, Any]]]:
+        configs = [with_fp32_layers(cfg.methods, method, fp) for fp in sets]
+        done = trials(source, configs, evaluate, run_fn, example)
+        # judged again as exported: the weights folded to INT8, as the model ships
+        return [
+            (f"{method}+fp32:{','.join(fp)}", model, judge(model))
+            for fp, (model, _) in zip(sets, done, strict=True)
+        ]
+
+    singles = run([[layer] for layer in layers[: cfg.fallback.max_layers]])
+    tried = list(singles)
+    if all(g["verdict"] != "within" for _, _, g in singles) and len(layers) > 2:
+        order = [layers[i] for i, _ in sorted(enumerate(singles), key=lambda t: t[1][2]["drop"])]
+        tried += run([order[:k] for k in range(2, min(len(layers), cfg.fallback.max_layers + 1))])
+    for name, _, gate in tried:
+        log.info("fallback %s: drop %.2f points, budget %s", name, gate["drop"], gate["verdict"])
+    return tried
+
+
+def pick(results: dict[str, dict], first: str, cfg: DictConfig) -> str:
+    """The pipeline to write: the configured one (`select: method`), or the best by the
+    budget's verdicts and `compress.objective` (`select: best`, see `best_candidate`)."""
     if cfg.select == "method":
         return first
-    fp32 = results["fp32"][name]
-    within = [
-        k
-        for k, r in results.items()
-        if k != "fp32" and (fp32 - r[name]) * 100 <= cfg.max_accuracy_drop
-    ]
-    if not within:
-        return max((k for k in results if k != "fp32"), key=lambda k: results[k][name])
     key = "size_bytes" if cfg.objective == "size" else "latency_ms_batch256"
-    return min(within, key=lambda k: results[k][key])
+    return best_candidate([(k, r["gate"], r[key]) for k, r in results.items() if k != "fp32"])
+
+
+def eval_rows(
+    names: list[str], val: np.ndarray, val_y: np.ndarray | None, test: tuple[np.ndarray, ...]
+) -> dict[str, Any]:
+    """The rows the accuracy budget is judged on: the splits `compress.eval_split` stacked
+    (val only where its labels were given); x, y and their names."""
+    parts = {"val": (val, val_y), "test": test}
+    if unknown := [n for n in names if n not in parts]:
+        raise StageError(f"compress.eval_split: {unknown[0]!r} is not one of val, test")
+    got = [n for n in names if parts[n][1] is not None] or ["test"]
+    return {
+        "x": np.concatenate([parts[n][0] for n in got]),
+        "y": np.concatenate([parts[n][1] for n in got]),
+        "splits": "+".join(got),
+    }
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of a model's parameters and buffers: the size a candidate will have, before it
+    is saved."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def compress(
@@ -231,7 +367,8 @@ def compress(
             del pipelines[key]
     quiet_inc()
     with torch_threads(cfg.threads):
-        data = {"val": val, "val_y": val_y, "train": train, "seed": seed}
+        rows = eval_rows(list(cfg.eval_split), val, val_y, test)
+        data = {"val": val, "val_y": val_y, "train": train, "seed": seed, "eval": rows}
         return _compress(fp32_dir, test, cfg, out_dir, pipelines, data, student_dir)
 
 
@@ -248,6 +385,9 @@ def _compress(
     fp32 = load_fp32(fp32_dir)
     meta = fp32[1]
     name = SCORE_NAME[meta["task"]]
+    reference = decode(predict_logits(fp32[0], data["eval"]["x"]), meta)
+    judge_fn = partial(judge, reference=reference, rows=data["eval"], meta=meta, cfg=cfg)
+    data["judge"] = judge_fn
     with atomic_dir(out_dir) as tmp:
         data["scratch"] = tmp
         log.info("measuring FP32 on %d test rows", len(test[0]))
@@ -258,28 +398,36 @@ def _compress(
         }
         built = {}
         candidates = track(pipelines.items(), len(pipelines), "compress", "candidate", log)
+        first = None
         for key, steps in candidates:
             log.info("pipeline %s: %s", key, " -> ".join(steps))
             model, new_meta, details = build(steps, fp32, data, cfg, student_dir)
-            check = None
-            if cfg.select == "method" and len(results) == 1:  # fail before timing it
-                fp32_score = results["fp32"][name]
-                check = partial(check_budget, fp32_score, max_drop=cfg.max_accuracy_drop, name=name)
-            results[key] = {
-                **measure(model, tmp / f"{key}.pt2", test, meta, cfg, check=check),
-                **details,
-            }
+            if steps[-1] == "auto":
+                gate = next(r["gate"] for r in details["tuning"] if r["chosen"])
+            else:
+                gate = judge_fn(model)
+            if first is None and worth_falling_back(gate) and can_fall_back(steps, cfg):
+                tried = fall_back(steps, fp32, data, cfg, student_dir, judge_fn)
+                details["fallback"] = [{"name": n, **g} for n, _, g in tried]
+                options = [(n, g, state_bytes(m)) for n, m, g in tried]
+                best = best_candidate([(key, gate, state_bytes(model)), *options])
+                if best != key:
+                    key, (_, model, gate) = best, next(t for t in tried if t[0] == best)
+            if first is None and cfg.select == "method" and gate["verdict"] == "over":
+                decide(gate, cfg, key, name)  # fails before anything is timed
+            first = first or key
+            results[key] = {**measure(model, tmp / f"{key}.pt2", test, meta, cfg), **details}
+            results[key]["gate"] = gate
             built[key] = new_meta
-        chosen = pick(results, next(iter(pipelines)), cfg, name)
-        drop = check_budget(
-            results["fp32"][name], results[chosen][name], cfg.max_accuracy_drop, name
-        )
+        chosen = pick(results, first, cfg)
+        gate = results[chosen]["gate"]
+        decide(gate, cfg, chosen, name)
         (tmp / f"{chosen}.pt2").rename(tmp / "model.pt2")
         serving = serving_plan(results["fp32"], results[chosen], cfg)
-        if not cfg.fp32_fallback:  # by config, not by measurement: the same files every run
-            (tmp / "fp32.pt2").unlink()
-        for key in pipelines:
-            (tmp / f"{key}.pt2").unlink(missing_ok=True)
+        keep = {"model.pt2", *(["fp32.pt2"] if cfg.fp32_fallback else [])}
+        for program in tmp.glob("*.pt2"):  # by config, not by measurement: the same files
+            if program.name not in keep:
+                program.unlink()
         # no measured figure here (the serving plan goes to metrics): same inputs, same bytes
         write_meta(tmp, {**built[chosen], "compression": chosen})
     base = results["fp32"]
@@ -300,7 +448,9 @@ def _compress(
         "fp32": base,
         "compressed": top,
         "size_ratio": top["size_ratio"],
-        "accuracy_drop_points": drop,
+        "accuracy_drop_points": gate["drop"],
+        "accuracy_drop_bound": gate["drop_high"],
+        "budget": gate["verdict"],
         "latency_ratio_batch1": top["latency_ratio_batch1"],
         "latency_ratio_batch256": top["latency_ratio_batch256"],
         "serving": serving,
@@ -325,7 +475,8 @@ def serving_plan(fp32: dict, chosen: dict, cfg: DictConfig) -> dict[str, Any]:
 def headline(result: dict[str, Any], name: str) -> dict[str, Any]:
     """What `dvc exp show` compares: the chosen method, its score and its ratios to FP32
     (the candidates and per-batch latencies stay in the details file)."""
-    keys = ["size_ratio", "accuracy_drop_points", "latency_ratio_batch1", "latency_ratio_batch256"]
+    keys = ["size_ratio", "accuracy_drop_points", "accuracy_drop_bound"]
+    keys += ["latency_ratio_batch1", "latency_ratio_batch256"]
     return {"method": result["method"], name: result["compressed"][name]} | {
         k: result[k] for k in keys
     }

@@ -4,7 +4,6 @@ file size, score on the test split and latency per execution path and batch size
 import logging
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +60,9 @@ def measure(
     meta: dict,
     cfg: DictConfig,
     compile: bool | None = None,
-    check: Callable[[float], Any] | None = None,
 ) -> dict[str, Any]:
     """Save `module` to `path`, load it back and measure the loaded program: file size,
-    score on `test` (passed to `check`, which may raise before anything is timed), latency
+    score on `test`, latency
     per execution path (compiled too if `compile`, by default `compress.compile`) and batch
     size; `answers`: the loaded program's on `test` (decoded), not for the metrics file."""
     x, y = test
@@ -72,8 +70,6 @@ def measure(
     program = load_program(path)
     answers = decode(predict_logits(program, x), meta)
     value = score(y, answers, meta["task"])
-    if check:
-        check(value)
     times = latencies(program, x, cfg, cfg.compile if compile is None else compile)
     best = {b: min(t[b] for t in times.values()) for b in times["eager"]}
     first, last = str(min(cfg.batch_sizes)), str(max(cfg.batch_sizes))

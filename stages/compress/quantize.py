@@ -192,6 +192,36 @@ def replace_woq_layers(model: nn.Module) -> None:
         setattr(model.get_submodule(owner) if owner else model, attr, packed)
 
 
+def trials(
+    model: nn.Module,
+    configs: list[Any],
+    evaluate: Callable[[nn.Module], float],
+    run_fn: Callable,
+    example: torch.Tensor,
+) -> list[tuple[nn.Module, float]]:
+    """INC `autotune` of `model` over `configs` of one family (all PT2E, or none), every
+    trial run (none ends the search early) and kept: (exportable model, `evaluate`'s score)
+    per config, in order."""
+    from neural_compressor.torch.quantization import TuningConfig, autotune
+
+    seen: list[tuple[nn.Module, float]] = []
+
+    def eval_fn(candidate: nn.Module) -> float:
+        value = evaluate(candidate)
+        seen.append((candidate, value))
+        return value
+
+    source = exported(model, example) if family(configs[0]) == "pt2e" else model
+    # tolerable_loss -1: no trial ends the search early; all trials run.
+    config = TuningConfig(config_set=configs, tolerable_loss=-1.0, max_trials=len(configs))
+    autotune(source, config, eval_fn, run_fn=run_fn, example_inputs=(example,))
+    # seen[0] is INC's baseline: the model unquantized
+    return [
+        (exportable(candidate, c), value)
+        for (candidate, value), c in zip(seen[1 : len(configs) + 1], configs, strict=True)
+    ]
+
+
 def tune(
     model: nn.Module,
     methods: DictConfig,
@@ -211,27 +241,26 @@ def tune(
     Returns:
         (method name, exportable quantized model, score) per trial.
     """
-    from neural_compressor.torch.quantization import TuningConfig, autotune
-
     configs = {name: inc_config(methods, name) for name in names[:max_trials]}
-    trials: list[tuple[str, nn.Module, float]] = []
-    for kind in ("pt2e", "eager"):
-        group = [n for n, c in configs.items() if (family(c) == "pt2e") == (kind == "pt2e")]
-        if not group:
-            continue
-        seen: list[tuple[nn.Module, float]] = []
+    out: list[tuple[str, nn.Module, float]] = []
+    for pt2e in (True, False):
+        group = [n for n, c in configs.items() if (family(c) == "pt2e") == pt2e]
+        if group:
+            done = trials(model, [configs[n] for n in group], evaluate, run_fn, example)
+            out += [(n, m, v) for n, (m, v) in zip(group, done, strict=True)]
+    return out
 
-        def eval_fn(candidate: nn.Module, seen: list = seen) -> float:
-            value = evaluate(candidate)
-            seen.append((candidate, value))
-            return value
 
-        source = exported(model, example) if kind == "pt2e" else model
-        # tolerable_loss -1: no trial ends the search early; all `group` trials run.
-        config = TuningConfig(
-            config_set=[configs[n] for n in group], tolerable_loss=-1.0, max_trials=len(group)
-        )
-        autotune(source, config, eval_fn, run_fn=run_fn, example_inputs=(example,))
-        for name, (candidate, value) in zip(group, seen[1 : len(group) + 1], strict=True):
-            trials.append((name, exportable(candidate, configs[name]), value))
-    return trials
+def with_fp32_layers(methods: DictConfig, name: str, layers: list[str]) -> Any:
+    """The INC config of PT2E method `name` with the Linear and Conv layers `layers` (module
+    names) left in FP32 (`set_local`: INC's per-layer override)."""
+    config = inc_config(methods, name)
+    for layer in layers:
+        config.set_local(layer, type(config)(w_dtype="fp32", act_dtype="fp32"))
+    return config
+
+
+def quantizable_layers(model: nn.Module) -> list[str]:
+    """The module names of the layers INT8 PT2E quantizes (Linear, Conv), in order."""
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return [name for name, m in model.named_modules() if isinstance(m, kinds)]
