@@ -145,6 +145,22 @@ def test_compress_smoke_measures_each_pipeline_against_fp32(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
+def test_gates_smoke_passes_the_build_and_fails_each_planted_regression(tmp_path: Path) -> None:
+    latency, accuracy = tables(smoke("gates", tmp_path))
+    runs = {r["build"]: r for r in latency}
+    assert list(runs) == ["default build", "planted: adaptive batching"]
+    assert runs["default build"]["failed"] == "0"
+    assert runs["planted: adaptive batching"]["failed"] == "1"  # lone requests ~10x slower
+    assert ratio(runs["default build"]["req/s (min)"])
+    assert ratio(runs["planted: adaptive batching"]["+ms lower bound (max)"]) > 5
+    data = {r["data"]: r for r in accuracy}
+    assert list(data) == ["wine", "wine, planted broken layer"]
+    # 54 rows cannot resolve a 1-point budget: shipped with a warning (compress.undecided)
+    assert data["wine"]["failed"] == "0" and data["wine"]["verdicts"] == "unresolvable 1"
+    assert data["wine, planted broken layer"]["failed"] == "1"
+
+
+@pytest.mark.slow
 @WRK
 def test_serve_smoke_measures_bentoml_against_fastapi_and_the_model_in_process(
     background: dict[str, tuple[subprocess.Popen, Path]],
