@@ -9,9 +9,11 @@ planted regression, counted over repeated runs.
 - **accuracy** (the compress stage's budget, `stages.compress.compress`): scikit-learn's wine
   (178 rows) with a categorical column and 3% missing values, ingested, trained and
   compressed by the stages' functions for `--seeds` seeds; then the same with a planted
-  broken INT8 model (the first INT8 weight tensor's rows shuffled: one corrupted layer, in
+  broken INT8 model (one INT8 weight tensor negated: one corrupted layer, in
   every candidate the fallback tries too), on wine and on the pipeline's digits model.
   `--exp-runs N` also runs wine through `dvc exp run` in a temporary clone for N seeds.
+- **drift** (profile, predict, `/drift`): digits split anew for 2 x `--seeds` seeds, val
+  against train, as is and with one pixel shifted.
 
 While it runs, `--busy` processes spin (one core of two kept busy by default), as a user's
 machine is. Prints a table per gate: runs, failures, rate, and the figures each gate judged.
@@ -232,20 +234,18 @@ def run_compress(
 
 @contextlib.contextmanager
 def planted_layer(seed: int | None) -> Iterator[None]:
-    """With `seed`: every INT8 model INC makes gets its first INT8 weight tensor's rows
-    shuffled (one corrupted layer), fallback candidates included."""
+    """With `seed`: every INT8 model INC makes gets one INT8 weight tensor negated (one
+    corrupted layer: the `seed % count`-th in the graph's order), fallback candidates
+    included, so leaving one layer in FP32 cannot dodge it."""
     quantize = importlib.import_module("stages.compress.quantize")  # the module, not the function
     original = quantize.fold_weight_quantization
 
     def corrupted(gm: Any) -> None:
-        import torch
-
         original(gm)
         weights = [b for n, b in gm.named_buffers() if n.startswith("int8_weight_")]
-        if weights:  # the first in the graph's order
-            weight = weights[0]
-            rows = torch.from_numpy(np.random.default_rng(seed).permutation(weight.shape[0]))
-            weight.copy_(weight[rows])
+        if weights:
+            weight = weights[seed % len(weights)]
+            weight.copy_(weight.neg().clamp(-127, 127))
 
     if seed is not None:
         quantize.fold_weight_quantization = corrupted
@@ -319,8 +319,11 @@ def exp_runs(n: int, work: Path) -> list[dict[str, Any]]:
         cmd = ["dvc", "exp", "run", *[a for s in sets for a in ("-S", s)]]
         proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
         last = (proc.stderr.strip().splitlines() or [""])[-1]
-        metrics = repo / "metrics/compress.json"
-        result = json.loads(metrics.read_text()) if proc.returncode == 0 else {}
+        result = {}
+        if proc.returncode == 0:
+            result = json.loads((repo / "metrics/compress.json").read_text())
+            details = json.loads((repo / "reports/compress.json").read_text())
+            result["budget"] = details["budget"]
         error = "" if proc.returncode == 0 else last
         rows.append({"data": "wine, dvc exp run", "seed": seed, "error": error, **result})
     return rows
@@ -363,9 +366,39 @@ def accuracy_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(["accuracy gate (compress.max_accuracy_drop):", *lines, *why])
 
 
+def drift(args: argparse.Namespace, work: Path) -> str:
+    """The drift gate on digits split anew for each seed (val against train: no drift), then
+    with one pixel of val shifted by 2 (of 0-16): runs with any column called drifted, by
+    whylogs' own per-column categories and by the Holm-adjusted ones the gate uses."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from fullstack_ml.runtime.drift import drift_scores, profile_frame
+
+    digits = load_digits(as_frame=True).frame
+    rows = []
+    for seed in range(args.seeds * 2):
+        train, val = train_test_split(digits, test_size=0.15, random_state=seed)
+        for planted in (False, True):
+            val = val.assign(**{"pixel_3_3": val["pixel_3_3"] + 2}) if planted else val
+            scores = drift_scores(profile_frame(val), profile_frame(train), "target")
+            raw = sum(s is not None and s["pvalue"] < 0.05 for s in scores.values())
+            holm = sum(s is not None and s["drift_category"] == "DRIFT" for s in scores.values())
+            rows.append({"planted": planted, "raw": raw, "holm": holm})
+    lines = ["| val against train | runs | any column p < 0.05 | any column drifted (Holm) |",
+             "|---|---:|---:|---:|"]  # fmt: skip
+    for planted, name in ((False, "re-split, no drift"), (True, "pixel_3_3 + 2 planted")):
+        runs = [r for r in rows if r["planted"] == planted]
+        lines.append(
+            f"| {name} | {len(runs)} | {sum(r['raw'] > 0 for r in runs)} | "
+            f"{sum(r['holm'] > 0 for r in runs)} |"
+        )
+    return "\n".join(["drift gate (profile.drift.fail_on_drift, 65 columns):", *lines])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gates", default="latency,accuracy")
+    parser.add_argument("--gates", default="latency,accuracy,drift")
     parser.add_argument("--runs", type=int, default=20, help="release gates per build")
     parser.add_argument("--seeds", type=int, default=10, help="accuracy runs per data set")
     parser.add_argument("--exp-runs", type=int, default=0, help="wine via dvc exp run, seeds")
@@ -379,6 +412,7 @@ def main() -> None:
     gates: dict[str, Callable[[argparse.Namespace, Path], str]] = {
         "latency": latency,
         "accuracy": accuracy,
+        "drift": drift,
     }
     with tempfile.TemporaryDirectory(prefix="bench-gates-") as tmp:
         os.environ["BENTOML_HOME"] = f"{tmp}/bentoml"  # the wine bentos: not the user's store

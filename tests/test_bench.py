@@ -146,7 +146,7 @@ def test_compress_smoke_measures_each_pipeline_against_fp32(tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_gates_smoke_passes_the_build_and_fails_each_planted_regression(tmp_path: Path) -> None:
-    latency, accuracy = tables(smoke("gates", tmp_path))
+    latency, accuracy, drift = tables(smoke("gates", tmp_path))
     runs = {r["build"]: r for r in latency}
     assert list(runs) == ["default build", "planted: adaptive batching"]
     assert runs["default build"]["failed"] == "0"
@@ -158,6 +158,10 @@ def test_gates_smoke_passes_the_build_and_fails_each_planted_regression(tmp_path
     # 54 rows cannot resolve a 1-point budget: shipped with a warning (compress.undecided)
     assert data["wine"]["failed"] == "0" and data["wine"]["verdicts"] == "unresolvable 1"
     assert data["wine, planted broken layer"]["failed"] == "1"
+    unchanged, shifted = drift
+    assert unchanged["runs"] == shifted["runs"] == "2"
+    assert unchanged["any column drifted (Holm)"] == "0"
+    assert shifted["any column drifted (Holm)"] == "2"
 
 
 @pytest.mark.slow

@@ -184,13 +184,15 @@ def auto(
 
 
 def best_candidate(candidates: list[tuple[str, dict[str, Any], float]]) -> str:
-    """Of (name, gate, cost) triples: the least cost judged `within` the budget; with none,
-    the least drop (then cost) not judged `over`; with none, the least drop."""
+    """Of (name, gate, cost) triples in order of preference (the configured one first): the
+    least cost judged `within` the budget; with none, the first not judged `over` (a smaller
+    drop that the rows cannot tell from noise is not worth a larger model); with none, the
+    least drop."""
     within = [c for c in candidates if c[1]["verdict"] == "within"]
     if within:
         return min(within, key=lambda c: c[2])[0]
-    pool = [c for c in candidates if c[1]["verdict"] != "over"] or candidates
-    return min(pool, key=lambda c: (c[1]["drop"], c[2]))[0]
+    pool = [c for c in candidates if c[1]["verdict"] != "over"]
+    return pool[0][0] if pool else min(candidates, key=lambda c: (c[1]["drop"], c[2]))[0]
 
 
 def judge(
@@ -247,11 +249,9 @@ def decide(gate: dict[str, Any], cfg: DictConfig, chosen: str, name: str) -> Non
 
 
 def worth_falling_back(gate: dict[str, Any]) -> bool:
-    """Whether layers left in FP32 could do better: the budget is missed or undecided, or the
-    rows cannot resolve it but rows were lost."""
-    return gate["verdict"] in ("over", "undecided") or (
-        gate["verdict"] == "unresolvable" and gate["drop"] > 0
-    )
+    """Whether layers left in FP32 could do better: the budget is missed, or undecided on rows
+    that could show it (on rows too few to show it, no candidate can be `within`)."""
+    return gate["verdict"] in ("over", "undecided")
 
 
 def can_fall_back(steps: list[str], cfg: DictConfig) -> bool:
