@@ -52,7 +52,6 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SMOKE_SET = ["experiment=smoke"]
 SMOKE_UNTIL = "profile"
-LONE_S = 2 * 3 * 0.4  # stages.validate.lone_p50_ms: lone requests before and after a burst
 
 
 def sh(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> float:
@@ -242,9 +241,12 @@ def work_package(repo: Path, cfg: Any) -> float:
 
 
 def work_validate(repo: Path, cfg: Any) -> float:
-    """The load the gate is configured to send (its reference answers come from compress)."""
+    """The load the gate is configured to send (its reference answers come from compress):
+    the timed load, burst and settling, and its lone requests at the p50 the run measured."""
     slo = cfg.serve.slo
-    return float(slo.duration_s + slo.burst_s + slo.settle_s) + LONE_S
+    lone = slo.warmup_requests + 2 * slo.lone_requests
+    p50_ms = json.loads((repo / "reports/validate.json").read_text())["lone_p50_ms"]
+    return float(slo.duration_s + slo.burst_s + slo.settle_s) + lone * p50_ms / 1000
 
 
 def work_report(repo: Path, cfg: Any) -> float:
