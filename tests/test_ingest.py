@@ -10,8 +10,10 @@ import pytest
 from omegaconf import DictConfig
 
 from fullstack_ml import ray_session
+from fullstack_ml.gates import rate_bounds
 from fullstack_ml.stage import StageError, compose
 from stages.ingest import ingest
+from stages.ingest.gates import unknown_gate
 from stages.ingest.split import split_table
 
 
@@ -173,6 +175,12 @@ def test_unknown_categories_in_val_fail_past_the_threshold(tmp_path: Path) -> No
     with pytest.raises(StageError, match=r"split, column 'city': 100\.0% of values are categories"):
         ingest(file_cfg(src), 0, tmp_path / "out")
     ingest(file_cfg(src, "data.quality.max_unknown_categories=1.0"), 0, tmp_path / "out")
+
+
+def test_unseen_categories_fail_on_evidence_not_on_two_rows_of_a_small_split() -> None:
+    unknown_gate("val", "city", 2, 27, 0.05)  # 7.4%, but no evidence of more than 5%
+    with pytest.raises(StageError, match=r"^val split, column 'city': 18\.5% .*at least 7\.6%"):
+        unknown_gate("val", "city", 5, 27, 0.05)
 
 
 SPLIT = {"val_size": 0.2, "test_size": 0.2, "column": None}
@@ -349,12 +357,15 @@ def test_unseen_categories_from_codes_match_the_values() -> None:
     column.iloc[:200] = column.iloc[:200].replace("b", "a")  # "b" only in val and test
     codes = {"s": pd.factorize(column)}
     train, val = column.iloc[idx[0]].dropna(), column.iloc[idx[1]].dropna()
-    rate = float((~val.isin(train.unique())).mean())
-    assert 0 < rate < 1
-    vocabularies = check_unknown_categories(codes, idx, max_rate=rate)
+    unseen = int((~val.isin(train.unique())).sum())
+    assert 0 < unseen < len(val)
+    # the gate fails past the rate's lower bound, which only these exact counts give
+    low = rate_bounds(unseen, len(val))[0]
+    vocabularies = check_unknown_categories(codes, idx, max_rate=low)
     assert vocabularies == {"s": train.unique().tolist()} and "b" not in vocabularies["s"]
+    rate = unseen / len(val)
     with pytest.raises(StageError, match=f"val split, column 's': {rate:.1%} of values"):
-        check_unknown_categories(codes, idx, max_rate=rate - 0.01)
+        check_unknown_categories(codes, idx, max_rate=low - 1e-9)
 
 
 INGEST_SCRIPT = """

@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from fullstack_ml.gates import rate_bounds, rate_over
 from fullstack_ml.stage import StageError
 
 Codes = dict[str, tuple[np.ndarray, np.ndarray]]  # column: `pd.factorize` codes and uniques
@@ -98,14 +99,16 @@ def check_unknown_categories(
         for name, rows in zip(("val", "test"), idx[1:], strict=True):
             values = column[rows]
             values = values[values >= 0]
-            rate = float((~known[values]).mean()) if len(values) else 0.0
-            unknown_gate(name, c, rate, max_rate)
+            unknown_gate(name, c, int((~known[values]).sum()), len(values), max_rate)
     return vocabularies
 
 
-def unknown_gate(split: str, column: str, rate: float, max_rate: float) -> None:
-    if rate > max_rate:
+def unknown_gate(split: str, column: str, unseen: int, values: int, max_rate: float) -> None:
+    """Fail when `unseen` of a split's `values` are evidence of a rate over `max_rate`: its
+    lower 95% bound is (2 unseen of 27 values, 7.4%, are not; README: "The gates")."""
+    if rate_over(unseen, values, max_rate):
         raise StageError(
-            f"{split} split, column {column!r}: {rate:.1%} of values are categories unseen"
-            f" in train, over data.quality.max_unknown_categories={max_rate}"
+            f"{split} split, column {column!r}: {unseen / values:.1%} of values are categories"
+            f" unseen in train (at least {rate_bounds(unseen, values)[0]:.1%} at 95% confidence),"
+            f" over data.quality.max_unknown_categories={max_rate}"
         )

@@ -170,8 +170,7 @@ def ray_pass(data_cfg: DictConfig, seed: int, out_dir: Path) -> dict[str, Any]:
             for name in ("val", "test"):
                 counts = stats["categories"][name].get(c, {})
                 unseen = sum(v for k, v in counts.items() if k not in known)
-                rate = unseen / max(sum(counts.values()), 1)
-                unknown_gate(name, c, rate, quality.max_unknown_categories)
+                unknown_gate(name, c, unseen, sum(counts.values()), quality.max_unknown_categories)
         target_dtype = sample[data_cfg.target].dtype
         distinct = None if stats["targets"] is None else len(stats["targets"])
         task = decide_task(
