@@ -381,7 +381,8 @@ def _compress(
     data: dict[str, Any],
     student_dir: Path | None,
 ) -> dict[str, Any]:
-    """`compress` once its config is checked (`data`: val, val_y, train, seed)."""
+    """`compress` once its config is checked (`data`: val, val_y, train, seed and eval, the
+    budget's rows; `_compress` adds `judge`, the budget's verdict on a model, and `scratch`)."""
     fp32 = load_fp32(fp32_dir)
     meta = fp32[1]
     name = SCORE_NAME[meta["task"]]
