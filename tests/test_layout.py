@@ -17,7 +17,9 @@ from fullstack_ml import paths
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 BENTOFILE = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
 CODE = ("stages", "fullstack_ml", "service.py", "bentofile.yaml")
-RUNTIME_PACKAGES = {"numpy", "pandas", "torch", "whylogs"}
+RUNTIME_PACKAGES = {"numpy", "pandas", "torch", "whylogs", "pydantic"}  # bentofile's packages
+SERVING_STACK = {"uvicorn", "prometheus_client"}  # what BentoML serves on, installed with it
+NEVER_IN_RUNTIME = {"hydra", "omegaconf", "ray", "bentoml"}
 
 
 def dep_names(stage: str) -> list[str]:
@@ -78,9 +80,13 @@ def test_the_library_never_imports_a_stage() -> None:
         assert not stages, f"{path.relative_to(ROOT)} imports {sorted(stages)}"
 
 
-def test_the_runtime_imports_only_numpy_pandas_torch_and_whylogs() -> None:
+def test_the_runtime_imports_only_what_the_bento_installs_and_never_bentoml() -> None:
+    """The bento's packages and BentoML's serving stack; never the pipeline's hydra,
+    omegaconf or ray, nor bentoml (service.py wires the runtime into BentoML)."""
     for path in sorted((ROOT / "fullstack_ml/runtime").rglob("*.py")):
-        extra = third_party_imports(path) - RUNTIME_PACKAGES
+        imported = third_party_imports(path)
+        assert not imported & NEVER_IN_RUNTIME, f"{path.relative_to(ROOT)} imports {imported}"
+        extra = imported - RUNTIME_PACKAGES - SERVING_STACK
         assert not extra, f"{path.relative_to(ROOT)} imports {sorted(extra)}"
         project = {m for m in imported_modules(path) if not m.startswith("fullstack_ml.runtime")}
         assert project <= {"fullstack_ml"}, f"{path.relative_to(ROOT)} imports {project}"

@@ -583,17 +583,19 @@ def test_a_killed_worker_is_replaced_and_leaves_no_orphans(
 
 SERVING_SIDE = """
 import sys
-from fullstack_ml.runtime import batching, drift_pool, meta, preprocess
+from fullstack_ml.runtime import batching, drift_pool, http, meta, monitor, openapi, preprocess
+from fullstack_ml.runtime import records
 pre = preprocess.Preprocessor(["a", "b"], [], median=[0.0, 0.0], mean=[1.0, 0.0], std=[2.0, 1.0])
 print(pre.encode({"a": [3.0, None], "b": (2, 5)}).tolist())
-print(sorted(m for m in ("whylogs", "pandas", "scipy") if m in sys.modules))
+print(sorted(m for m in ("whylogs", "pandas", "scipy", "torch") if m in sys.modules))
 """
 
 
 def test_the_serving_side_imports_neither_whylogs_nor_pandas_for_a_model_of_numbers() -> None:
     """`bentoml serve` and each worker import the runtime modules; drift is scored in a
     helper process (`drift_pool`) and pandas only encodes categories: importing them cost
-    0.8 s and 0.5 s of every server start."""
+    0.8 s and 0.5 s of every server start. Nor torch: `bentoml build` and the supervisor
+    import them too."""
     out = subprocess.run(
         [sys.executable, "-c", SERVING_SIDE], capture_output=True, text=True, check=True
     )

@@ -1,0 +1,238 @@
+"""The service's HTTP edge: the ASGI `Gate` in front of every route (auth, 415, 413,
+failures by reason), uvicorn's HTTP/1.1 protocol with connection bounds, and one log line
+per client error. Plain ASGI and uvicorn: BentoML wires them in (service.py)."""
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import Callable, Collection
+from typing import Any
+
+import uvicorn.config
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+Failed = Callable[[str], None]  # counts a rejected request by its reason
+
+
+class OneLineClientErrors(logging.Filter):
+    """BentoML logs every 400 as a traceback that quotes the request's values (pydantic's
+    `input_value`): 10 MB of log in 20 s of bad requests, and clients' data in the log.
+    Such a record becomes one INFO line: the route and each error's field and type."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from pydantic import ValidationError
+
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, ValidationError):
+            errors = error.errors(include_input=False, include_context=False, include_url=False)
+            named = [f"{'.'.join(map(str, e['loc'])) or 'body'} {e['type']}" for e in errors]
+            more = f" and {len(named) - 5} more" if len(named) > 5 else ""
+            record.msg = "400 on %s: %s%s"
+            record.args = (record.args[0], "; ".join(named[:5]), more)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def error_body(kind: str, loc: list[str], msg: str) -> bytes:
+    """The shape of BentoML's own 400 bodies: an error line and pydantic-style details."""
+    detail = [{"type": kind, "loc": loc, "msg": msg}]
+    return json.dumps({"error": msg, "detail": detail}).encode()
+
+
+class Gate:
+    """ASGI middleware in front of every route: bearer-token auth (`open_paths`: health,
+    readiness and metrics, stay open), JSON bodies only on `api_paths` (415), the request
+    body limit (413) and validation failures by reason. `spec` answers GET /docs.json."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        max_body_bytes: int,
+        token: str,
+        api_paths: Collection[str],
+        open_paths: Collection[str],
+        spec: Callable[[], bytes],
+        failed: Failed,
+    ) -> None:
+        self.app, self.max_body = app, max_body_bytes
+        self.expected = f"Bearer {token}".encode() if token else None
+        self.api_paths, self.open_paths = api_paths, open_paths
+        self.spec, self.failed = spec, failed
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        given = headers.get(b"authorization", b"")
+        if self.expected and not hmac.compare_digest(given, self.expected):
+            body = error_body("unauthorized", ["header", "authorization"], "bearer token required")
+            return await respond(send, 401, body, [(b"www-authenticate", b"Bearer")])
+        if scope["path"] == "/docs.json" and scope["method"] == "GET":
+            return await respond(send, 200, self.spec())
+        if scope["path"] in self.api_paths and media_type(headers) != b"application/json":
+            # BentoML parses forms and multipart bodies too, and answered 500 to some
+            self.failed("unsupported_media_type")
+            msg = "Content-Type must be application/json"
+            body = error_body("unsupported_media_type", ["header", "content-type"], msg)
+            return await respond(send, 415, body)
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body:
+            return await self.too_large(send)  # refused before reading a byte of it
+        if not length:
+            body, too_large = await read_body(receive, self.max_body)
+            if too_large:
+                return await self.too_large(send)
+            receive = replay(body, receive)
+        status = 0
+
+        async def counting_send(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif status == 400 and message["type"] == "http.response.body":
+                count_failures(message.get("body", b""), self.failed)
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+    async def too_large(self, send: Any) -> None:
+        self.failed("body_too_large")
+        msg = f"request body larger than {self.max_body} bytes (serve.max_body_bytes)"
+        await respond(send, 413, error_body("body_too_large", ["body"], msg))
+
+
+def media_type(headers: dict[bytes, bytes]) -> bytes:
+    """The request's media type, without parameters (`; charset=utf-8`), lower case."""
+    return headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+
+
+def count_failures(body: bytes, failed: Failed) -> None:
+    """Count a 400 by the pydantic error types in its detail (`json_invalid`, `missing`...)."""
+    try:
+        detail = json.loads(body).get("detail")
+        reasons = {d["type"] for d in detail} if isinstance(detail, list) else {"invalid"}
+    except (ValueError, AttributeError, KeyError, TypeError):
+        reasons = {"invalid"}
+    for reason in reasons:
+        failed(reason)
+
+
+async def read_body(receive: Any, limit: int) -> tuple[bytes, bool]:
+    """The whole request body, or (what was read, True) once it passes `limit`; a body far
+    past the limit is not read to its end."""
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        more = message.get("more_body", False)
+        if size > limit and (not more or size > 16 * limit):
+            return b"", True
+    return b"".join(chunks), size > limit
+
+
+def replay(body: bytes, receive: Any) -> Any:
+    """An ASGI receive that gives the body already read, then waits on the connection's own
+    `receive` (for the client's disconnect). Reporting a disconnect at once made responses
+    that listen for one, the docs page at `/`, send 0 bytes of their body."""
+    sent = False
+
+    async def replayed() -> dict:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replayed
+
+
+async def respond(send: Any, status: int, body: bytes, headers: list | None = None) -> None:
+    """A whole JSON response (`body`), with any further `headers`."""
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": head + (headers or [])})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BoundedHTTP(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, which `bentoml serve` runs, with the bounds it lacks: a
+    connection with no request in flight (idle, or still sending its headers) is closed
+    `serve.idle_timeout_s` after it opened or after its last response (uvicorn times out
+    only connections that have had a response: 500 idle sockets stayed open); one past
+    `serve.max_connections` gets a 503 and is closed; on shutdown, a request still in
+    flight after `serve.shutdown_grace_s` (a stalled body) is cut off rather than awaited
+    for the whole request timeout. BentoML does not let a service configure uvicorn.
+    `bounded_http` sets the bounds (class attributes: uvicorn makes the instances)."""
+
+    max_connections: int
+    idle_timeout_s: float
+    shutdown_grace_s: float
+    failed: Failed
+    idle_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            self.failed("too_many_connections")
+            msg = f"more than {self.max_connections} open connections (serve.max_connections)"
+            body = error_body("too_many_connections", ["connection"], msg)
+            head = "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+            transport.write(
+                f"{head}content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+            )
+            transport.write(body)
+            transport.close()
+            return
+        self.close_when_idle()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self.close_when_idle()
+
+    def close_when_idle(self) -> None:
+        if self.idle_timer:
+            self.idle_timer.cancel()
+        self.idle_timer = self.loop.call_later(self.idle_timeout_s, self.close_if_idle)
+
+    def close_if_idle(self) -> None:
+        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.idle_timer:
+            self.idle_timer.cancel()
+        super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self.loop.call_later(self.shutdown_grace_s, self.transport.close)
+
+
+def bounded_http(
+    max_connections: int, idle_timeout_s: float, shutdown_grace_s: float, failed: Failed
+) -> type[BoundedHTTP]:
+    """`BoundedHTTP` with these bounds (`serve.max_connections`, `serve.idle_timeout_s`,
+    `serve.shutdown_grace_s`), counting refused connections with `failed`."""
+    bounds = {
+        "max_connections": max_connections,
+        "idle_timeout_s": idle_timeout_s,
+        "shutdown_grace_s": shutdown_grace_s,
+        "failed": staticmethod(failed),
+    }
+    return type("BoundedHTTP", (BoundedHTTP,), bounds)
+
+
+def install(
+    *, max_connections: int, idle_timeout_s: float, shutdown_grace_s: float, failed: Failed
+) -> None:
+    """Make uvicorn serve with `bounded_http(...)` and BentoML log a client error as one line.
+    `bentoml serve` builds uvicorn's config itself, with the "auto" protocol: h11 here (no
+    httptools installed). uvicorn's importer takes a class as it is."""
+    protocol = bounded_http(max_connections, idle_timeout_s, shutdown_grace_s, failed)
+    uvicorn.config.HTTP_PROTOCOLS["auto"] = protocol  # type: ignore[assignment]
+    logging.getLogger("bentoml._internal.server.http_app").addFilter(OneLineClientErrors())

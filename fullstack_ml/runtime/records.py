@@ -1,0 +1,96 @@
+"""The service's request and response types (pydantic): a record of the model's features,
+as the preprocessing fitted with the model bounds them, and the predictions."""
+
+from collections.abc import Callable
+from operator import attrgetter
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model
+
+from fullstack_ml.runtime.preprocess import Preprocessor
+
+
+# Numeric features: a JSON number or null (missing: imputed as in training) that the model's
+# float32 input can hold (`Preprocessor.limits`); strings, booleans, NaN, infinities and
+# numbers out of that range are 400s naming the field. Categorical features: a string or null
+# (a value unseen in training counts as unknown). Every feature is required.
+def number(low: float, high: float) -> Any:
+    """A finite JSON number from `low` to `high` (no string, no boolean)."""
+    return Annotated[float, Field(strict=True, allow_inf_nan=False, ge=low, le=high)]
+
+
+Category = Annotated[str, Field(strict=True)]
+
+
+# Each feature is a field named f0, f1, ... with the feature's name as its alias: a record,
+# its spec and its errors use the real names, and any column name works, `sepal.length`
+# (an attribute path to attrgetter), `_id` (private in pydantic) or `model_config` alike.
+def field_names(features: list[str]) -> dict[str, str]:
+    """Feature name -> the record's field name."""
+    return {name: f"f{i}" for i, name in enumerate(features)}
+
+
+def record_model(pre: Preprocessor, features: list[str]) -> type[BaseModel]:
+    """`Record`: one value per feature of `features`, each required, no other key."""
+    fields = field_names(features)
+    return create_model(
+        "Record",
+        __config__=ConfigDict(extra="forbid"),
+        **{
+            fields[name]: (number(low, high) | None, Field(alias=name))
+            for name, (low, high) in zip(pre.numeric, pre.limits(), strict=True)
+        },
+        **{fields[name]: (Category | None, Field(alias=name)) for name in pre.categorical},
+    )
+
+
+def feature_getter(features: list[str]) -> Callable[[Any], tuple[Any, ...]]:
+    """A record's values in the order of `features` (a tuple, for one feature too)."""
+    names = list(field_names(features).values())
+    return attrgetter(*names) if len(names) > 1 else lambda r: (r.f0,)
+
+
+def one_or_many(value: Any) -> Any:
+    """A single record (a JSON object) is a list of one."""
+    return [value] if isinstance(value, dict) else value
+
+
+def predict_request(
+    record: type[BaseModel], max_records: int, observe: Callable[[int], object]
+) -> type[BaseModel]:
+    """`PredictRequest`: its `records`, one `record` or a list of 1 to `max_records`;
+    `observe` gets the number of records of each valid request."""
+
+    def observe_records(records: list[Any]) -> list[Any]:
+        observe(len(records))
+        return records
+
+    class PredictRequest(BaseModel):
+        """`records`: one record, or a list of 1 to `serve.max_records` records."""
+
+        model_config = ConfigDict(extra="forbid")
+        records: Annotated[
+            list[record],  # type: ignore[valid-type]
+            # The schema says a list (BentoML's clients cannot encode a union); an object passes.
+            BeforeValidator(one_or_many),
+            Field(
+                min_length=1,
+                max_length=max_records,
+                description="A list of records, or one record (an object): feature -> number",
+            ),
+            AfterValidator(observe_records),
+        ]
+
+    return PredictRequest
+
+
+class Label(BaseModel):
+    label: int | str
+
+
+class Value(BaseModel):
+    value: float  # a regression model's prediction
+
+
+class LabelProbabilities(Label):
+    probabilities: dict[str, float]  # class label -> probability
