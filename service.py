@@ -5,7 +5,8 @@ The model, its schema and the training reference profile come from the BentoML m
 (the bento pins the exact tag); limits, batching and monitoring come from the `serve`
 section of params.yaml. Bearer-token auth is on when FULLSTACK_ML_API_TOKEN is set. The
 work is in fullstack_ml.runtime: `http` (the gate and connection bounds), `openapi`,
-`monitor` (metrics, drift), `records` (request types), `batching` and `program`.
+`monitor` (metrics, drift), `records` (request types), `batching` and `engine` (the model on
+`serve.runtime`: onnxruntime, openvino or Inductor; a worker off Inductor imports no torch).
 """
 
 import gc
@@ -15,11 +16,12 @@ import threading
 from collections import Counter
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import anyio
 import bentoml
 import yaml
+from bentoml._internal.utils import circus
 from bentoml.exceptions import InvalidArgument
 from bentoml.validators import ContentType
 from starlette.applications import Starlette
@@ -27,14 +29,15 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-# torch and whylogs are imported where they are used, in the serving workers: `bentoml
+# The runtime and whylogs are imported where they are used, in the serving workers: `bentoml
 # build` and the `bentoml serve` supervisor import this module too, and need neither
-# (each took several seconds of every package and serve start).
+# (torch and whylogs took several seconds of every package and serve start).
 with bentoml.importing():
     import numpy as np
 
     from fullstack_ml.runtime import http, monitor, openapi
     from fullstack_ml.runtime.batching import Batcher
+    from fullstack_ml.runtime.engine import softmax
     from fullstack_ml.runtime.meta import read_meta
     from fullstack_ml.runtime.monitor import LOG, DriftMonitor
     from fullstack_ml.runtime.preprocess import Preprocessor
@@ -46,9 +49,6 @@ with bentoml.importing():
         predict_request,
         record_model,
     )
-if TYPE_CHECKING:
-    import torch
-
 SERVE: dict[str, Any] = yaml.safe_load(Path(__file__).with_name("params.yaml").read_text())["serve"]
 if SERVE["max_records"] > SERVE["max_batch_size"]:
     raise ValueError("params.yaml: serve.max_records must not exceed serve.max_batch_size")
@@ -64,7 +64,7 @@ MODEL_TAG = (
 STORED = bentoml.models.get(MODEL_TAG)
 SCHEMA: dict[str, Any] = json.loads(Path(STORED.path_of("schema.json")).read_text())
 META: dict[str, Any] = read_meta(Path(STORED.path_of("model.json")).parent)
-# The execution path per batch size that the compress stage measured fastest (absent: eager).
+# The runtime and execution paths the compress stage measured fastest (absent: eager torch).
 SERVING_FILE = Path(STORED.path_of("serving.json"))
 SERVING: dict[str, Any] | None = (
     json.loads(SERVING_FILE.read_text()) if SERVING_FILE.exists() else None
@@ -91,6 +91,16 @@ http.install(
     shutdown_grace_s=SERVE["shutdown_grace_s"],
     failed=failed,
 )
+
+
+def respawn_sooner(create: Any, check_delay_s: float) -> Any:
+    """`bentoml serve`'s supervisor (circus) looks for dead workers every 10 s, its fixed
+    `check_delay`: a killed worker answered again 8.5 s later, on average, here; 1.5 s at 1 s
+    (BentoML offers no setting; this wraps the function that builds it)."""
+    return lambda watchers, **kw: create(watchers, **{"check_delay": check_delay_s, **kw})
+
+
+circus.create_standalone_arbiter = respawn_sooner(circus.create_standalone_arbiter, 1.0)
 Record = record_model(PRE, FEATURES)
 feature_values = feature_getter(FEATURES)
 PredictRequest = predict_request(
@@ -152,26 +162,18 @@ class Classifier:
 
     def __init__(self) -> None:
         from fullstack_ml.runtime.drift_pool import load_reference
+        from fullstack_ml.runtime.engine import load_engine
 
-        # The drift helper starts first, on the other core while this one loads and compiles
-        # the model: started last, its start-up (1-2 s of CPU) overlapped the first requests.
+        # The drift helper starts first, on the other core while this one loads the model:
+        # started last, its start-up (1-2 s of CPU) overlapped the first requests.
         MONITOR.reference = self.model_ref.path_of("reference_profile.bin")
         MONITOR.scorer.submit(load_reference, MONITOR.reference)  # start it, load the profile
-
-        import torch
-
-        from fullstack_ml.runtime.program import load_runner
-
-        # Idle OpenMP threads spin between the many small ops of the INT8 graph and take the
-        # CPU the event loop needs; one intra-op thread per worker serves more, not less.
-        torch.set_num_threads(SERVE["torch_threads"])
         PRE.encode({name: [None] for name in FEATURES})  # imports what it needs (pandas for
         # categories) now, not at the first request
-        # The execution path measured fastest per batch size by the compress stage (INT8 compiled
-        # by Inductor, or eager); a path that fails to compile (no C++ compiler in the image)
-        # is logged and left out.
-        self.model = load_runner(
-            Path(self.model_ref.path_of("model.pt2")).parent, SERVING, PRE.width, LOG
+        # On Inductor, a path that fails to compile (no C++ compiler) is logged and left out.
+        folder = Path(self.model_ref.path_of("model.json")).parent
+        self.model = load_engine(
+            folder, SERVING, PRE.width, SERVE["runtime"], SERVE["threads"], LOG
         )
         refresh = threading.Thread(
             target=MONITOR.refresh_forever, args=(SERVE["drift"]["refresh_s"],), daemon=True
@@ -186,20 +188,15 @@ class Classifier:
         gc.freeze()
         gc.set_threshold(50_000, 20, 20)
 
-    def outputs(self, records: list[Any]) -> "torch.Tensor":
+    def outputs(self, records: list[Any]) -> np.ndarray:
         """The model's outputs on raw records, encoded by the training preprocessing."""
         columns = dict(zip(FEATURES, zip(*map(feature_values, records), strict=True), strict=True))
-        import torch
-
         if PRE.numeric:
             MONITOR.add(np.array([columns[f] for f in PRE.numeric], dtype=np.float32).T)
-        with torch.inference_mode():
-            return self.model(torch.from_numpy(PRE.encode(columns)))
+        return self.model(PRE.encode(columns))
 
-    def probabilities(self, records: list[Any]) -> "torch.Tensor":
-        import torch
-
-        probs = torch.softmax(self.outputs(records), dim=1)
+    def probabilities(self, records: list[Any]) -> np.ndarray:
+        probs = softmax(self.outputs(records))
         for index, n in Counter(probs.argmax(1).tolist()).items():
             metrics().predictions.labels(label=str(CLASSES[index])).inc(n)
         return probs

@@ -267,6 +267,7 @@ def package_wine(
     (out / "reference_profile.bin").write_bytes(profile_frame(train).serialize())
     shutil.copyfile(curated / "schema.json", out / "schema.json")
     names = ("model.pt2", "model.json", "schema.json", "reference_profile.bin", "serving.json")
+    names += ("model.onnx",) if (out / "model.onnx").exists() else ()  # compress.runtimes
     info = package(
         {n: out / n for n in names}, {"git_commit": git_commit()}, cfg.serve, work / "dist"
     )

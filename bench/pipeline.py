@@ -235,6 +235,8 @@ def work_package(repo: Path, cfg: Any) -> float:
         }
         if (model / "fp32.pt2").exists():  # compress.fp32_fallback
             files["fp32.pt2"] = model / "fp32.pt2"
+        if (model / "model.onnx").exists():  # compress.runtimes
+            files["model.onnx"] = model / "model.onnx"
         shown = [metrics / "eval.json", metrics / "compress.json"]
         metadata = build_metadata(repo / "params.yaml", shown)
         return timed(lambda: package(files, metadata, cfg.serve, Path(tmp) / "dist"))

@@ -95,6 +95,7 @@ def build(
         shutil.copyfile(data / "schema.json", out / "schema.json")
         shutil.copyfile(work / "profile" / "train.bin", out / "reference_profile.bin")
     names = ("model.pt2", "model.json", "schema.json", "reference_profile.bin", "serving.json")
+    names += ("model.onnx",) if (out / "model.onnx").exists() else ()  # compress.runtimes
     meta = {"git_commit": git_commit()}
     info = package({n: out / n for n in names}, meta, cfg.serve, work / "dist")
     features = [f["name"] for f in json.loads((out / "schema.json").read_text())["features"]]

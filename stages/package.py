@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import shutil
 import sys
 import tempfile
@@ -36,11 +37,20 @@ from fullstack_ml.paths import (
     REFERENCE_PROFILE,
     SCHEMA,
 )
+from fullstack_ml.runtime.engine import ONNX_FILE, choose_runtime
 from fullstack_ml.stage import ROOT, StageError, atomic_dir, git_commit, read_json, run, write_json
 
 log = logging.getLogger("stages.package")
 BENTOFILE = ROOT / "bentofile.yaml"
 SERVICE_MODULE = "service"  # bentofile.yaml's `service: "service:Classifier"`
+# The packages only one runtime needs: a bento installs its own runtime's, none of the others.
+RUNTIME_PACKAGES = {"inductor": {"torch", "torchao"}, "onnxruntime": {"onnxruntime"}}
+RUNTIME_PACKAGES["openvino"] = {"openvino"}
+# A bento off torch builds its image FROM this rather than from BentoML's Debian template,
+# which apt-installs build-essential and git (Inductor compiles C++ at run time; onnxruntime
+# and openvino need no compiler): python:3.11-slim has none. deploy/container.sh builds it
+# FROM a local Debian base of Python alone.
+SLIM_BASE_IMAGE = "python:3.11-slim"
 
 
 def build_metadata(params_file: Path, metrics_files: list[Path]) -> dict[str, Any]:
@@ -60,6 +70,25 @@ def shipped_files(bentofile: Path = BENTOFILE) -> list[Path]:
     """The project files the bento ships: bentofile.yaml's `include` (anchored paths)."""
     include = yaml.safe_load(Path(bentofile).read_text())["include"]
     return [ROOT / entry.lstrip("/") for entry in include]
+
+
+def bentofile_for(runtime: str, bentofile: Path = BENTOFILE) -> str:
+    """bentofile.yaml for a bento serving on `runtime`: its packages less those of the other
+    runtimes (a bento on onnxruntime installs no torch) and, off inductor, the slim base
+    image (no compiler)."""
+    config = yaml.safe_load(Path(bentofile).read_text())
+    others = set().union(*(p for r, p in RUNTIME_PACKAGES.items() if r != runtime))
+    config["python"]["packages"] = [
+        spec for spec in config["python"]["packages"] if package_name(spec) not in others
+    ]
+    if runtime != "inductor":
+        config["docker"] = {**config.get("docker", {}), "base_image": SLIM_BASE_IMAGE}
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def package_name(spec: str) -> str:
+    """`torch` of `torch>=2.6,<=2.13.0` (`whylogs` of `whylogs[viz]>=1.6`)."""
+    return re.split(r"[\[<>=!~; ]", spec, maxsplit=1)[0].lower()
 
 
 def content_version(files: list[Path]) -> str:
@@ -86,14 +115,27 @@ def package(
         out_dir: receives `<service_name>.bento` and `bento.json`.
         card: renders the build report for the bento's tag; stored in the model as
             `card.html` (GET /card). Like the metadata, not part of the versions.
+
+    The bento serves on `serve.runtime` (auto: the runtime `serving.json` names), which
+    sets its packages and base image (`bentofile_for`) and is added to `metadata`.
     """
     for path in files.values():
         if not Path(path).is_file():
             raise StageError(f"{path}: not found (run the stages before package)")
+    serving = json.loads(Path(files["serving.json"]).read_text())
+    try:
+        runtime = choose_runtime(serve_cfg.runtime, serving)
+    except ValueError as err:
+        raise StageError(str(err)) from None
+    if runtime != "inductor" and ONNX_FILE not in files:
+        raise StageError(f"serve.runtime: {runtime} needs {ONNX_FILE} (the compress stage's)")
+    metadata = {**metadata, "runtime": runtime}
     model_files = [files[name] for name in sorted(files) if name != "serving.json"]
     version = content_version(model_files)  # the measured serving plan is not an input
     model_tag = f"{serve_cfg.model_name}:{version}"
-    bento_version = content_version([*model_files, BENTOFILE, *shipped_files()])
+    bentofile = bentofile_for(runtime)
+    bento_version = content_version([*model_files, *shipped_files()])
+    bento_version = hashlib.sha256(f"{bento_version}{bentofile}".encode()).hexdigest()[:16]
     bento_tag = f"{serve_cfg.service_name}:{bento_version}"
     for delete, tag in ((bentoml.bentos.delete, bento_tag), (bentoml.models.delete, model_tag)):
         with contextlib.suppress(NotFound):  # a rebuild of the same inputs replaces them
@@ -107,10 +149,11 @@ def package(
     with tempfile.TemporaryDirectory(prefix="bento-ctx-") as ctx:
         # BentoML walks its whole build context (every file of .venv/ too, ~70k here) to
         # match `include`: a context of the shipped files alone builds the same bento faster.
-        for path in [BENTOFILE, *shipped_files()]:
+        for path in shipped_files():
             copy = Path(ctx) / path.relative_to(ROOT)
             copy.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, copy)
+        (Path(ctx) / BENTOFILE.name).write_text(bentofile)
         # BentoML imports service.py once per process and the service pins its model at
         # import (`model_tag`): a second build in this process would pin the first model
         sys.modules.pop(SERVICE_MODULE, None)
@@ -121,7 +164,7 @@ def package(
             args={"model_tag": str(model.tag)},
             labels={"git_commit": metadata["git_commit"][:63]},
         )
-    log.info("built bento %s", bento.tag)
+    log.info("built bento %s (runtime %s)", bento.tag, runtime)
     with atomic_dir(out_dir) as tmp:
         archive = tmp.resolve() / f"{serve_cfg.service_name}.bento"
         bentoml.export_bento(bento.tag, str(archive))
@@ -145,6 +188,8 @@ def main(cfg: DictConfig) -> None:
         }
         if (COMPRESSED_DIR / "fp32.pt2").exists():  # compress.fp32_fallback
             files["fp32.pt2"] = COMPRESSED_DIR / "fp32.pt2"
+        if (COMPRESSED_DIR / ONNX_FILE).exists():  # exported (compress.runtimes)
+            files[ONNX_FILE] = COMPRESSED_DIR / ONNX_FILE
         metrics = [METRICS["eval"], METRICS["compress"]]
         meta = build_metadata(PARAMS, metrics)
         package(files, meta, cfg.serve, DIST_DIR, lambda tag: render(gather(tag, gate=None)))

@@ -37,7 +37,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fullstack_ml.card import page, table
@@ -53,9 +52,9 @@ from fullstack_ml.paths import (
 from fullstack_ml.progress import track
 from fullstack_ml.runtime.drift import drift_scores, load_profile, new_profile, reproducible
 from fullstack_ml.runtime.drift_pool import drifted
+from fullstack_ml.runtime.engine import Engine, load_engine, softmax
 from fullstack_ml.runtime.meta import read_meta
 from fullstack_ml.runtime.preprocess import Preprocessor
-from fullstack_ml.runtime.program import for_batch, load_runner, torch_threads
 from fullstack_ml.sources import (
     db_problem,
     iter_source,
@@ -146,24 +145,23 @@ def check_batch(frame: pd.DataFrame, pre: Preprocessor) -> tuple[dict[str, Any],
 
 
 def score(
-    runner: Any, pre: Preprocessor, meta: dict[str, Any], typed: dict[str, Any], size: int
+    engine: Engine, pre: Preprocessor, meta: dict[str, Any], typed: dict[str, Any], size: int
 ) -> pd.DataFrame:
     """The service's answers for rows that passed `check_batch`, scored `size` rows per
     call: `label` and `proba_<class>` per class (classification), or `value` (regression)."""
     rows = len(next(iter(typed.values())))
     # encoded `size` rows at a time, each batch's arrays in cache (1M rows of 64 features:
     # 0.28 s in batches of 1024 against 1.06 s in parts of 131,072 rows, 3.3 s at once)
-    with torch.inference_mode():  # inference tensors: what the compiled program's guards want
-        out = torch.cat(
-            [
-                runner(torch.from_numpy(pre.encode({k: v[i : i + size] for k, v in typed.items()})))
-                for i in range(0, rows, size)
-            ]
-        )
+    out = np.concatenate(
+        [
+            engine(pre.encode({k: v[i : i + size] for k, v in typed.items()}))
+            for i in range(0, rows, size)
+        ]
+    )
     if meta["task"] == "regression":
-        value = out[:, 0].double().numpy() * pre.target_std + pre.target_mean
+        value = out[:, 0].astype("float64") * pre.target_std + pre.target_mean
         return pd.DataFrame({"value": value})
-    probs = torch.softmax(out, dim=1).numpy().astype("float64")
+    probs = softmax(out).astype("float64")
     classes = meta["classes"]
     answer = {"label": np.asarray(classes)[probs.argmax(1)]}
     answer |= {f"proba_{c}": probs[:, i] for i, c in enumerate(classes)}
@@ -353,16 +351,23 @@ class Runtime(NamedTuple):
 
     meta: dict[str, Any]
     pre: Preprocessor
-    runner: Any
+    engine: Engine
     size: int  # rows per model call
     ids: list[str]
 
 
-def load_runtime(model: Path, serving: dict | None, size: int, ids: list[str]) -> Runtime:
+def load_runtime(
+    model: Path, serving: dict | None, size: int, ids: list[str], runtime: str, threads: int
+) -> Runtime:
+    """The model on `runtime` (`predict.runtime`, the server's), with `threads` intra-op
+    threads (the server's, so that Inductor compiles the server's kernels; an actor: 1)."""
     meta = read_meta(model)
     pre = Preprocessor.from_dict(meta["preprocessing"])
-    runner = load_runner(model, for_batch(serving, size), pre.width, log)
-    return Runtime(meta, pre, runner, size, ids)
+    try:
+        engine = load_engine(model, serving, pre.width, runtime, threads, log, batch=size)
+    except ValueError as err:
+        raise StageError(f"predict.runtime: {err}") from None
+    return Runtime(meta, pre, engine, size, ids)
 
 
 def score_part(
@@ -376,7 +381,7 @@ def score_part(
     frame = part[rt.ids].reset_index(drop=True)
     good = typed if ok.all() else {k: v[ok] for k, v in typed.items()}
     if ok.any():
-        answers = score(rt.runner, rt.pre, rt.meta, good, rt.size)
+        answers = score(rt.engine, rt.pre, rt.meta, good, rt.size)
         answers.index = np.flatnonzero(ok)  # rejected rows: missing answers
         frame = frame.join(answers) if len(frame.columns) else answers.reindex(frame.index)
     else:
@@ -419,7 +424,8 @@ class RayScorer:
         with tempfile.TemporaryDirectory(prefix="predict-model-") as tmp:  # loaded whole
             for name, data in ray.get(files[0]).items():
                 (Path(tmp) / name).write_bytes(data)
-            self.rt = load_runtime(Path(tmp), serving, cfg["batch_rows"], cfg["id_columns"])
+            size, ids = cfg["batch_rows"], cfg["id_columns"]
+            self.rt = load_runtime(Path(tmp), serving, size, ids, cfg["runtime"], 1)
         self.sample = Sample(cfg["drift_rows"], seed) if cfg["drift"] else None
         self.seed = seed
 
@@ -500,8 +506,7 @@ def predict(cfg: DictConfig, seed: int, address: str | None = None) -> dict[str,
         raise StageError(f"predict.batch_rows: {size} is not a positive number of rows")
     if cfg.engine not in ("pandas", "ray"):
         raise StageError(f"predict.engine: {cfg.engine!r} is not pandas | ray")
-    threads = int(cfg.torch_threads)  # the server's: its compiled kernels (a Ray actor has 1)
-    with open_model(cfg.bento) as model, contextlib.ExitStack() as stack, torch_threads(threads):
+    with open_model(cfg.bento) as model, contextlib.ExitStack() as stack:
         if cfg.engine == "ray":
             from fullstack_ml import ray_session
 
@@ -509,7 +514,7 @@ def predict(cfg: DictConfig, seed: int, address: str | None = None) -> dict[str,
             meta = read_meta(model.dir)
             source, parts = ray_parts(cfg, model, meta, ids, seed)
         else:
-            rt = load_runtime(model.dir, model.serving, size, ids)
+            rt = load_runtime(model.dir, model.serving, size, ids, cfg.runtime, int(cfg.threads))
             meta = rt.meta
             source, parts = local_parts(cfg, model, rt, seed)
         categorical = Preprocessor.from_dict(meta["preprocessing"]).categorical

@@ -43,8 +43,9 @@ def check_answers(
 ) -> int:
     """Served answers on every test row (raw values in) equal `expected`, the compressed
     model's in process (eager, `fullstack_ml.answers`): the same label, or for regression the
-    same value to 1e-3 relative (the service may run the program compiled by Inductor, whose
-    INT8 kernels round differently from eager's by about 1e-4 relative)."""
+    same value to 1e-2 relative, the compress stage's `runtime_tolerance` (Inductor's INT8
+    kernels round differently from eager's by about 1e-4 relative; onnxruntime's requantize
+    between layers, which moved digits' probabilities by up to 5e-3)."""
     classify = meta["task"] == "classification"
     records = raw_records(test, meta["features"])
     for start in range(0, len(records), batch):
@@ -58,7 +59,7 @@ def check_answers(
             same = (
                 got["label"] == exp
                 if classify
-                else abs(got["value"] - exp) <= 1e-3 * max(1, abs(exp))
+                else abs(got["value"] - exp) <= 1e-2 * max(1, abs(exp))
             )
             if not same:
                 raise StageError(f"served {got} != in-process {exp!r} on test row {start + i}")
@@ -187,13 +188,15 @@ def release_figures(
     with serve_bento(bento_file) as server:
         port = server.port
         checked = check_answers(port, test, meta, answers)
-        log.info("served answers equal the in-process model on %d test rows", checked)
+        runtime = json.loads(request(port, "GET", "/metadata")[1]).get("runtime", "inductor")
+        log.info("served answers (on %s) equal model.pt2's on %d test rows", runtime, checked)
         bodies = [json.dumps({"records": r}).encode() for r in raw_records(test, meta["features"])]
         lone_ms(port, bodies, slo.warmup_requests)  # a fresh worker's first are slower
         before = lone_ms(port, bodies, slo.lone_requests)
         result = load_figures(load(port, bodies, slo.concurrency, slo.duration_s), slo)
         result |= burst_recovery(port, bodies, slo, before)
     result["answers_checked"] = checked
+    result["runtime"] = runtime
     log.info(
         "load at concurrency %d: %.0f requests/s, p50 %.1f ms, p99 %.1f ms, error rate %.4f;"
         " lone requests p50 %.2f ms, %.2f ms after a burst (%.2fx, at least %.2fx and %+.2f ms)",

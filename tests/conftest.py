@@ -169,6 +169,7 @@ def package_bento(work: Path, out: Path, *more: tuple[Path, dict[str, Path]]) ->
         "schema.json": work / "schema.json",
         "reference_profile.bin": work / "train.bin",
         "serving.json": work / "serving.json",
+        "model.onnx": work / "int8/model.onnx",
     }
     builds = [(out, files)] + [(o, files | changed) for o, changed in more]
     script = "from pathlib import Path; from fullstack_ml.stage import compose;"

@@ -39,7 +39,7 @@ def data(fp32_dir: Path, curated: Path) -> dict:
 
 def small(cfg: DictConfig, **changes) -> DictConfig:
     """The compress config without the report's pipelines, compile or many timings."""
-    base = {"compile": False, "batch_sizes": [1, 256], "latency_repeats": 2}
+    base = {"compile": False, "batch_sizes": [1, 256], "latency_repeats": 2, "runtimes": []}
     base["prune"] = {"finetune_epochs": 1}
     out = cfg.compress.copy()
     OmegaConf.set_struct(out, False)

@@ -17,7 +17,7 @@ from fullstack_ml import paths
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 BENTOFILE = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
 CODE = ("stages", "fullstack_ml", "service.py", "bentofile.yaml")
-RUNTIME_PACKAGES = {"numpy", "pandas", "torch", "whylogs", "pydantic"}  # bentofile's packages
+RUNTIME_PACKAGES = {"numpy", "pandas", "torch", "whylogs", "pydantic", "onnxruntime", "openvino"}
 SERVING_STACK = {"uvicorn", "prometheus_client"}  # what BentoML serves on, installed with it
 NEVER_IN_RUNTIME = {"hydra", "omegaconf", "ray", "bentoml"}
 

@@ -62,25 +62,30 @@ def test_batch_answers_equal_the_served_answers(
     assert (tmp_path / "out/rejects.csv").read_text().strip() == "row,reason"  # a header only
 
 
-def test_the_program_loads_under_the_servers_torch_threads(
-    bento: Path, test_split: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("runtime", ["inductor", "onnxruntime"])
+def test_the_model_runs_on_the_servers_runtime_and_threads(
+    bento: Path,
+    test_split: pd.DataFrame,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    runtime: str,
 ) -> None:
-    """Inductor generates kernels for the thread count it compiles under: the pandas engine
-    loads (and compiles) the program under serve.torch_threads, as the server does, and
-    gives the caller's thread count back."""
-    import torch
-
+    """Batch scoring runs the server's runtime (serve.runtime) with the server's intra-op
+    threads (serve.threads: Inductor generates kernels for the count it compiles under),
+    and answers alike on each runtime."""
     import stages.predict as stage
 
-    assert compose().predict.torch_threads == compose().serve.torch_threads
-    seen, load = [], stage.load_runtime
-    monkeypatch.setattr(
-        stage, "load_runtime", lambda *a: seen.append(torch.get_num_threads()) or load(*a)
-    )
-    before = torch.get_num_threads()
-    test_split.head(20).to_parquet(tmp_path / "input.parquet")
-    predict(config(bento, tmp_path, f"serve.torch_threads={before + 1}"), seed=0)
-    assert seen == [before + 1] and torch.get_num_threads() == before
+    assert compose().predict.runtime == compose().serve.runtime
+    assert compose().predict.threads == compose().serve.threads
+    seen, load = [], stage.load_engine
+    monkeypatch.setattr(stage, "load_engine", lambda *a, **k: seen.append(a[3:5]) or load(*a, **k))
+    test_split.head(40).to_parquet(tmp_path / "input.parquet")
+    predict(config(bento, tmp_path, f"serve.runtime={runtime}", "serve.threads=2"), seed=0)
+    assert seen == [(runtime, 2)]
+    labels = pd.read_parquet(tmp_path / "out/predictions.parquet")["label"]
+    other = "inductor" if runtime == "onnxruntime" else "onnxruntime"
+    predict(config(bento, tmp_path, f"serve.runtime={other}"), seed=0)
+    assert pd.read_parquet(tmp_path / "out/predictions.parquet")["label"].equals(labels)
 
 
 def test_bad_rows_are_rejected_with_a_reason_and_every_row_is_counted(

@@ -69,6 +69,52 @@ def load_program(path: Path) -> nn.Module:
     return torch.export.load(io.BytesIO(data)).module()
 
 
+# Ops of an ONNX graph that keep INT8: PT2E's quantize/dequantize pairs lowered by the
+# exporter. An INT8 program exported without them ran in float (decomposed or dropped).
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+def export_onnx(module: nn.Module, path: Path, example: torch.Tensor) -> dict[str, int]:
+    """Write `module` (a program `load_program` gave) as ONNX with a dynamic batch, input
+    `x` and output `logits`, for runtimes without torch (`engine.py`). The same program
+    gives the same bytes (measured: two exports, one SHA-256).
+
+    Returns:
+        The count of each QDQ op in the written graph.
+
+    Raises:
+        ValueError: `module` is an INT8 program and the graph holds no QuantizeLinear or no
+            DequantizeLinear (the exporter decomposed them into float ops).
+    """
+    import logging
+    import warnings
+
+    # the exporter and its optimiser log each pass, each node they skip and a warning per
+    # torchvision op it has no table for: a hundred lines of a stage's log
+    for name in ("torch.onnx", "onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        # a loaded program's module reports training mode, and cannot be switched (its
+        # graph has no dropout or batch-norm training ops left: export froze them)
+        warnings.filterwarnings("ignore", "Exporting a model while it is in training mode")
+        exported = torch.onnx.export(
+            module,
+            (example,),
+            dynamo=True,
+            dynamic_shapes=batch_dim(),
+            input_names=["x"],
+            output_names=["logits"],
+            verbose=False,
+            report=False,
+        )
+    ops = [node.op_type for node in exported.model.graph]
+    counts = {op: ops.count(op) for op in QDQ_OPS}
+    if quantized(module) and not all(counts.values()):
+        raise ValueError(f"{path}: the ONNX export lost the INT8 ops ({counts}; ops: {set(ops)})")
+    exported.save(str(path))
+    return counts
+
+
 # INT8 matmuls on Inductor's C++ GEMM template (VNNI/AMX micro-kernels, requantization and
 # ReLU fused) rather than oneDNN's qlinear: no autotuning, one choice; oneDNN where the
 # template does not apply. About 0.45x FP32 eager at batch 256, on par at batch 1 (1 thread);

@@ -49,10 +49,11 @@ from fullstack_ml.paths import (
     STUDENT_DIR,
 )
 from fullstack_ml.progress import track
+from fullstack_ml.runtime.engine import ONNX_FILE, PORTABLE, RUNTIMES, runtime_of
 from fullstack_ml.runtime.meta import write_meta
 from fullstack_ml.runtime.program import fastest_paths, torch_threads
 from fullstack_ml.stage import StageError, atomic_dir, write_json
-from stages.compress.measure import measure
+from stages.compress.measure import measure, portable
 from stages.compress.prune import check_prune, finetune, prune_model, sparsity
 from stages.compress.quantize import (
     calibrator,
@@ -100,6 +101,9 @@ def check_config(cfg: DictConfig, student_dir: Path | None) -> dict[str, list[st
         raise StageError(f"compress.undecided: {cfg.undecided!r} is not one of {UNDECIDED}")
     if not 0.5 < cfg.confidence < 1:
         raise StageError(f"compress.confidence: {cfg.confidence!r} is not in (0.5, 1)")
+    for runtime in cfg.runtimes:
+        if runtime not in PORTABLE:
+            raise StageError(f"compress.runtimes: {runtime!r} is not one of {sorted(PORTABLE)}")
     pipelines = {"+".join(main_steps(cfg)): main_steps(cfg)}
     for name, steps in (cfg.get("pipelines") or {}).items():  # `~compress.pipelines`: none
         steps = list(steps)
@@ -424,7 +428,9 @@ def _compress(
         gate = results[chosen]["gate"]
         decide(gate, cfg, chosen, name)
         (tmp / f"{chosen}.pt2").rename(tmp / "model.pt2")
-        serving = serving_plan(results["fp32"], results[chosen], cfg)
+        log.info("exporting model.pt2 to ONNX for %s", ", ".join(cfg.runtimes) or "no runtime")
+        onnx = portable(tmp / "model.pt2", tmp / ONNX_FILE, test[0], meta, cfg)
+        serving = serving_plan(results["fp32"], results[chosen], onnx, cfg)
         keep = {"model.pt2", *(["fp32.pt2"] if cfg.fp32_fallback else [])}
         for program in tmp.glob("*.pt2"):  # by config, not by measurement: the same files
             if program.name not in keep:
@@ -459,18 +465,42 @@ def _compress(
     }
 
 
-def serving_plan(fp32: dict, chosen: dict, cfg: DictConfig) -> dict[str, Any]:
-    """The execution paths the service may use, their latencies and the fastest per batch
-    size. FP32 paths only with `compress.fp32_fallback` (FP32 answers can differ from the
+def serving_plan(fp32: dict, chosen: dict, onnx: dict, cfg: DictConfig) -> dict[str, Any]:
+    """The execution paths the service may use, their latencies, the fastest per batch size
+    and `runtime`, what `serve.runtime: auto` serves on (`fullstack_ml.runtime.engine`).
+    FP32 paths only with `compress.fp32_fallback` (FP32 answers can differ from the
     compressed model's, which the validate stage's parity check rejects). Measured, so it is
-    written to metrics/compress.json, which the package stage ships in the bento."""
+    written to reports/compress.json, which the package stage ships in the bento."""
     latency = {f"compressed_{p}": t for p, t in chosen["latency_ms"].items()}
     programs = {"compressed": "model.pt2"}
     if cfg.fp32_fallback:
         latency |= {f"fp32_{p}": t for p, t in fp32["latency_ms"].items()}
         programs["fp32"] = "fp32.pt2"
+    usable = {r: t for r, t in onnx["latency_ms"].items() if r not in onnx["unusable"]}
+    latency |= {f"compressed_{r}": t for r, t in usable.items()}
     plan = fastest_paths(latency, set(latency))
-    return {"programs": programs, "latency_ms": latency, "plan": plan}
+    return {
+        "programs": programs,
+        "latency_ms": latency,
+        "plan": plan,
+        "runtime": fastest_runtime(latency),
+        "unusable": onnx["unusable"],
+        "parity": onnx["parity"],
+        "qdq_ops": onnx["qdq_ops"],
+    }
+
+
+def fastest_runtime(latency: dict[str, dict[str, float]]) -> str:
+    """The runtime of least geometric-mean latency over the measured batch sizes, each at
+    its fastest path (a worker runs one runtime: one on onnxruntime never imports torch).
+    A tie goes to the runtime named first in `RUNTIMES` (inductor)."""
+    best: dict[str, dict[str, float]] = {}
+    for path, times in latency.items():
+        mine = best.setdefault(runtime_of(path), {})
+        for b, t in times.items():
+            mine[b] = min(mine.get(b, float("inf")), t)
+    mean = {r: float(np.exp(np.mean(np.log(list(t.values()))))) for r, t in best.items()}
+    return min(RUNTIMES, key=lambda r: mean.get(r, float("inf")))
 
 
 def headline(result: dict[str, Any], name: str) -> dict[str, Any]:

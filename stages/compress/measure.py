@@ -13,12 +13,18 @@ from omegaconf import DictConfig
 from torch import nn
 
 from fullstack_ml.model import SCORE_NAME, decode, predict_logits, score
-from fullstack_ml.runtime.program import compile_module, load_program, save_program
+from fullstack_ml.runtime.engine import (
+    onnxruntime_engine,
+    openvino_engine,
+    run_batches,
+    softmax,
+)
+from fullstack_ml.runtime.program import compile_module, export_onnx, load_program, save_program
 
 log = logging.getLogger("stages.compress")
 
 
-def median_latency_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
+def median_latency_ms(model: Any, x: Any, repeats: int) -> float:
     """Median time of one forward pass, after a few warm-up passes."""
     times = []
     with torch.inference_mode():
@@ -81,3 +87,65 @@ def measure(
         "latency_ms": times,
         "answers": answers,
     }
+
+
+PORTABLE_ENGINES = {"onnxruntime": onnxruntime_engine, "openvino": openvino_engine}
+
+
+def parity(reference: np.ndarray, outputs: np.ndarray, meta: dict, tolerance: float) -> dict:
+    """How far `outputs` (a portable runtime's) are from `reference` (the PT2E program's,
+    eager) on the same rows: label differences and the largest probability difference
+    (classification), or values differing by more than `tolerance` relative and the largest
+    relative difference (regression). `ok`: no label differences, the largest within."""
+    if meta["task"] == "classification":
+        differences = int((reference.argmax(1) != outputs.argmax(1)).sum())
+        largest = float(np.abs(softmax(reference) - softmax(outputs)).max())
+    else:
+        a, b = reference[:, 0].astype("float64"), outputs[:, 0].astype("float64")
+        relative = np.abs(a - b) / np.maximum(1.0, np.abs(a))
+        differences, largest = int((relative > tolerance).sum()), float(relative.max())
+    ok = differences == 0 and largest <= tolerance
+    return {"label_differences": differences, "largest_difference": largest, "ok": ok}
+
+
+def portable(
+    program_file: Path, onnx_file: Path, x: np.ndarray, meta: dict, cfg: DictConfig
+) -> dict:
+    """Export the program of `program_file` to `onnx_file` and measure it on each runtime of
+    `compress.runtimes`: its answers on `x` (the test split) against the program's (parity,
+    within `compress.runtime_tolerance`) and its latency per batch size. A runtime whose
+    export, load or parity fails is `unusable`, with the reason; the others serve."""
+    program = load_program(program_file)
+    reference = predict_logits(program, x)
+    result: dict[str, Any] = {"latency_ms": {}, "parity": {}, "unusable": {}, "qdq_ops": {}}
+    try:
+        result["qdq_ops"] = export_onnx(program, onnx_file, torch.from_numpy(x[:2]))
+    except Exception as err:  # noqa: BLE001  any exporter failure: served by torch alone
+        reason = f"ONNX export failed: {type(err).__name__}: {str(err).strip()[:200]}"
+        log.warning("%s: %s", onnx_file.name, reason)
+        onnx_file.unlink(missing_ok=True)
+        result["unusable"] = dict.fromkeys(cfg.runtimes, reason)
+        return result
+    batches = {b: x[np.arange(b) % len(x)] for b in cfg.batch_sizes}
+    for runtime in cfg.runtimes:
+        try:
+            engine = PORTABLE_ENGINES[runtime](onnx_file, cfg.threads)
+            outputs = run_batches(engine, x, 1024)
+        except Exception as err:  # noqa: BLE001  a runtime that cannot run it is left out
+            result["unusable"][runtime] = f"{type(err).__name__}: {str(err).strip()[:200]}"
+            log.warning("%s cannot run %s: %s", runtime, onnx_file, result["unusable"][runtime])
+            continue
+        check = parity(reference, outputs, meta, cfg.runtime_tolerance)
+        result["parity"][runtime] = check
+        if not check["ok"]:
+            result["unusable"][runtime] = (
+                f"{check['label_differences']} answers differ from model.pt2's on the test "
+                f"split, largest difference {check['largest_difference']:.3g} "
+                f"(compress.runtime_tolerance: {cfg.runtime_tolerance})"
+            )
+            log.warning("%s: %s", runtime, result["unusable"][runtime])
+        result["latency_ms"][runtime] = {
+            str(b): median_latency_ms(engine, batch, cfg.latency_repeats)
+            for b, batch in batches.items()
+        }
+    return result
