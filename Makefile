@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export RAY_USAGE_STATS_ENABLED := 0
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: install repro test test-fast serve release container params lint format clean
+.PHONY: install repro test test-fast serve release container device params lint format clean
 
 install: $(STAMP)
 
@@ -48,6 +48,9 @@ release: $(STAMP)  ## register the build as VERSION=x.y.z in DVC's model registr
 
 container: $(STAMP)  ## OCI image of the bento in dist/ with podman (offline base image): $(IMAGE)
 	bash deploy/container.sh $(IMAGE)
+
+device: $(STAMP)  ## models/device: model.onnx, preprocess.json, schema.json and runner.py (numpy + onnxruntime alone)
+	$(BIN)/dvc repro device
 
 params: $(STAMP)  ## recompose params.yaml from conf/ (what `dvc exp run` does)
 	$(BIN)/python -m fullstack_ml.stage
