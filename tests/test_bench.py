@@ -191,3 +191,31 @@ def test_predict_smoke_compares_batch_scoring_with_the_floor_and_the_service(
         assert ratio(r["(a) loop s"]) and ratio(r["loop/(b)"])
         assert ratio(r["peak PSS GB"]) and r["rows accounted"] == "yes"
     assert "\nmixed: (b) floor" in out and "Targets, engine pandas: (a)/(b) >= 0.5" in out
+
+
+@pytest.mark.slow
+def test_runtime_smoke_compares_each_runtime_with_inductor_and_bentoml_with_its_floor(
+    tmp_path: Path,
+) -> None:
+    latency, answers, serve = tables(smoke("runtime", tmp_path))
+    assert [r["batch"] for r in latency] == ["1", "16", "64", "256"]
+    for row in latency:
+        ratio(row["onnxruntime/inductor"])
+        ratio(row["openvino/inductor"])
+    assert {r["runtime"]: r["label differences"] for r in answers} == dict.fromkeys(
+        ("inductor", "onnxruntime", "openvino"), "0"
+    )
+    kernels = {r["runtime"]: r["kernels"] for r in answers}
+    assert "QGemm" in kernels["onnxruntime"] and "FullyConnected:u8" in kernels["openvino"]
+    assert "quantize_per_tensor" in kernels["inductor"]
+    servers = {r["server"]: r for r in serve}
+    assert list(servers) == [
+        "BentoML hello world",
+        "bento on inductor",
+        "bento on onnxruntime",
+        "bento on openvino",
+    ]
+    for name, row in servers.items():
+        ratio(row["ready/hello"])
+        if name != "BentoML hello world":
+            ratio(row["killed worker back s"])
