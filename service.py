@@ -37,7 +37,7 @@ with bentoml.importing():
 
     from fullstack_ml.runtime import http, monitor, openapi
     from fullstack_ml.runtime.batching import Batcher
-    from fullstack_ml.runtime.engine import softmax
+    from fullstack_ml.runtime.engine import choose_runtime, softmax
     from fullstack_ml.runtime.meta import read_meta
     from fullstack_ml.runtime.monitor import LOG, DriftMonitor
     from fullstack_ml.runtime.preprocess import Preprocessor
@@ -52,6 +52,7 @@ with bentoml.importing():
 SERVE: dict[str, Any] = yaml.safe_load(Path(__file__).with_name("params.yaml").read_text())["serve"]
 if SERVE["max_records"] > SERVE["max_batch_size"]:
     raise ValueError("params.yaml: serve.max_records must not exceed serve.max_batch_size")
+SLIM_IMAGE = "python:3.11-slim"  # the base of a bento off torch (the Classifier's image)
 TOKEN_ENV = "FULLSTACK_ML_API_TOKEN"  # the bearer token; never in params or the bento
 OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})  # no auth, ever
 API_PATHS = frozenset({"/predict", "/predict_proba"})  # JSON bodies only (415 otherwise)
@@ -69,6 +70,7 @@ SERVING_FILE = Path(STORED.path_of("serving.json"))
 SERVING: dict[str, Any] | None = (
     json.loads(SERVING_FILE.read_text()) if SERVING_FILE.exists() else None
 )
+RUNTIME = choose_runtime(SERVE["runtime"], SERVING)  # serve.runtime; auto: the measured one
 PRE = Preprocessor.from_dict(META["preprocessing"])  # fitted on train, saved with the model
 FEATURES: list[str] = META["features"]
 CLASSES: list[Any] = META["classes"]
@@ -156,6 +158,10 @@ def openapi_spec() -> bytes:
     # BentoML records spans for every request even when none is sampled: a quarter of the
     # per-request CPU. Drop this to trace the prediction routes with an exporter.
     tracing={"excluded_urls": ["/predict"]},  # a regex: /predict_proba too
+    # Off Inductor, no compiler: BentoML's image for a Debian distro apt-installs
+    # build-essential and git (1 GB with torch); an Image whose distro it has no install
+    # command for gets none (deploy/container.sh builds it on a Debian base of Python alone).
+    image=None if RUNTIME == "inductor" else bentoml.images.Image(SLIM_IMAGE, distro="none"),
 )
 class Classifier:
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
@@ -172,9 +178,7 @@ class Classifier:
         # categories) now, not at the first request
         # On Inductor, a path that fails to compile (no C++ compiler) is logged and left out.
         folder = Path(self.model_ref.path_of("model.json")).parent
-        self.model = load_engine(
-            folder, SERVING, PRE.width, SERVE["runtime"], SERVE["threads"], LOG
-        )
+        self.model = load_engine(folder, SERVING, PRE.width, RUNTIME, SERVE["threads"], LOG)
         refresh = threading.Thread(
             target=MONITOR.refresh_forever, args=(SERVE["drift"]["refresh_s"],), daemon=True
         )

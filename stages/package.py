@@ -46,11 +46,6 @@ SERVICE_MODULE = "service"  # bentofile.yaml's `service: "service:Classifier"`
 # The packages only one runtime needs: a bento installs its own runtime's, none of the others.
 RUNTIME_PACKAGES = {"inductor": {"torch", "torchao"}, "onnxruntime": {"onnxruntime"}}
 RUNTIME_PACKAGES["openvino"] = {"openvino"}
-# A bento off torch builds its image FROM this rather than from BentoML's Debian template,
-# which apt-installs build-essential and git (Inductor compiles C++ at run time; onnxruntime
-# and openvino need no compiler): python:3.11-slim has none. deploy/container.sh builds it
-# FROM a local Debian base of Python alone.
-SLIM_BASE_IMAGE = "python:3.11-slim"
 
 
 def build_metadata(params_file: Path, metrics_files: list[Path]) -> dict[str, Any]:
@@ -74,15 +69,12 @@ def shipped_files(bentofile: Path = BENTOFILE) -> list[Path]:
 
 def bentofile_for(runtime: str, bentofile: Path = BENTOFILE) -> str:
     """bentofile.yaml for a bento serving on `runtime`: its packages less those of the other
-    runtimes (a bento on onnxruntime installs no torch) and, off inductor, the slim base
-    image (no compiler)."""
+    runtimes (a bento on onnxruntime installs no torch; its image, no compiler: service.py)."""
     config = yaml.safe_load(Path(bentofile).read_text())
     others = set().union(*(p for r, p in RUNTIME_PACKAGES.items() if r != runtime))
     config["python"]["packages"] = [
         spec for spec in config["python"]["packages"] if package_name(spec) not in others
     ]
-    if runtime != "inductor":
-        config["docker"] = {**config.get("docker", {}), "base_image": SLIM_BASE_IMAGE}
     return yaml.safe_dump(config, sort_keys=False)
 
 

@@ -95,6 +95,20 @@ def test_runs_as_non_root(image: str, container: tuple[str, str]) -> None:
     assert podman("exec", container[0], "id", "-u").stdout.strip() != "0"
 
 
+def test_an_image_on_onnxruntime_holds_no_torch_and_no_compiler(
+    container: tuple[str, str],
+) -> None:
+    """The session's bento serves on onnxruntime: its image installs no torch and, off
+    BentoML's Debian template, no build-essential (README: "A slim image")."""
+    probe = (
+        "import importlib.util as u; print([m for m in ('torch', 'onnxruntime') if u.find_spec(m)])"
+    )
+    found = podman("exec", container[0], "python", "-c", probe).stdout.strip()
+    assert found == "['onnxruntime']"
+    compilers = podman("exec", container[0], "sh", "-c", "command -v cc gcc g++", check=False)
+    assert compilers.returncode != 0 and compilers.stdout.strip() == ""
+
+
 def test_predict_one_label_per_record(bento: Path, container: tuple[str, str]) -> None:
     with tarfile.open(bento) as tar:
         files = {os.path.normpath(m.name): m for m in tar.getmembers()}

@@ -232,3 +232,38 @@ def test_whylogs_is_imported_without_scikit_learn_which_still_imports_after() ->
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False", "False", "KMeans"]
+
+
+WITHOUT_VIZ = """
+import json, sys
+for name in ("IPython", "PIL", "pybars"):  # whylogs' viz extra, as a bento lacks it
+    sys.modules[name] = None
+import numpy as np
+from fullstack_ml.runtime.drift import window_drift
+rows = np.load(sys.argv[1])
+scores = window_drift(rows, ["a", "b"], sys.argv[2])
+print(json.dumps({k: v["pvalue"] for k, v in scores.items()}))
+"""
+
+
+def test_drift_scores_without_whylogs_viz_extra_equal_those_with_it(tmp_path: Path) -> None:
+    """A bento installs whylogs without `viz` (IPython, Pillow: 80 MB); its drift algorithms
+    import all the same and score as in a process that has them."""
+    import json
+
+    from fullstack_ml.runtime.drift import window_drift
+
+    rng = np.random.default_rng(0)
+    train = pd.DataFrame({"a": rng.normal(size=500), "b": rng.normal(size=500)})
+    (tmp_path / "train.bin").write_bytes(profile_frame(train).serialize())
+    rows = np.stack([rng.normal(0.3, size=300), rng.normal(size=300)], axis=1)
+    np.save(tmp_path / "rows.npy", rows.astype(np.float32))
+    out = subprocess.run(
+        [sys.executable, "-c", WITHOUT_VIZ, tmp_path / "rows.npy", tmp_path / "train.bin"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    here = window_drift(rows.astype(np.float32), ["a", "b"], str(tmp_path / "train.bin"))
+    assert json.loads(out.stdout) == {k: v["pvalue"] for k, v in here.items()}
+    assert here["a"]["pvalue"] < 0.05  # shifted: a real score, not a default

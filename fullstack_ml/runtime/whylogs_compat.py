@@ -21,10 +21,14 @@ Every other column (mixed objects, extension dtypes, ints) takes whylogs' own pa
 - whylogs' frequent items cut each string to 128 characters with a Python slice per value
   (`FrequentItemsMetric.columnar_update`), 1 of 8 s of profiling those 1M rows; a column of
   strings no longer than that (`max(map(len, ...))`: no Python frame a value) goes uncut.
+- `whylogs.viz`'s `__init__` imports IPython (for notebooks); where IPython is not installed
+  (a bento installs whylogs without the `viz` extra) it is made a bare package, so that the
+  drift algorithms under it import.
 
 tests/test_whylogs_compat.py holds the profiles equal to unpatched whylogs' on the same data.
 """
 
+import importlib.util
 import os
 import sys
 from collections.abc import Iterator
@@ -71,6 +75,21 @@ with hidden(SKLEARN_STUBS):
     import whylogs  # noqa: E402
 from whylogs.core.metrics.metrics import FrequentItemsMetric, OperationResult  # noqa: E402
 from whylogs.core.preprocessing import NumpyView, PreprocessedColumn  # noqa: E402
+
+
+def viz_without_notebook() -> None:
+    """Where IPython is not installed (a bento: whylogs without its `viz` extra, 80 MB of
+    IPython, jedi, Pillow and pygments less), `whylogs.viz` becomes a bare package: its
+    `__init__` imports IPython for the notebook visualizer, and the drift algorithms under
+    it (`whylogs.viz.drift.column_drift_algorithms`: numpy and scipy) then import without."""
+    if "whylogs.viz" in sys.modules or importlib.util.find_spec("IPython") is not None:
+        return
+    viz = ModuleType("whylogs.viz")
+    viz.__path__ = [os.path.join(os.path.dirname(whylogs.__file__), "viz")]
+    sys.modules["whylogs.viz"] = viz
+
+
+viz_without_notebook()
 
 PATCHED_VERSIONS = ("1.6.",)  # the whylogs whose `_pandas_split` the fast path was checked against
 # whylogs' own split, also when this module is reloaded over an installed patch
