@@ -48,17 +48,19 @@ SMOKE_PIPELINES = {  # replace compress.pipelines (an override would merge into 
 }
 
 
-def build_small(cfg: DictConfig, work: Path) -> tuple[Path, Path, Path]:
-    """FP32 model, curated splits and student built in `work` by the stages' functions."""
+def build_small(cfg: DictConfig, work: Path, student: bool = True) -> tuple[Path, Path, Path]:
+    """FP32 model, curated splits and (if `student`) student built in `work` by the stages'
+    functions."""
     from stages.distil import distil
     from stages.ingest import ingest
     from stages.train import train
 
-    fp32_dir, curated, student = work / "fp32", work / "curated", work / "student"
+    fp32_dir, curated = work / "fp32", work / "curated"
     ingest(cfg.data, cfg.seed, curated)
     train(cfg, curated, fp32_dir)
-    distil(cfg, curated, fp32_dir, student)
-    return fp32_dir, curated, student
+    if student:
+        distil(cfg, curated, fp32_dir, work / "student")
+    return fp32_dir, curated, work / "student"
 
 
 def main(args: list[str]) -> None:

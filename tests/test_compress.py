@@ -64,7 +64,8 @@ def test_int8_model_is_smaller_and_as_accurate(
     fp32_dir: Path, data: dict, cfg: DictConfig, tmp_path: Path
 ) -> None:
     x, y = data["test"]
-    result = run(fp32_dir, data, small(cfg, max_accuracy_drop=2.0), tmp_path / "c")
+    config = small(cfg, max_accuracy_drop=2.0, runtimes=["onnxruntime"])
+    result = run(fp32_dir, data, config, tmp_path / "c")
     assert result["method"] == "int8_static"
     assert result["size_ratio"] < 0.3
     assert result["accuracy_drop_points"] <= 2.0
@@ -77,10 +78,11 @@ def test_int8_model_is_smaller_and_as_accurate(
     )
     assert result["compressed"]["latency_ms_batch256"] > 0
     assert result["fp32"]["latency_ms_batch1"] > 0
-    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["model.json", "model.pt2"]
+    files = ["model.json", "model.onnx", "model.pt2"]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == files
     # no measured figure in the model folder: the same inputs give the same bytes
-    run(fp32_dir, data, small(cfg, max_accuracy_drop=2.0), tmp_path / "again")
-    for name in ("model.json", "model.pt2"):
+    run(fp32_dir, data, config, tmp_path / "again")
+    for name in files:
         assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "c" / name).read_bytes()
 
 

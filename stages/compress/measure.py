@@ -115,9 +115,11 @@ def portable(
     `compress.runtimes`: its answers on `x` (the test split) against the program's (parity,
     within `compress.runtime_tolerance`) and its latency per batch size. A runtime whose
     export, load or parity fails is `unusable`, with the reason; the others serve."""
+    result: dict[str, Any] = {"latency_ms": {}, "parity": {}, "unusable": {}, "qdq_ops": {}}
+    if not cfg.runtimes:  # none to serve it: no export (nor the device stage's artifact)
+        return result
     program = load_program(program_file)
     reference = predict_logits(program, x)
-    result: dict[str, Any] = {"latency_ms": {}, "parity": {}, "unusable": {}, "qdq_ops": {}}
     try:
         result["qdq_ops"] = export_onnx(program, onnx_file, torch.from_numpy(x[:2]))
     except Exception as err:  # noqa: BLE001  any exporter failure: served by torch alone
