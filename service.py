@@ -13,7 +13,6 @@ import gc
 import json
 import os
 import threading
-from collections import Counter
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any
@@ -33,19 +32,17 @@ from starlette.routing import Route
 # build` and the `bentoml serve` supervisor import this module too, and need neither
 # (torch and whylogs took several seconds of every package and serve start).
 with bentoml.importing():
-    import numpy as np
-
     from fullstack_ml.runtime import http, monitor, openapi
     from fullstack_ml.runtime.batching import Batcher
-    from fullstack_ml.runtime.engine import choose_runtime, softmax
+    from fullstack_ml.runtime.engine import choose_runtime
     from fullstack_ml.runtime.meta import read_meta
     from fullstack_ml.runtime.monitor import LOG, DriftMonitor
     from fullstack_ml.runtime.preprocess import Preprocessor
     from fullstack_ml.runtime.records import (
+        Answers,
         Label,
         LabelProbabilities,
         Value,
-        feature_getter,
         predict_request,
         record_model,
     )
@@ -73,13 +70,17 @@ SERVING: dict[str, Any] | None = (
 RUNTIME = choose_runtime(SERVE["runtime"], SERVING)  # serve.runtime; auto: the measured one
 PRE = Preprocessor.from_dict(META["preprocessing"])  # fitted on train, saved with the model
 FEATURES: list[str] = META["features"]
-CLASSES: list[Any] = META["classes"]
 CLASSIFY = META["task"] == "classification"
 
 
 def metrics() -> monitor.Metrics:
     """The service's Prometheus metrics (created at first use, in the worker)."""
     return monitor.metrics(SERVE["max_records"], SERVE["max_batch_size"])
+
+
+def counted(label: str, n: int) -> None:
+    """Count predictions of a label (fullstack_ml_predictions, by label)."""
+    metrics().predictions.labels(label=label).inc(n)
 
 
 def failed(reason: str) -> None:
@@ -104,7 +105,6 @@ def respawn_sooner(create: Any, check_delay_s: float) -> Any:
 
 circus.create_standalone_arbiter = respawn_sooner(circus.create_standalone_arbiter, 1.0)
 Record = record_model(PRE, FEATURES)
-feature_values = feature_getter(FEATURES)
 PredictRequest = predict_request(
     Record, SERVE["max_records"], lambda n: metrics().records.observe(n)
 )
@@ -178,49 +178,20 @@ class Classifier:
         # categories) now, not at the first request
         # On Inductor, a path that fails to compile (no C++ compiler) is logged and left out.
         folder = Path(self.model_ref.path_of("model.json")).parent
-        self.model = load_engine(folder, SERVING, PRE.width, RUNTIME, SERVE["threads"], LOG)
+        engine = load_engine(folder, SERVING, PRE.width, RUNTIME, SERVE["threads"], LOG)
+        self.answers = Answers(engine, PRE, META, MONITOR.add, counted)
         refresh = threading.Thread(
             target=MONITOR.refresh_forever, args=(SERVE["drift"]["refresh_s"],), daemon=True
         )
         refresh.start()
         most, observe = SERVE["max_batch_size"], metrics().batch.observe
-        self.batched_labels = Batcher(self.labels, most, observe)
-        self.batched_probabilities = Batcher(self.labels_probabilities, most, observe)
+        self.batched_labels = Batcher(self.answers.labels, most, observe)
+        self.batched_probabilities = Batcher(self.answers.labels_probabilities, most, observe)
         # BentoML's per-request middleware leaves cyclic garbage that reaches the oldest
         # generation, whose full passes then stall every request for 0.1-0.25 s under load.
         # Freeze what is loaded now; collect the young generation less often.
         gc.freeze()
         gc.set_threshold(50_000, 20, 20)
-
-    def outputs(self, records: list[Any]) -> np.ndarray:
-        """The model's outputs on raw records, encoded by the training preprocessing."""
-        columns = dict(zip(FEATURES, zip(*map(feature_values, records), strict=True), strict=True))
-        if PRE.numeric:
-            MONITOR.add(np.array([columns[f] for f in PRE.numeric], dtype=np.float32).T)
-        return self.model(PRE.encode(columns))
-
-    def probabilities(self, records: list[Any]) -> np.ndarray:
-        probs = softmax(self.outputs(records))
-        for index, n in Counter(probs.argmax(1).tolist()).items():
-            metrics().predictions.labels(label=str(CLASSES[index])).inc(n)
-        return probs
-
-    def labels(self, records: list[Any]) -> list[Label | Value]:
-        if not CLASSIFY:
-            values = (self.outputs(records)[:, 0] * PRE.target_std + PRE.target_mean).tolist()
-            metrics().predictions.labels(label="value").inc(len(values))
-            return [Value(value=v) for v in values]
-        best = self.probabilities(records).argmax(1).tolist()
-        return [Label(label=CLASSES[i]) for i in best]
-
-    def labels_probabilities(self, records: list[Any]) -> list[LabelProbabilities]:
-        probs = self.probabilities(records)
-        return [
-            LabelProbabilities(
-                label=CLASSES[best], probabilities=dict(zip(map(str, CLASSES), p, strict=True))
-            )
-            for best, p in zip(probs.argmax(1).tolist(), probs.tolist(), strict=True)
-        ]
 
     # Batched across requests by the service itself (fullstack_ml.runtime.batching says why
     # not by BentoML's adaptive batching).

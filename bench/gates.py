@@ -53,7 +53,7 @@ STICKY = """    @bentoml.api(
         batchable=True, max_batch_size=256, max_latency_ms=1000, input_spec=PredictRequest
     )
     def predict(self, records: list[Record]) -> Predictions:  # type: ignore[valid-type]
-        return self.labels(records)
+        return self.answers.labels(records)
 """
 WINE = ["data=csv", "data.target=cultivar", "profile=basic"]
 SMOKE = ["train.epochs=3", "compress.compile=false", "compress.latency_repeats=2"]

@@ -1,12 +1,16 @@
 """The service's request and response types (pydantic): a record of the model's features,
-as the preprocessing fitted with the model bounds them, and the predictions."""
+as the preprocessing fitted with the model bounds them, and the predictions; `Answers`
+makes the second of the first."""
 
+from collections import Counter
 from collections.abc import Callable
 from operator import attrgetter
 from typing import Annotated, Any
 
+import numpy as np
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
+from fullstack_ml.runtime.engine import softmax
 from fullstack_ml.runtime.preprocess import Preprocessor
 
 
@@ -94,3 +98,55 @@ class Value(BaseModel):
 
 class LabelProbabilities(Label):
     probabilities: dict[str, float]  # class label -> probability
+
+
+class Answers:
+    """Records (of `record_model`) to the service's answers: encoded by the training
+    preprocessing, run by `engine` (`engine.load_engine`), decoded. `seen` gets the numeric
+    features of each batch (the drift window), `count` each label's count (Prometheus)."""
+
+    def __init__(
+        self,
+        engine: Callable[[np.ndarray], np.ndarray],
+        pre: Preprocessor,
+        meta: dict[str, Any],
+        seen: Callable[[np.ndarray], None],
+        count: Callable[[str, int], None],
+    ) -> None:
+        self.engine, self.pre, self.seen, self.count = engine, pre, seen, count
+        self.features, self.classes = meta["features"], meta["classes"]
+        self.classify = meta["task"] == "classification"
+        self.values = feature_getter(self.features)
+
+    def outputs(self, records: list[Any]) -> np.ndarray:
+        """The model's outputs on raw records."""
+        columns = dict(
+            zip(self.features, zip(*map(self.values, records), strict=True), strict=True)
+        )
+        if self.pre.numeric:
+            self.seen(np.array([columns[f] for f in self.pre.numeric], dtype=np.float32).T)
+        return self.engine(self.pre.encode(columns))
+
+    def probabilities(self, records: list[Any]) -> np.ndarray:
+        probs = softmax(self.outputs(records))
+        for index, n in Counter(probs.argmax(1).tolist()).items():
+            self.count(str(self.classes[index]), n)
+        return probs
+
+    def labels(self, records: list[Any]) -> list[Label | Value]:
+        """Per record its label, or for a regression model its value."""
+        if not self.classify:
+            out = self.outputs(records)[:, 0] * self.pre.target_std + self.pre.target_mean
+            self.count("value", len(out))
+            return [Value(value=v) for v in out.tolist()]
+        return [Label(label=self.classes[i]) for i in self.probabilities(records).argmax(1)]
+
+    def labels_probabilities(self, records: list[Any]) -> list[LabelProbabilities]:
+        probs = self.probabilities(records)
+        names = [str(c) for c in self.classes]
+        return [
+            LabelProbabilities(
+                label=self.classes[best], probabilities=dict(zip(names, p, strict=True))
+            )
+            for best, p in zip(probs.argmax(1).tolist(), probs.tolist(), strict=True)
+        ]
