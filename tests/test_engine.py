@@ -9,8 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
+import requests
 
+from fullstack_ml.bento import Server, serve_bento
 from fullstack_ml.model import predict_logits
 from fullstack_ml.runtime.engine import (
     RUNTIMES,
@@ -128,3 +131,68 @@ def test_a_worker_on_onnxruntime_or_openvino_never_imports_torch(model: dict) ->
             [sys.executable, "-c", script], capture_output=True, text=True, check=True
         )
         assert out.stdout.strip() == "[]", (runtime, out.stdout[:300])
+
+
+def maps_torch(server: Server) -> bool:
+    """Whether any process of the server (supervisor, workers, their helpers) has torch's
+    library mapped: imported torch, whatever module did."""
+    procs = [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(True)]
+    return any("libtorch" in Path(f"/proc/{p.pid}/maps").read_text() for p in procs)
+
+
+@pytest.fixture(scope="module")
+def on_inductor(bento: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's bento with params.yaml's serve.runtime set to inductor."""
+    import tarfile
+
+    import yaml
+
+    work = tmp_path_factory.mktemp("inductor-bento")
+    with tarfile.open(bento) as tar:
+        tar.extractall(work / "bento", filter="data")
+    params_file = work / "bento/src/params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    params["serve"]["runtime"] = "inductor"
+    params_file.write_text(yaml.safe_dump(params))
+    with tarfile.open(work / "inductor.bento", "w") as tar:
+        tar.add(work / "bento", arcname=".")
+    return work / "inductor.bento"
+
+
+@pytest.mark.slow
+def test_the_bento_serves_on_onnxruntime_and_no_process_of_it_loads_torch(
+    server: Server,
+) -> None:
+    """The compress stage measured onnxruntime fastest here (serve.runtime: auto), so the
+    bento serves on it: /metadata names it, and no server process maps libtorch."""
+    assert requests.get(f"{server.url}/metadata", timeout=10).json()["runtime"] == "onnxruntime"
+    assert not maps_torch(server)
+
+
+@pytest.mark.slow
+def test_a_bento_on_inductor_answers_as_the_one_on_onnxruntime(
+    server: Server, on_inductor: Path, curated: Path
+) -> None:
+    """The same bento served on Inductor (torch loaded: the check above can see it): the
+    same label for every test record, probabilities within compress.runtime_tolerance."""
+    test_split = pd.read_parquet(curated / "test.parquet")
+    records = test_split.drop(columns="target").to_dict("records")
+    with serve_bento(on_inductor, env={"FULLSTACK_ML_API_TOKEN": ""}) as torch_server:
+        assert maps_torch(torch_server)
+        answers = []
+        for url in (server.url, torch_server.url):
+            got = []
+            for start in range(0, len(test_split), 128):
+                body = {"records": records[start : start + 128]}
+                r = requests.post(f"{url}/predict_proba", json=body, timeout=30)
+                assert r.status_code == 200, r.text[:300]
+                got += r.json()
+            answers.append(got)
+    portable, torch_side = answers
+    assert [a["label"] for a in portable] == [a["label"] for a in torch_side]
+    gap = max(
+        abs(a["probabilities"][k] - b["probabilities"][k])
+        for a, b in zip(portable, torch_side, strict=True)
+        for k in a["probabilities"]
+    )
+    assert gap <= 0.01

@@ -581,67 +581,6 @@ def test_a_killed_worker_is_replaced_and_leaves_no_orphans(
     assert alive == [], [p.cmdline() for p in alive]
 
 
-def maps_torch(server: Server) -> bool:
-    """Whether any process of the server (supervisor, workers, their helpers) has torch's
-    library mapped: imported torch, whatever module did."""
-    procs = [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(True)]
-    return any("libtorch" in Path(f"/proc/{p.pid}/maps").read_text() for p in procs)
-
-
-@pytest.fixture(scope="module")
-def on_inductor(bento: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session's bento with params.yaml's serve.runtime set to inductor."""
-    import tarfile
-
-    import yaml
-
-    work = tmp_path_factory.mktemp("inductor-bento")
-    with tarfile.open(bento) as tar:
-        tar.extractall(work / "bento", filter="data")
-    params_file = work / "bento/src/params.yaml"
-    params = yaml.safe_load(params_file.read_text())
-    params["serve"]["runtime"] = "inductor"
-    params_file.write_text(yaml.safe_dump(params))
-    with tarfile.open(work / "inductor.bento", "w") as tar:
-        tar.add(work / "bento", arcname=".")
-    return work / "inductor.bento"
-
-
-def test_the_bento_serves_on_onnxruntime_and_no_process_of_it_loads_torch(
-    server: Server,
-) -> None:
-    """The compress stage measured onnxruntime fastest here (serve.runtime: auto), so the
-    bento serves on it: /metadata names it, and no server process maps libtorch."""
-    assert requests.get(f"{server.url}/metadata", timeout=10).json()["runtime"] == "onnxruntime"
-    assert not maps_torch(server)
-
-
-def test_a_bento_on_inductor_answers_as_the_one_on_onnxruntime(
-    server: Server, on_inductor: Path, test_split: pd.DataFrame
-) -> None:
-    """The same bento served on Inductor (torch loaded: the check above can see it): the
-    same label for every test record, probabilities within compress.runtime_tolerance."""
-    with serve_bento(on_inductor, env={"FULLSTACK_ML_API_TOKEN": ""}) as torch_server:
-        assert maps_torch(torch_server)
-        answers = []
-        for url in (server.url, torch_server.url):
-            got = []
-            for start in range(0, len(test_split), 128):
-                body = {"records": records(test_split)[start : start + 128]}
-                r = requests.post(f"{url}/predict_proba", json=body, headers=JSON, timeout=30)
-                assert r.status_code == 200, r.text[:300]
-                got += r.json()
-            answers.append(got)
-    portable, torch_side = answers
-    assert [a["label"] for a in portable] == [a["label"] for a in torch_side]
-    gap = max(
-        abs(a["probabilities"][k] - b["probabilities"][k])
-        for a, b in zip(portable, torch_side, strict=True)
-        for k in a["probabilities"]
-    )
-    assert gap <= 0.01
-
-
 SERVING_SIDE = """
 import sys
 from fullstack_ml.runtime import batching, drift_pool, http, meta, monitor, openapi, preprocess
