@@ -115,6 +115,12 @@ def package(
         if not Path(path).is_file():
             raise StageError(f"{path}: not found (run the stages before package)")
     serving = json.loads(Path(files["serving.json"]).read_text())
+    shipped = yaml.safe_load((ROOT / PARAMS).read_text())["serve"]["runtime"]
+    if shipped != serve_cfg.runtime:  # the service reads the shipped params.yaml
+        raise StageError(
+            f"serve.runtime: {serve_cfg.runtime!r} here but {shipped!r} in {PARAMS}, which the "
+            "bento ships (run `make params`, or override with `dvc exp run -S`)"
+        )
     try:
         runtime = choose_runtime(serve_cfg.runtime, serving)
     except ValueError as err:

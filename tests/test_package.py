@@ -4,10 +4,19 @@ import json
 import tarfile
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import package_bento
 
-from stages.package import BENTOFILE, content_version, shipped_files
+from fullstack_ml.stage import StageError, compose
+from stages.package import (
+    BENTOFILE,
+    bentofile_for,
+    content_version,
+    package,
+    package_name,
+    shipped_files,
+)
 
 
 def test_the_same_inputs_give_the_same_tags(bento: Path) -> None:
@@ -52,3 +61,34 @@ def test_two_bentos_built_in_one_process_pin_their_own_models(bento: Path) -> No
             described = yaml.safe_load(tar.extractfile("./bento.yaml"))
         pinned = [m["tag"] for service in described["services"] for m in service["models"]]
         assert pinned == [info["model_tag"]] and described["args"]["model_tag"] == pinned[0]
+
+
+def test_a_bento_installs_its_own_runtime_and_no_other() -> None:
+    """On onnxruntime: no torch, no openvino; on inductor: torch, no onnxruntime."""
+    for runtime, kept, dropped in [
+        ("onnxruntime", {"onnxruntime"}, {"torch", "torchao", "openvino"}),
+        ("inductor", {"torch", "torchao"}, {"onnxruntime", "openvino"}),
+    ]:
+        names = {
+            package_name(p) for p in yaml.safe_load(bentofile_for(runtime))["python"]["packages"]
+        }
+        assert kept <= names and not names & dropped, runtime
+        assert {"numpy", "whylogs", "pydantic"} <= names
+
+
+def test_a_runtime_the_shipped_params_do_not_name_is_refused(bento: Path, tmp_path: Path) -> None:
+    """The service reads the params.yaml the bento ships: a config saying another runtime
+    would build a bento without the packages its service loads."""
+    work = bento.parent.parent
+    files = {
+        "model.pt2": work / "int8/model.pt2",
+        "model.json": work / "int8/model.json",
+        "model.onnx": work / "int8/model.onnx",
+        "schema.json": work / "schema.json",
+        "reference_profile.bin": work / "train.bin",
+        "serving.json": work / "serving.json",
+    }
+    serve = compose(["serve.runtime=inductor"]).serve
+    with pytest.raises(StageError, match=r"serve.runtime: 'inductor' here but 'auto' in params"):
+        package(files, {"git_commit": "test"}, serve, tmp_path / "dist")
+    assert not (tmp_path / "dist").exists()
