@@ -56,17 +56,6 @@ def markdown(rows: list[dict], digits: int = 4) -> str:
     return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
 
 
-def median_ms(engine, x: np.ndarray, repeats: int) -> float:
-    for _ in range(10):
-        engine(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        engine(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def onnxruntime_kernels(onnx_file: Path, x: np.ndarray) -> str:
     """The op types ONNX Runtime's profiler saw run, with counts (one call)."""
     import onnxruntime as ort
@@ -126,13 +115,14 @@ def run(model_dir: Path, serving: dict, test: pd.DataFrame, repeats: int) -> Non
     batches = {b: np.ascontiguousarray(x[np.arange(b) % len(x)]) for b in SIZES}
     engines = {r: load_engine(model_dir, serving, pre.width, r, 1) for r in RUNTIMES}
     # the PT2E program eager: the reference the answers are checked against
-    import torch
-
+    from fullstack_ml.model import predict_logits
     from fullstack_ml.runtime.program import load_program
+    from stages.compress.measure import median_latency_ms
 
-    with torch.inference_mode():
-        reference = load_program(model_dir / "model.pt2")(torch.from_numpy(x)).numpy()
-    times = {r: {b: median_ms(e, batches[b], repeats) for b in SIZES} for r, e in engines.items()}
+    reference = predict_logits(load_program(model_dir / "model.pt2"), x)
+    times = {
+        r: {b: median_latency_ms(e, batches[b], repeats) for b in SIZES} for r, e in engines.items()
+    }
     rows = []
     for b in SIZES:
         row = {"batch": b}

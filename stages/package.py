@@ -44,8 +44,11 @@ log = logging.getLogger("stages.package")
 BENTOFILE = ROOT / "bentofile.yaml"
 SERVICE_MODULE = "service"  # bentofile.yaml's `service: "service:Classifier"`
 # The packages only one runtime needs: a bento installs its own runtime's, none of the others.
-RUNTIME_PACKAGES = {"inductor": {"torch", "torchao"}, "onnxruntime": {"onnxruntime"}}
-RUNTIME_PACKAGES["openvino"] = {"openvino"}
+RUNTIME_PACKAGES = {
+    "inductor": {"torch", "torchao"},
+    "onnxruntime": {"onnxruntime"},
+    "openvino": {"openvino"},
+}
 
 
 def build_metadata(params_file: Path, metrics_files: list[Path]) -> dict[str, Any]:
@@ -109,7 +112,7 @@ def package(
             `card.html` (GET /card). Like the metadata, not part of the versions.
 
     The bento serves on `serve.runtime` (auto: the runtime `serving.json` names), which
-    sets its packages and base image (`bentofile_for`) and is added to `metadata`.
+    sets its packages (`bentofile_for`; service.py, its image) and is added to `metadata`.
     """
     for path in files.values():
         if not Path(path).is_file():

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 RUNTIMES = ("inductor", "onnxruntime", "openvino")
-PORTABLE = {"onnxruntime", "openvino"}  # what runs model.onnx, without torch
+PORTABLE = {"onnxruntime", "openvino"}  # what runs model.onnx, without torch (PORTABLE_ENGINES)
 ONNX_FILE = "model.onnx"
 Engine = Callable[[np.ndarray], np.ndarray]
 
@@ -64,10 +64,8 @@ def load_engine(
     rows per call of a caller that sends one size (predict), for inductor's path choice
     (`program.for_batch`)."""
     chosen = choose_runtime(runtime, serving)
-    if chosen == "onnxruntime":
-        engine = onnxruntime_engine(Path(model_dir) / ONNX_FILE, threads)
-    elif chosen == "openvino":
-        engine = openvino_engine(Path(model_dir) / ONNX_FILE, threads)
+    if chosen in PORTABLE:
+        engine = PORTABLE_ENGINES[chosen](Path(model_dir) / ONNX_FILE, threads)
     else:
         engine = inductor_engine(model_dir, serving, width, threads, log, batch)
     engine.runtime = chosen  # type: ignore[attr-defined]
@@ -140,8 +138,10 @@ def inductor_engine(
         with torch.inference_mode():  # inference tensors: what the compiled program's guards want
             return runner(torch.from_numpy(x)).numpy()
 
-    engine.runner = runner  # type: ignore[attr-defined]
     return engine
+
+
+PORTABLE_ENGINES = {"onnxruntime": onnxruntime_engine, "openvino": openvino_engine}
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -13,12 +13,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from fullstack_ml.model import SCORE_NAME, decode, predict_logits, score
-from fullstack_ml.runtime.engine import (
-    onnxruntime_engine,
-    openvino_engine,
-    run_batches,
-    softmax,
-)
+from fullstack_ml.runtime.engine import PORTABLE_ENGINES, run_batches, softmax
 from fullstack_ml.runtime.program import compile_module, export_onnx, load_program, save_program
 
 log = logging.getLogger("stages.compress")
@@ -87,9 +82,6 @@ def measure(
         "latency_ms": times,
         "answers": answers,
     }
-
-
-PORTABLE_ENGINES = {"onnxruntime": onnxruntime_engine, "openvino": openvino_engine}
 
 
 def parity(reference: np.ndarray, outputs: np.ndarray, meta: dict, tolerance: float) -> dict:
