@@ -37,6 +37,7 @@ with bentoml.importing():
     from fullstack_ml.runtime.engine import choose_runtime
     from fullstack_ml.runtime.meta import read_meta
     from fullstack_ml.runtime.monitor import LOG, DriftMonitor
+    from fullstack_ml.runtime.outliers import load_detector
     from fullstack_ml.runtime.preprocess import Preprocessor
     from fullstack_ml.runtime.records import (
         Answers,
@@ -69,13 +70,24 @@ SERVING: dict[str, Any] | None = (
 )
 RUNTIME = choose_runtime(SERVE["runtime"], SERVING)  # serve.runtime; auto: the measured one
 PRE = Preprocessor.from_dict(META["preprocessing"])  # fitted on train, saved with the model
+DETECTOR = load_detector(Path(STORED.path_of("model.json")).parent)  # outliers.json
 FEATURES: list[str] = META["features"]
 CLASSIFY = META["task"] == "classification"
 
 
 def metrics() -> monitor.Metrics:
     """The service's Prometheus metrics (created at first use, in the worker)."""
-    return monitor.metrics(SERVE["max_records"], SERVE["max_batch_size"])
+    buckets = tuple(DETECTOR.buckets)
+    return monitor.metrics(SERVE["max_records"], SERVE["max_batch_size"], buckets)
+
+
+def observed(scores: Any, flags: Any) -> None:
+    """Outlier scores (fullstack_ml_outlier_score) and outliers (fullstack_ml_outliers)."""
+    gauges = metrics()
+    for score in scores.tolist():
+        gauges.outlier_score.observe(score)
+    if n := int(flags.sum()):
+        gauges.outliers.inc(n)
 
 
 def counted(label: str, n: int) -> None:
@@ -179,7 +191,8 @@ class Classifier:
         # On Inductor, a path that fails to compile (no C++ compiler) is logged and left out.
         folder = Path(self.model_ref.path_of("model.json")).parent
         engine = load_engine(folder, SERVING, PRE.width, RUNTIME, SERVE["threads"], LOG)
-        self.answers = Answers(engine, PRE, META, MONITOR.add, counted)
+        self.answers = Answers(engine, PRE, META, DETECTOR, MONITOR.add, counted, observed)
+        metrics().starts.inc()  # a worker restarting shows as this counter rising
         refresh = threading.Thread(
             target=MONITOR.refresh_forever, args=(SERVE["drift"]["refresh_s"],), daemon=True
         )

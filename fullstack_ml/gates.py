@@ -31,6 +31,22 @@ def rate_over(count: int, n: int, limit: float, confidence: float = 0.95) -> boo
     return rate_bounds(count, n, confidence)[0] > limit
 
 
+def exceedances(
+    count: int, rows: int, rank: int, reference_rows: int, confidence: float = 0.999
+) -> dict[str, Any]:
+    """Whether `count` of `rows` new scores over a threshold, the `rank`-th smallest of
+    `reference_rows` reference scores (the outlier detector's, on val), is evidence of a rate
+    over the one it was set for. Rows exchangeable with the reference each pass it with a
+    probability drawn from Beta(reference_rows + 1 - rank, rank) (the threshold is itself a
+    sample), so the count is beta-binomial; `over` when P(K >= count) < 1 - `confidence`
+    (exact: a false failure at most that often)."""
+    a, b = reference_rows + 1 - rank, rank
+    if a <= 0 or rows <= 0:  # no threshold (too few reference rows): nothing is flagged
+        return {"expected": 0.0, "pvalue": 1.0, "over": False}
+    pvalue = float(stats.betabinom.sf(count - 1, rows, a, b)) if count > 0 else 1.0
+    return {"expected": rows * a / (a + b), "pvalue": pvalue, "over": pvalue < 1 - confidence}
+
+
 def quantile_bounds(samples: np.ndarray, q: float, confidence: float = 0.99) -> tuple[float, float]:
     """Distribution-free bounds on the `q` quantile from the order statistics of `samples`,
     each one-sided at `confidence` (the binomial law of how many samples fall below it)."""

@@ -38,6 +38,7 @@ from fullstack_ml.paths import (
     SCHEMA,
 )
 from fullstack_ml.runtime.engine import ONNX_FILE, choose_runtime
+from fullstack_ml.runtime.outliers import DETECTOR_FILE
 from fullstack_ml.stage import ROOT, StageError, atomic_dir, git_commit, read_json, run, write_json
 
 log = logging.getLogger("stages.package")
@@ -186,6 +187,7 @@ def main(cfg: DictConfig) -> None:
             "schema.json": SCHEMA,
             "reference_profile.bin": REFERENCE_PROFILE,
             "serving.json": plan,
+            DETECTOR_FILE: COMPRESSED_DIR / DETECTOR_FILE,  # the outlier detector
         }
         if (COMPRESSED_DIR / "fp32.pt2").exists():  # compress.fp32_fallback
             files["fp32.pt2"] = COMPRESSED_DIR / "fp32.pt2"

@@ -10,10 +10,11 @@ Writes, each through a temporary file (or staging table) that replaces the desti
 once the run has succeeded (a failed run leaves the previous files and table, or none):
 - `predict.output` (.parquet or .csv, a local path or an fsspec URL; or a SQLAlchemy URL with
   `predict.output_table`): the id columns (or `row`, the input's row number), `label` and
-  `proba_<class>` per class (or `value`);
+  `proba_<class>` per class (or `value`), `outlier` and `outlier_score` (as the service's);
 - `predict.rejects` (CSV): each row the service would refuse (a feature that is not a number,
   not finite, or out of the model's range), with `row`, the id columns and the reason;
-- `metrics/predict.json` (rows, predicted, rejected, reject rate, drifted features) and
+- `metrics/predict.json` (rows, predicted, rejected, reject rate, drifted features,
+  outliers and their rate) and
   `reports/predict.html` (drift of a uniform sample of the scored rows against the training
   profile).
 Fails when the reject rate passes `predict.max_reject_rate` or the drifted features pass
@@ -54,6 +55,7 @@ from fullstack_ml.runtime.drift import drift_scores, load_profile, new_profile, 
 from fullstack_ml.runtime.drift_pool import drifted
 from fullstack_ml.runtime.engine import Engine, load_engine, softmax
 from fullstack_ml.runtime.meta import read_meta
+from fullstack_ml.runtime.outliers import Detector, load_detector
 from fullstack_ml.runtime.preprocess import Preprocessor
 from fullstack_ml.sources import (
     db_problem,
@@ -66,6 +68,7 @@ from fullstack_ml.sources import (
 from fullstack_ml.stage import UMASK, StageError, read_json, run, write_atomic, write_json
 
 log = logging.getLogger("stages.predict")
+OUTLIER_COLUMNS = ["outlier", "outlier_score"]  # the bento's outlier detector's answers
 
 
 class Model(NamedTuple):
@@ -145,27 +148,34 @@ def check_batch(frame: pd.DataFrame, pre: Preprocessor) -> tuple[dict[str, Any],
 
 
 def score(
-    engine: Engine, pre: Preprocessor, meta: dict[str, Any], typed: dict[str, Any], size: int
+    engine: Engine,
+    pre: Preprocessor,
+    meta: dict[str, Any],
+    typed: dict[str, Any],
+    size: int,
+    detector: Detector,
 ) -> pd.DataFrame:
     """The service's answers for rows that passed `check_batch`, scored `size` rows per
-    call: `label` and `proba_<class>` per class (classification), or `value` (regression)."""
+    call: `label` and `proba_<class>` per class (classification), or `value` (regression),
+    then `outlier` and `outlier_score` (the bento's outlier detector)."""
     rows = len(next(iter(typed.values())))
     # encoded `size` rows at a time, each batch's arrays in cache (1M rows of 64 features:
     # 0.28 s in batches of 1024 against 1.06 s in parts of 131,072 rows, 3.3 s at once)
-    out = np.concatenate(
-        [
-            engine(pre.encode({k: v[i : i + size] for k, v in typed.items()}))
-            for i in range(0, rows, size)
-        ]
-    )
+    outs, scores = [], []
+    for i in range(0, rows, size):
+        x = pre.encode({k: v[i : i + size] for k, v in typed.items()})
+        outs.append(engine(x))
+        scores.append(detector.score(x, outs[-1]))
+    out, odd = np.concatenate(outs), np.concatenate(scores)
+    flags = {"outlier": detector.flags(odd), "outlier_score": odd}
     if meta["task"] == "regression":
         value = out[:, 0].astype("float64") * pre.target_std + pre.target_mean
-        return pd.DataFrame({"value": value})
+        return pd.DataFrame({"value": value, **flags})
     probs = softmax(out).astype("float64")
     classes = meta["classes"]
     answer = {"label": np.asarray(classes)[probs.argmax(1)]}
     answer |= {f"proba_{c}": probs[:, i] for i, c in enumerate(classes)}
-    return pd.DataFrame(answer)
+    return pd.DataFrame(answer | flags)
 
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
@@ -342,8 +352,8 @@ class Sample:
 
 def answer_columns(meta: dict[str, Any]) -> list[str]:
     if meta["task"] == "regression":
-        return ["value"]
-    return ["label", *(f"proba_{c}" for c in meta["classes"])]
+        return ["value", *OUTLIER_COLUMNS]
+    return ["label", *(f"proba_{c}" for c in meta["classes"]), *OUTLIER_COLUMNS]
 
 
 class Runtime(NamedTuple):
@@ -354,6 +364,7 @@ class Runtime(NamedTuple):
     engine: Engine
     size: int  # rows per model call
     ids: list[str]
+    detector: Detector
 
 
 def load_runtime(
@@ -367,7 +378,11 @@ def load_runtime(
         engine = load_engine(model, serving, pre.width, runtime, threads, log, batch=size)
     except ValueError as err:
         raise StageError(f"predict.runtime: {err}") from None
-    return Runtime(meta, pre, engine, size, ids)
+    try:
+        detector = load_detector(model)
+    except FileNotFoundError as err:
+        raise StageError(str(err)) from None
+    return Runtime(meta, pre, engine, size, ids, detector)
 
 
 def score_part(
@@ -381,7 +396,7 @@ def score_part(
     frame = part[rt.ids].reset_index(drop=True)
     good = typed if ok.all() else {k: v[ok] for k, v in typed.items()}
     if ok.any():
-        answers = score(rt.engine, rt.pre, rt.meta, good, rt.size)
+        answers = score(rt.engine, rt.pre, rt.meta, good, rt.size, rt.detector)
         answers.index = np.flatnonzero(ok)  # rejected rows: missing answers
         frame = frame.join(answers) if len(frame.columns) else answers.reindex(frame.index)
     else:
@@ -529,7 +544,7 @@ def predict(cfg: DictConfig, seed: int, address: str | None = None) -> dict[str,
         rejects = TableFile(str(cfg.rejects), "predict.rejects", options)
         sample = Sample(int(cfg.drift_rows), seed) if cfg.drift else None
         reasons_seen: Counter = Counter()
-        rows = 0
+        rows = outliers = 0
         try:
             # checked and typed a part (a Parquet row group, a CSV block) at a time, scored
             # `size` rows at a time
@@ -543,8 +558,10 @@ def predict(cfg: DictConfig, seed: int, address: str | None = None) -> dict[str,
                 if ok.all():
                     out.write(frame)
                 elif ok.any():
-                    answers = frame[ok].reset_index(drop=True)
+                    answers = frame[ok].reset_index(drop=True).astype({"outlier": bool})
                     out.write(answers.astype({"label": label}) if "label" in answers else answers)
+                if ok.any():
+                    outliers += int(frame.loc[ok, "outlier"].astype(bool).sum())
                 if not ok.all():
                     rejects.write(frame.loc[~ok, keys].assign(reason=reasons[~ok]))
                     reasons_seen.update(reasons[~ok])
@@ -596,6 +613,8 @@ def predict(cfg: DictConfig, seed: int, address: str | None = None) -> dict[str,
         "rejected": rejected,
         "reject_rate": rate,
         "drifted_features": len(shifted),
+        "outliers": outliers,  # rows the bento's detector flags (answers' `outlier`)
+        "outlier_rate": outliers / predicted if predicted else 0.0,
     }
     reasons = dict(reasons_seen.most_common())
     return {"metrics": figures, "drift": scores, "sampled": sampled, "reasons": reasons}

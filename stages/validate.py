@@ -11,7 +11,8 @@ server that stays slow after a burst fails. Writes p50/p99 latency, throughput, 
 and the lone-request p50 before and after the burst, with the confidence bounds the gate
 decides on (`fullstack_ml.gates.missed_slos`), to `reports/validate.json`, the headline
 figures of it to `metrics/validate.json`; fails, writing nothing, when an SLO in
-`conf/serve/` is missed or an answer differs.
+`conf/serve/` is missed, an answer differs, or more test rows are outliers than
+`outliers.target_fpr` allows (`outlier_gate`: a beta-binomial tail at `outliers.confidence`).
 """
 
 import http.client
@@ -29,9 +30,16 @@ from omegaconf import DictConfig
 from fullstack_ml.answers import load_answers
 from fullstack_ml.bento import raw_records, request, serve_bento
 from fullstack_ml.curated import load_split
-from fullstack_ml.gates import missed_slos, quantile_bounds, slowdown, window_rates
+from fullstack_ml.gates import (
+    exceedances,
+    missed_slos,
+    quantile_bounds,
+    slowdown,
+    window_rates,
+)
 from fullstack_ml.paths import COMPRESS_ANSWERS, COMPRESSED_DIR, DIST_DIR, METRICS, VALIDATE_DETAILS
 from fullstack_ml.runtime.meta import read_meta
+from fullstack_ml.runtime.outliers import load_detector
 from fullstack_ml.stage import StageError, read_json, run, write_json
 
 log = logging.getLogger("stages.validate")
@@ -40,14 +48,16 @@ RATE_WINDOW_S = 0.25  # throughput is judged per window of the load (12 in 3 s)
 
 def check_answers(
     port: int, test: pd.DataFrame, meta: dict, expected: np.ndarray, batch: int = 64
-) -> int:
-    """Served answers on every test row (raw values in) equal `expected`, the compressed
+) -> tuple[int, int]:
+    """The rows checked and the outliers among them. Served answers on every test row (raw
+    values in) equal `expected`, the compressed
     model's in process (eager, `fullstack_ml.answers`): the same label, or for regression the
     same value to 1e-2 relative, the compress stage's `runtime_tolerance` (Inductor's INT8
     kernels round differently from eager's by about 1e-4 relative; onnxruntime's requantize
     between layers, which moved digits' probabilities by up to 5e-3)."""
     classify = meta["task"] == "classification"
     records = raw_records(test, meta["features"])
+    outliers = 0
     for start in range(0, len(records), batch):
         body = json.dumps({"records": records[start : start + batch]}).encode()
         status, answer = request(port, "POST", "/predict", body)
@@ -55,6 +65,7 @@ def check_answers(
             raise StageError(f"/predict answered {status} on test rows {start}+: {answer[:200]!r}")
         want = expected[start : start + batch]
         for i, (got, exp) in enumerate(zip(json.loads(answer), want, strict=True)):
+            outliers += got["outlier"]
             exp = meta["classes"][exp] if classify else float(exp)
             same = (
                 got["label"] == exp
@@ -63,7 +74,22 @@ def check_answers(
             )
             if not same:
                 raise StageError(f"served {got} != in-process {exp!r} on test row {start + i}")
-    return len(records)
+    return len(records), outliers
+
+
+def outlier_gate(outliers: int, rows: int, model_dir: Path, confidence: float) -> dict[str, Any]:
+    """The served outlier rate on the test rows against the detector's `target_fpr`: fails
+    (StageError) when that many outliers are evidence of a higher rate (`gates.exceedances`,
+    at `outliers.confidence`)."""
+    detector = load_detector(model_dir)
+    verdict = exceedances(outliers, rows, detector.rank, detector.val_rows, confidence)
+    if verdict["over"]:
+        raise StageError(
+            f"outliers: {outliers} of {rows} test rows flagged, {verdict['expected']:.1f}"
+            f" expected at outliers.target_fpr={detector.target_fpr} (p = {verdict['pvalue']:.2g}"
+            f" < {1 - confidence:.2g}): test is unlike val, or the detector is wrong"
+        )
+    return {"outliers": outliers, "outlier_rate": outliers / rows, **verdict}
 
 
 def load(port: int, bodies: list[bytes], concurrency: int, duration_s: float) -> dict[str, Any]:
@@ -164,11 +190,19 @@ def burst_recovery(
 
 
 def validate(
-    bento_file: Path, test: pd.DataFrame, model_file: Path, answers_file: Path, slo: DictConfig
+    bento_file: Path,
+    test: pd.DataFrame,
+    model_file: Path,
+    answers_file: Path,
+    slo: DictConfig,
+    confidence: float = 0.999,
 ) -> dict[str, Any]:
     """Serve `bento_file`, check its answers on `test` against `answers_file` (those of
-    `model_file`), load it; raises StageError on a wrong answer or a missed SLO."""
+    `model_file`) and its outlier rate (`outlier_gate` at `confidence`), load it; raises
+    StageError on a wrong answer, too many outliers or a missed SLO."""
     result = release_figures(bento_file, test, model_file, answers_file, slo)
+    odd = outlier_gate(result["outliers"], result["answers_checked"], model_file.parent, confidence)
+    result["outlier_gate"] = odd
     if missed := missed_slos(result, slo):
         raise StageError("; ".join(missed))
     return result
@@ -187,7 +221,7 @@ def release_figures(
     answers = load_answers(answers_file, model_file, len(test))
     with serve_bento(bento_file) as server:
         port = server.port
-        checked = check_answers(port, test, meta, answers)
+        checked, outliers = check_answers(port, test, meta, answers)
         runtime = json.loads(request(port, "GET", "/metadata")[1]).get("runtime", "inductor")
         log.info("served answers (on %s) equal model.pt2's on %d test rows", runtime, checked)
         bodies = [json.dumps({"records": r}).encode() for r in raw_records(test, meta["features"])]
@@ -196,6 +230,7 @@ def release_figures(
         result = load_figures(load(port, bodies, slo.concurrency, slo.duration_s), slo)
         result |= burst_recovery(port, bodies, slo, before)
     result["answers_checked"] = checked
+    result["outliers"] = outliers
     result["runtime"] = runtime
     log.info(
         "load at concurrency %d: %.0f requests/s, p50 %.1f ms, p99 %.1f ms, error rate %.4f;"
@@ -218,8 +253,15 @@ def main(cfg: DictConfig) -> None:
     info = read_json(DIST_DIR / "bento.json")
     model_file = COMPRESSED_DIR / "model.pt2"
     test = load_split("test")
-    result = validate(DIST_DIR / info["file"], test, model_file, COMPRESS_ANSWERS, cfg.serve.slo)
-    headline = ["rps", "p99_ms", "error_rate", "after_burst_ratio", "answers_checked"]
+    result = validate(
+        DIST_DIR / info["file"],
+        test,
+        model_file,
+        COMPRESS_ANSWERS,
+        cfg.serve.slo,
+        cfg.outliers.confidence,
+    )
+    headline = ["rps", "p99_ms", "error_rate", "after_burst_ratio", "answers_checked", "outliers"]
     write_json(METRICS["validate"], {k: result[k] for k in headline})
     write_json(VALIDATE_DETAILS, {"bento_tag": info["bento_tag"], **result})
     log.info("wrote %s, %s", METRICS["validate"], VALIDATE_DETAILS)

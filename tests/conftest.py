@@ -137,10 +137,12 @@ def bento(fp32_dir: Path, curated: Path, cfg: DictConfig, tmp_path_factory) -> P
 
     work = tmp_path_factory.mktemp("service")
     _, meta = load_fp32(fp32_dir)
-    val, test = (pd.read_parquet(curated / f"{s}.parquet") for s in ("val", "test"))
+    frames = {s: pd.read_parquet(curated / f"{s}.parquet") for s in ("train", "val", "test")}
+    train, val, test = frames.values()
     val_x, _ = encode_split(val, meta)
-    result = compress(fp32_dir, val_x, encode_split(test, meta), cfg.compress, work / "int8")
-    train = pd.read_parquet(curated / "train.parquet")
+    outliers = (frames, cfg.outliers.target_fpr)
+    test_xy = encode_split(test, meta)
+    result = compress(fp32_dir, val_x, test_xy, cfg.compress, work / "int8", outliers=outliers)
     (work / "train.bin").write_bytes(profile_frame(train).serialize())
     (work / "serving.json").write_text(json.dumps(result["serving"]))
     (work / "schema.json").write_bytes((curated / "schema.json").read_bytes())
@@ -170,6 +172,7 @@ def package_bento(work: Path, out: Path, *more: tuple[Path, dict[str, Path]]) ->
         "reference_profile.bin": work / "train.bin",
         "serving.json": work / "serving.json",
         "model.onnx": work / "int8/model.onnx",
+        "outliers.json": work / "int8/outliers.json",
     }
     builds = [(out, files)] + [(o, files | changed) for o, changed in more]
     script = "from pathlib import Path; from fullstack_ml.stage import compose;"

@@ -137,7 +137,7 @@ def test_pipeline_outputs_metrics_and_experiments(repo: Path, env: dict) -> None
     compressed = values["metrics/compress.json"]["data"]
     assert compressed["size_ratio"] < 0.3
     # the headline figures only (what `dvc exp show` compares); the details beside them
-    assert len(compressed) == 7 and "per_class" not in values["metrics/eval.json"]["data"]
+    assert len(compressed) == 10 and "per_class" not in values["metrics/eval.json"]["data"]
     # the budget's evidence: the drop's upper bound on val+test, paired with FP32
     assert compressed["accuracy_drop_points"] <= compressed["accuracy_drop_bound"]
     per_class = pd.read_csv(repo / "plots/per_class.csv")
@@ -149,7 +149,7 @@ def test_pipeline_outputs_metrics_and_experiments(repo: Path, env: dict) -> None
     live = values["dvclive/train/metrics.json"]["data"]
     assert live["step"] == 6 and 1 <= live["best_epoch"] <= 6
     # the headline figures only: what `dvc exp show` compares (details: outputs and plots)
-    assert sum(len(flat(f["data"])) for f in values.values()) == 33
+    assert sum(len(flat(f["data"])) for f in values.values()) == 40
     scored = values["metrics/predict.json"]["data"]  # batch scoring of the test split
     assert scored["predicted"] == 270 and scored["rejected"] == 0
     curve = pd.read_csv(repo / "dvclive/train/plots/metrics/val_accuracy.tsv", sep="\t")

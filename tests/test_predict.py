@@ -55,6 +55,10 @@ def test_batch_answers_equal_the_served_answers(
         assert r.status_code == 200, r.text
         served += r.json()
     assert batch["label"].tolist() == [s["label"] for s in served]
+    assert batch["outlier"].tolist() == [s["outlier"] for s in served]
+    served_scores = [s["outlier_score"] for s in served]
+    np.testing.assert_allclose(batch["outlier_score"], served_scores, rtol=1e-6)
+    assert result["metrics"]["outliers"] == sum(s["outlier"] for s in served)
     classes = list(served[0]["probabilities"])
     want = np.array([[s["probabilities"][c] for c in classes] for s in served])
     got = batch[[f"proba_{c}" for c in classes]].to_numpy()
@@ -245,7 +249,7 @@ def test_a_postgres_table_is_scored_into_another(
     predict(config(bento, tmp_path, *source, *sink), seed=0)
     scores = pd.read_sql("select * from public.scores order by order_id", engine)
     assert scores["order_id"].tolist() == list(range(25))
-    assert set(scores["label"]) <= set(range(10)) and len(scores.columns) == 12
+    assert set(scores["label"]) <= set(range(10)) and len(scores.columns) == 14
     engine.dispose()
 
 

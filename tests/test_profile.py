@@ -56,8 +56,49 @@ def test_profiles_constraints_and_drift_written(
         " json.loads((c / 'schema.json').read_text()), compose([]).profile, Path(sys.argv[2]))"
     )
     subprocess.run([sys.executable, "-c", code, curated, tmp_path / "again"], check=True)
-    for name in ("train.bin", "val.bin", "test.bin", "drift.json", "report.html"):
+    assert 0 <= summary["outlier_rows_rate"] < 0.01 and "Outlying training rows" in html
+    for name in ("train.bin", "val.bin", "test.bin", "drift.json", "report.html", "outliers.json"):
         assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "p" / name).read_bytes()
+
+
+def test_odd_training_rows_are_listed_first_with_the_feature_that_makes_them_odd(
+    splits: dict, schema: dict, cfg: DictConfig, tmp_path: Path
+) -> None:
+    """Rows planted with ink in the top and bottom pixel rows (blank in nearly every digit)
+    top the list, naming those pixels; a train split with many odd rows fails on
+    profile.outliers.max_rate, one line naming the split and the rate, and writes nothing."""
+    train = splits["train"].copy()
+    planted = [5, 500, 1000]
+    border = [f"pixel_{r}_{c}" for r in (0, 7) for c in range(8)]
+    train.loc[planted, border] = 16.0
+    frames = {**splits, "train": train}
+    profile(frames, schema, cfg.profile, tmp_path / "p")
+    found = json.loads((tmp_path / "p" / "outliers.json").read_text())
+    assert found["detector"] == "ECOD" and found["rows"] == len(train)
+    assert sorted(r["row"] for r in found["top"][:3]) == planted
+    assert all(
+        r["outlier"] and r["features"][0]["feature"] == "pixel_0_0" for r in found["top"][:3]
+    )
+    assert found["outliers"] >= 3 and found["rate"] == found["outliers"] / len(train)
+    features = [c for c in train.columns if c != "target"]
+    train.loc[: len(train) // 5, features] = 16.0 - train.loc[: len(train) // 5, features]
+    strict = OmegaConf.merge(cfg.profile, {"outliers": {"max_rate": 0.01}})
+    with pytest.raises(StageError, match=r"train split: \d+ of 1257 rows are outliers.*max_rate"):
+        profile({**splits, "train": train}, schema, strict, tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+    loose = OmegaConf.merge(cfg.profile, {"outliers": {"max_rate": None}})
+    profile({**splits, "train": train}, schema, loose, tmp_path / "q")  # null: not a gate
+
+
+def test_an_unknown_outlier_detector_is_a_stage_error_naming_the_key(
+    splits: dict, schema: dict, cfg: DictConfig, tmp_path: Path
+) -> None:
+    bad = OmegaConf.merge(
+        cfg.profile, {"outliers": {"detector": {"_target_": "pyod.models.nope.X"}}}
+    )
+    with pytest.raises(StageError, match="profile.outliers.detector"):
+        profile(splits, schema, bad, tmp_path / "p")
+    assert not (tmp_path / "p").exists()
 
 
 def test_shifted_split_is_reported_as_drift(

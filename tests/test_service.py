@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 
 from fullstack_ml.bento import Server, raw_records, serve_bento
 from fullstack_ml.model import encode_split, predict_logits
+from fullstack_ml.runtime.outliers import load_detector
 from fullstack_ml.runtime.program import load_program
 
 pytestmark = pytest.mark.slow
@@ -109,7 +110,8 @@ def test_one_record_or_a_list_and_probabilities(
     rows = records(test_split)
     one = requests.post(f"{server.url}/predict", json={"records": rows[0]}, timeout=30)
     assert one.status_code == 200, one.text
-    assert one.json() == [{"label": expected[0]}]
+    assert [a["label"] for a in one.json()] == [expected[0]]
+    assert set(one.json()[0]) == {"label", "outlier", "outlier_score"}
     many = requests.post(f"{server.url}/predict", json={"records": rows[:50]}, timeout=30)
     assert [p["label"] for p in many.json()] == expected[:50]
     proba = requests.post(f"{server.url}/predict_proba", json={"records": rows[:5]}, timeout=30)
@@ -352,6 +354,42 @@ def test_metrics_count_predictions_records_and_failures(
     assert delta("fullstack_ml_validation_failures_total", reason="json_invalid") == 1
     assert delta("fullstack_ml_validation_failures_total", reason="unsupported_media_type") == 1
     assert "bentoml_service_request_total" in after
+    assert delta("fullstack_ml_outlier_score_count") == 10  # every record scored
+    assert metric(after, "fullstack_ml_worker_starts_total") >= 1
+
+
+def test_every_answer_carries_the_outlier_detectors_verdict(
+    server: Server, bento: Path, test_split: pd.DataFrame
+) -> None:
+    """`outlier` and `outlier_score` as the shipped detector computes them in process; a
+    record unlike any digit (all 64 pixels at 16, the issue's example) is an outlier, counted
+    in fullstack_ml_outliers_total, and scores past the histogram's buckets."""
+    folder = bento.parent.parent / "int8"
+    detector = load_detector(folder)
+    meta = json.loads((folder / "model.json").read_text())
+    rows = test_split.head(50)
+    x = encode_split(rows, meta)[0]
+    want = detector.score(x, predict_logits(load_program(folder / "model.pt2"), x))
+    got = requests.post(f"{server.url}/predict", json={"records": records(rows)}, timeout=30)
+    scores = np.array([a["outlier_score"] for a in got.json()])
+    np.testing.assert_allclose(scores, want, rtol=1e-3)  # onnxruntime's logits: within 5e-3
+    assert [a["outlier"] for a in got.json()] == (want > detector.threshold).tolist()
+    before = requests.get(f"{server.url}/metrics", timeout=10).text
+    odd = dict.fromkeys(records(rows)[0], 16.0)
+    proba = requests.post(f"{server.url}/predict_proba", json={"records": odd}, timeout=30)
+    answer = proba.json()[0]
+    assert answer["outlier"] is True and answer["outlier_score"] > 8 * detector.threshold
+    assert abs(sum(answer["probabilities"].values()) - 1) < 1e-4  # still answered
+    after = requests.get(f"{server.url}/metrics", timeout=10).text
+    name = "fullstack_ml_outliers_total"
+    assert metric(after, name) - metric(before, name) == 1
+    top = 'fullstack_ml_outlier_score_bucket{le="+Inf"}'
+    last = f'fullstack_ml_outlier_score_bucket{{le="{detector.buckets[-1]}"}}'
+    rise = [
+        float(after.split(f"{b} ")[1].split()[0]) - float(before.split(f"{b} ")[1].split()[0])
+        for b in (top, last)
+    ]
+    assert rise == [1, 0]  # the odd record is past every finite bucket
 
 
 def test_drift_window_against_the_training_profile(guarded: Server, curated: Path) -> None:
@@ -376,6 +414,8 @@ def test_drift_window_against_the_training_profile(guarded: Server, curated: Pat
         assert requests.post(f"{url}/predict", json=body, headers=AUTH).ok
     moved = requests.get(f"{url}/drift", headers=AUTH, timeout=30).json()
     assert moved["window_records"] == 2000 and len(moved["drifted"]) > 32
+    assert same["outlier_rate"] < 0.05 < moved["outlier_rate"]  # the window's outliers
+    assert moved["window_outliers"] == round(moved["outlier_rate"] * 2000)
     text = requests.get(f"{url}/metrics", timeout=10).text
     drifted = moved["drifted"][0]
     assert metric(text, "fullstack_ml_drift_category", feature=drifted) == 2

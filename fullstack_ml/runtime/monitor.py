@@ -30,6 +30,9 @@ class Metrics:
     pvalue: "Gauge"  # drift per feature
     category: "Gauge"
     window: "Gauge"
+    outliers: "Counter"  # records flagged as outliers
+    outlier_score: "Histogram"  # every record's outlier score (its _count: records scored)
+    starts: "Counter"  # worker starts (a restart: the counter rises after the first start)
 
 
 def up_to(most: int) -> list[int]:
@@ -38,10 +41,13 @@ def up_to(most: int) -> list[int]:
 
 
 @cache
-def metrics(max_records: int, max_batch_size: int) -> Metrics:
+def metrics(
+    max_records: int, max_batch_size: int, score_buckets: tuple[float, ...] = (1.0,)
+) -> Metrics:
     """The project's Prometheus metrics, created in the worker (after BentoML has set up
     prometheus_client's multiprocess directory), all at once; the histograms' buckets end
-    at `serve.max_records` and `serve.max_batch_size`."""
+    at `serve.max_records` and `serve.max_batch_size`; the outlier score's are the
+    detector's (`runtime.outliers.Detector.buckets`)."""
     from prometheus_client import Counter, Gauge, Histogram
 
     return Metrics(
@@ -76,6 +82,11 @@ def metrics(max_records: int, max_batch_size: int) -> Metrics:
             "Records in the drift window",
             multiprocess_mode="mostrecent",
         ),
+        outliers=Counter("fullstack_ml_outliers", "Records flagged as outliers"),
+        outlier_score=Histogram(
+            "fullstack_ml_outlier_score", "Outlier score of each record", buckets=score_buckets
+        ),
+        starts=Counter("fullstack_ml_worker_starts", "Serving worker starts"),
     )
 
 
@@ -89,26 +100,33 @@ class DriftMonitor:
     ) -> None:
         self.features, self.min_records, self.metrics = features, min_records, metrics
         self.buffer = np.zeros((window, len(features)), dtype=np.float32)
+        self.outliers = np.zeros(window, dtype=bool)  # each record's outlier flag
         self.seen = 0
         self.scored_at = -1  # `seen` when last scored
         self.lock = threading.Lock()
         self.reference = ""  # the training profile's file
 
-    def add(self, rows: np.ndarray) -> None:
+    def add(self, rows: np.ndarray, outliers: np.ndarray) -> None:
+        """Records served (their numeric features) and whether each was an outlier."""
         window = len(self.buffer)
         with self.lock:
             kept = rows[-window:]
             start = self.seen + len(rows) - len(kept)
-            self.buffer[(start + np.arange(len(kept))) % window] = kept
+            at = (start + np.arange(len(kept))) % window
+            self.buffer[at] = kept
+            self.outliers[at] = outliers[-window:]
             self.seen += len(rows)
 
     def score(self) -> dict[str, Any]:
-        """Per-feature drift of the window; also sets the drift gauges."""
+        """Per-feature drift of the window and its outlier rate; also sets the drift gauges."""
         with self.lock:
             seen, rows = self.seen, self.buffer[: min(self.seen, len(self.buffer))].copy()
+            outliers = int(self.outliers[: len(rows)].sum())
         result: dict[str, Any] = {"records_seen": seen, "window_records": len(rows)}
+        result["window_outliers"] = outliers
+        result["outlier_rate"] = outliers / len(rows) if len(rows) else 0.0
         self.metrics().window.set(len(rows))
-        if len(rows) < self.min_records:
+        if len(rows) < self.min_records or not self.features:
             return {**result, "status": "insufficient_data", "min_records": self.min_records}
         from fullstack_ml.runtime.drift_pool import CATEGORIES, drifted, window_drift
 

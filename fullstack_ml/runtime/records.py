@@ -11,6 +11,7 @@ import numpy as np
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from fullstack_ml.runtime.engine import softmax
+from fullstack_ml.runtime.outliers import Detector
 from fullstack_ml.runtime.preprocess import Preprocessor
 
 
@@ -88,11 +89,16 @@ def predict_request(
     return PredictRequest
 
 
-class Label(BaseModel):
+class Outlier(BaseModel):
+    outlier: bool  # the record is unlike the training data (its score is over the threshold)
+    outlier_score: float  # the shipped detector's score (`runtime.outliers`; higher: odder)
+
+
+class Label(Outlier):
     label: int | str
 
 
-class Value(BaseModel):
+class Value(Outlier):
     value: float  # a regression model's prediction
 
 
@@ -102,51 +108,77 @@ class LabelProbabilities(Label):
 
 class Answers:
     """Records (of `record_model`) to the service's answers: encoded by the training
-    preprocessing, run by `engine` (`engine.load_engine`), decoded. `seen` gets the numeric
-    features of each batch (the drift window), `count` each label's count (Prometheus)."""
+    preprocessing, run by `engine` (`engine.load_engine`), scored by the outlier `detector`,
+    decoded. `seen` gets the numeric features of each batch and its outlier flags (the drift
+    window), `count` each label's count, `observe` the outlier scores and flags (Prometheus)."""
 
     def __init__(
         self,
         engine: Callable[[np.ndarray], np.ndarray],
         pre: Preprocessor,
         meta: dict[str, Any],
-        seen: Callable[[np.ndarray], None],
+        detector: Detector,
+        seen: Callable[[np.ndarray, np.ndarray], None],
         count: Callable[[str, int], None],
+        observe: Callable[[np.ndarray, np.ndarray], None],
     ) -> None:
-        self.engine, self.pre, self.seen, self.count = engine, pre, seen, count
+        self.engine, self.pre, self.detector = engine, pre, detector
+        self.seen, self.count, self.observe = seen, count, observe
         self.features, self.classes = meta["features"], meta["classes"]
         self.classify = meta["task"] == "classification"
         self.values = feature_getter(self.features)
 
-    def outputs(self, records: list[Any]) -> np.ndarray:
-        """The model's outputs on raw records."""
+    def outputs(self, records: list[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The model's outputs on raw records, their outlier scores and flags."""
         columns = dict(
             zip(self.features, zip(*map(self.values, records), strict=True), strict=True)
         )
-        if self.pre.numeric:
-            self.seen(np.array([columns[f] for f in self.pre.numeric], dtype=np.float32).T)
-        return self.engine(self.pre.encode(columns))
+        x = self.pre.encode(columns)
+        out = self.engine(x)
+        scores = self.detector.score(x, out)
+        flags = self.detector.flags(scores)
+        self.observe(scores, flags)
+        numeric = [columns[f] for f in self.pre.numeric]
+        rows = np.array(numeric, dtype=np.float32).T if numeric else np.empty((len(x), 0))
+        self.seen(rows, flags)
+        return out, scores, flags
 
-    def probabilities(self, records: list[Any]) -> np.ndarray:
-        probs = softmax(self.outputs(records))
+    def probabilities(self, records: list[Any]) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """Class probabilities, and each record's outlier fields."""
+        out, scores, flags = self.outputs(records)
+        probs = softmax(out)
         for index, n in Counter(probs.argmax(1).tolist()).items():
             self.count(str(self.classes[index]), n)
-        return probs
+        return probs, outlier_fields(scores, flags)
 
     def labels(self, records: list[Any]) -> list[Label | Value]:
         """Per record its label, or for a regression model its value."""
         if not self.classify:
-            out = self.outputs(records)[:, 0] * self.pre.target_std + self.pre.target_mean
-            self.count("value", len(out))
-            return [Value(value=v) for v in out.tolist()]
-        return [Label(label=self.classes[i]) for i in self.probabilities(records).argmax(1)]
+            out, scores, flags = self.outputs(records)
+            values = out[:, 0] * self.pre.target_std + self.pre.target_mean
+            self.count("value", len(values))
+            return [
+                Value(value=v, **o)
+                for v, o in zip(values.tolist(), outlier_fields(scores, flags), strict=True)
+            ]
+        probs, odd = self.probabilities(records)
+        return [
+            Label(label=self.classes[i], **o) for i, o in zip(probs.argmax(1), odd, strict=True)
+        ]
 
     def labels_probabilities(self, records: list[Any]) -> list[LabelProbabilities]:
-        probs = self.probabilities(records)
+        probs, odd = self.probabilities(records)
         names = [str(c) for c in self.classes]
         return [
             LabelProbabilities(
-                label=self.classes[best], probabilities=dict(zip(names, p, strict=True))
+                label=self.classes[best], probabilities=dict(zip(names, p, strict=True)), **o
             )
-            for best, p in zip(probs.argmax(1).tolist(), probs.tolist(), strict=True)
+            for best, p, o in zip(probs.argmax(1).tolist(), probs.tolist(), odd, strict=True)
         ]
+
+
+def outlier_fields(scores: np.ndarray, flags: np.ndarray) -> list[dict[str, Any]]:
+    return [
+        {"outlier": f, "outlier_score": s}
+        for f, s in zip(flags.tolist(), scores.tolist(), strict=True)
+    ]

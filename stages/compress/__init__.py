@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from omegaconf import DictConfig
 from torch import nn
@@ -54,6 +55,7 @@ from fullstack_ml.runtime.meta import write_meta
 from fullstack_ml.runtime.program import fastest_paths, torch_threads
 from fullstack_ml.stage import StageError, atomic_dir, write_json
 from stages.compress.measure import measure, portable
+from stages.compress.outliers import fit_outliers
 from stages.compress.prune import check_prune, finetune, prune_model, sparsity
 from stages.compress.quantize import (
     calibrator,
@@ -349,6 +351,7 @@ def compress(
     train: tuple[np.ndarray, np.ndarray] | None = None,
     student_dir: Path | None = None,
     seed: int = 0,
+    outliers: tuple[dict[str, pd.DataFrame], float] | None = None,
 ) -> dict[str, Any]:
     """Build and measure the configured model and pipelines, check the budget, write `out_dir`.
 
@@ -358,6 +361,8 @@ def compress(
         train: encoded train features and encoded targets (fine-tuning after pruning).
         student_dir: the distilled student (`models/student`), for pipelines with `distil`.
         seed: for the fine-tuning after pruning.
+        outliers: the raw train, val and test frames and `outliers.target_fpr`: fit the
+            outlier detector (`stages.compress.outliers`) into `out_dir` too.
 
     Returns:
         The comparison written to the metrics file, and `answers`: the shipped program's on
@@ -373,6 +378,7 @@ def compress(
     with torch_threads(cfg.threads):
         rows = eval_rows(list(cfg.eval_split), val, val_y, test)
         data = {"val": val, "val_y": val_y, "train": train, "seed": seed, "eval": rows}
+        data["outliers"] = outliers
         return _compress(fp32_dir, test, cfg, out_dir, pipelines, data, student_dir)
 
 
@@ -431,6 +437,12 @@ def _compress(
         log.info("exporting model.pt2 to ONNX for %s", ", ".join(cfg.runtimes) or "no runtime")
         onnx = portable(tmp / "model.pt2", tmp / ONNX_FILE, test[0], meta, cfg)
         serving = serving_plan(results["fp32"], results[chosen], onnx, cfg)
+        detector = None
+        if data["outliers"]:
+            frames, target_fpr = data["outliers"]
+            log.info("fitting the outlier detector (outliers.target_fpr %s)", target_fpr)
+            program = tmp / "model.pt2"
+            detector = fit_outliers(program, fp32[0], meta, frames, target_fpr, tmp, data["seed"])
         keep = {"model.pt2", *(["fp32.pt2"] if cfg.fp32_fallback else [])}
         for program in tmp.glob("*.pt2"):  # by config, not by measurement: the same files
             if program.name not in keep:
@@ -462,6 +474,7 @@ def _compress(
         "latency_ratio_batch256": top["latency_ratio_batch256"],
         "serving": serving,
         "candidates": results,
+        **({"outliers": detector} if detector else {}),
     }
 
 
@@ -508,18 +521,24 @@ def headline(result: dict[str, Any], name: str) -> dict[str, Any]:
     (the candidates and per-batch latencies stay in the details file)."""
     keys = ["size_ratio", "accuracy_drop_points", "accuracy_drop_bound"]
     keys += ["latency_ratio_batch1", "latency_ratio_batch256"]
-    return {"method": result["method"], name: result["compressed"][name]} | {
+    out = {"method": result["method"], name: result["compressed"][name]} | {
         k: result[k] for k in keys
     }
+    if found := result.get("outliers"):  # the shipped detector: its AUROC and test rate
+        chosen = found["chosen"]
+        out |= {"outlier_detector": chosen, "outlier_rate_test": found["test_rate"]}
+        out["outlier_mean_auroc"] = found["candidates"][chosen]["mean_auroc"]
+    return out
 
 
 def main(cfg: DictConfig) -> None:
     torch.manual_seed(cfg.seed)
     _, meta = load_fp32(FP32_DIR)
     try:
-        val_x, val_y = encode_split(load_split("val"), meta)
-        test_xy = encode_split(load_split("test"), meta)
-        train_df = load_split("train")
+        frames = {name: load_split(name) for name in ("train", "val", "test")}
+        val_x, val_y = encode_split(frames["val"], meta)
+        test_xy = encode_split(frames["test"], meta)
+        train_df = frames["train"]
         train = (encode_split(train_df, meta)[0], encode_targets(train_df[meta["target"]], meta))
     except (KeyError, ValueError) as err:
         raise StageError(f"curated splits do not match the model: {err}") from None
@@ -533,6 +552,7 @@ def main(cfg: DictConfig) -> None:
         train=train,
         student_dir=STUDENT_DIR if STUDENT_DIR.exists() else None,
         seed=cfg.seed,
+        outliers=(frames, cfg.outliers.target_fpr),
     )
     name = SCORE_NAME[meta["task"]]
     # what validate holds the server's answers to

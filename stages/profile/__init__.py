@@ -2,7 +2,9 @@
 
 Writes `reports/profile/{train,val,test}.bin` (whylogs profiles), `constraints.json`,
 `drift.json` and `report.html` (self-contained), and `metrics/profile.json`.
-Fails, writing nothing, when a constraint is violated on a split.
+Fails, writing nothing, when a constraint is violated on a split, or when the share of
+outlying training rows (`profile.outliers`, PyOD; listed in `outliers.json` and the report)
+is over `profile.outliers.max_rate` by its lower 95% bound.
 
 A split (one Parquet file or a folder of part files) is read in record batches: each batch
 is profiled and the profiles merged, so memory does not grow with rows. Set-membership
@@ -16,9 +18,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fullstack_ml.curated import split_path
+from fullstack_ml.gates import rate_bounds, rate_over
+from fullstack_ml.outliers import row_outliers
 from fullstack_ml.paths import METRICS, PROFILE_DIR, SCHEMA, SPLITS
 from fullstack_ml.runtime.drift import drift_scores
 from fullstack_ml.runtime.drift_pool import drifted
@@ -27,6 +33,8 @@ from fullstack_ml.stage import StageError, atomic_dir, read_json, write_atomic, 
 from stages.profile.batches import (
     BATCH_ROWS,
     SplitSource,
+    batch_frame,
+    iter_batches,
     profile_bytes,
     profile_split,
     profile_splits,
@@ -114,6 +122,7 @@ def profile(
     bad = {s: drifted(d) for s, d in drift.items() if drifted(d)}
     if cfg.drift.fail_on_drift and bad:
         raise StageError(f"drift against train (profile.drift.fail_on_drift): {bad}")
+    outliers = training_outliers(splits["train"], parsed, cfg.get("outliers"), batch_rows)
     vocab = {c.column: c for c in vocabulary_checks(parsed)}
     summaries: dict[str, dict[str, Any]] = {}
     for name, prof in profiles.items():
@@ -126,11 +135,16 @@ def profile(
             (tmp / f"{name}.bin").write_bytes(profile_bytes(view))
         write_json(tmp / "constraints.json", report)
         write_json(tmp / "drift.json", drift)
-        write_atomic(tmp / "report.html", render_html(summaries, report, drift, parsed))
+        if outliers:
+            write_json(tmp / "outliers.json", outliers)
+        page = render_html(summaries, report, drift, parsed, outliers)
+        write_atomic(tmp / "report.html", page)
     summary = {  # the headline figures (row counts: schema.json)
         "constraints_passed": len(report),
         "drifted_columns": {s: len(drifted(d)) for s, d in drift.items()},
     }
+    if outliers:
+        summary["outlier_rows_rate"] = round(outliers["rate"], 6)
     if parsed.categories:  # the rate of values unseen in train, per categorical feature
         summary["unseen_categories"] = {
             name: {c: round(p.outside(vocab[c])["rate"], 6) for c in parsed.categories}
@@ -138,6 +152,39 @@ def profile(
             if name != "train"
         }
     return summary
+
+
+def training_outliers(
+    source: SplitSource, schema: Any, cfg: DictConfig | None, batch_rows: int
+) -> dict[str, Any] | None:
+    """The outlying training rows (`fullstack_ml.outliers.row_outliers`) by `cfg`
+    (`profile.outliers`; None: not looked for); a StageError when their share is over
+    `max_rate` by its lower 95% bound (a few rows of a small split are no evidence)."""
+    if not cfg:
+        return None
+    features = [*schema.numeric, *schema.categorical]
+    frames = [batch_frame(b) for b in iter_batches(source, batch_rows, features)]
+    train = pd.concat(frames, ignore_index=True)[features] if frames else pd.DataFrame()
+    try:
+        detector = instantiate(cfg.detector)
+    except Exception as err:  # hydra wraps import and argument errors alike
+        raise StageError(f"profile.outliers.detector: {err}") from None
+    found = row_outliers(
+        train, schema.numeric, schema.categorical, detector, cfg.fence, cfg.top, cfg.max_fit_rows
+    )
+    log.info(
+        "outlying training rows (%s): %d of %d", found["detector"], found["outliers"], found["rows"]
+    )
+    limit = cfg.get("max_rate")
+    if limit is not None and rate_over(found["outliers"], found["rows"], limit):
+        low = rate_bounds(found["outliers"], found["rows"])[0]
+        raise StageError(
+            f"train split: {found['outliers']} of {found['rows']} rows are outliers"
+            f" ({found['rate']:.2%}, at least {low:.2%} at 95%), over profile.outliers.max_rate"
+            f" {limit:.2%} (the top rows and their features: reports/profile/outliers.json"
+            " is not written on failure; rerun with a higher max_rate to see them)"
+        )
+    return found
 
 
 def main(cfg: DictConfig) -> None:

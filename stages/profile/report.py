@@ -43,10 +43,12 @@ def render_html(
     constraints: list[dict[str, Any]],
     drift: dict[str, dict[str, Any]],
     schema: Schema,
+    outliers: dict[str, Any] | None = None,
 ) -> str:
     """One self-contained page (no scripts, no network): a summary per split and column
     (`summaries`: split -> rows and column -> `column_summary`), the drift of each split
-    against train, and the constraints with their observed values."""
+    against train, the outlying training rows (`fullstack_ml.outliers.row_outliers`) and
+    the constraints with their observed values."""
     esc = html.escape
     drifted = {
         col for scores in drift.values() for col, d in scores.items()
@@ -115,6 +117,8 @@ def render_html(
             "<h2>Drift against train</h2>"
             f"<table><tr><th>column</th>{head}</tr>{''.join(body)}</table>"
         )
+    if outliers:
+        parts.append(outliers_html(outliers))
     failed = [r for r in constraints if not r["passed"]]
     rows = "".join(
         f"<tr class='{'ok' if r['passed'] else 'bad'}'><td>{esc(r['split'])}</td>"
@@ -135,4 +139,30 @@ def render_html(
         "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}"
         "tr.bad td{background:#f7c6c6}</style></head><body>"
         f"<h1>Data profile</h1><p>{nav}</p>{''.join(parts)}</body></html>"
+    )
+
+
+def outliers_html(found: dict[str, Any]) -> str:
+    """The outlying training rows: the share over the fence, and the top rows with the
+    features furthest from typical (robust z-scores)."""
+    esc = html.escape
+    rows = "".join(
+        f"<tr{' class=bad' if r['outlier'] else ''}><td>{r['row']}</td><td>{r['score']:.4g}</td>"
+        "<td>"
+        + esc(
+            "; ".join(
+                f"{f['feature']} = {f['value']:.4g} (median {f['median']:.4g}, z {f['z']:.3g})"
+                for f in r["features"]
+            )
+        )
+        + "</td></tr>"
+        for r in found["top"]
+    )
+    return (
+        f"<h2 id='outliers'>Outlying training rows: {found['outliers']} of {found['rows']}"
+        f" ({found['rate']:.2%})</h2><p>{esc(found['detector'])} (PyOD) scores every row; a row"
+        f" over {found['threshold']:.4g} (Q3 + {found['fence']:g} x IQR of the scores) is an"
+        " outlier. The highest scores, with the features furthest from the train median:</p>"
+        f"<table><tr><th>train row</th><th>score</th><th>furthest features</th></tr>{rows}"
+        "</table>"
     )
