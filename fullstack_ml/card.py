@@ -24,6 +24,7 @@ from fullstack_ml.charts import (
     sketch_histogram,
 )
 from fullstack_ml.paths import (
+    COMPRESS_DETAILS,
     COMPRESS_PLOT,
     CONFUSION,
     DATA_DIR,
@@ -133,6 +134,8 @@ def gather(bento_tag: str | None, gate: dict[str, Any] | None) -> dict[str, Any]
         "confusion": _rows(CONFUSION),
         "per_class": _rows(PER_CLASS),
         "candidates": _rows(COMPRESS_PLOT),
+        "outlier_rows": _json(PROFILE_DIR / "outliers.json"),  # the profile's EDA
+        "detector": (_json(COMPRESS_DETAILS) or {}).get("outliers"),  # the shipped detector
         "gate": gate,
     }
 
@@ -313,6 +316,56 @@ def compression_section(facts: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def outliers_section(facts: dict[str, Any]) -> str:
+    """The outlying training rows (profile) and the detector the bento ships (compress):
+    every candidate's AUROC per shift of val, its cost, and the choice."""
+    parts = ["<h2 id='outliers'>Outliers</h2>"]
+    rows = facts.get("outlier_rows")
+    if rows:
+        parts.append(
+            f"<p>Training rows: {rows['outliers']:,} of {rows['rows']:,} ({rows['rate']:.2%}) over"
+            f" Q3 + {rows['fence']:g} x IQR of {html.escape(rows['detector'])}'s scores (PyOD)."
+            " The highest scores, with the features furthest from the train median:</p>"
+        )
+        cells = [
+            [
+                str(r["row"]),
+                _fmt(r["score"]),
+                "; ".join(
+                    f"{f['feature']} = {f['value']:.4g} (z {f['z']:.3g})" for f in r["features"]
+                ),
+            ]
+            for r in rows["top"]
+        ]
+        parts.append(table(["train row", "score", "furthest features"], cells))
+    found = facts.get("detector")
+    if found:
+        chosen, candidates = found["chosen"], found["candidates"]
+        shifts = list(next(iter(candidates.values()))["auroc"])
+        parts.append(
+            f"<p>Shipped detector: <b>{html.escape(chosen)}</b>, threshold"
+            f" {found['threshold']:.4g} (set on {found['val_rows']} val rows at"
+            f" outliers.target_fpr {found['target_fpr']:g}); it flags {found['test_outliers']}"
+            f" of {found['test_rows']} test rows ({found['test_rate']:.2%}). AUROC of val"
+            " against shifted val, per candidate:</p>"
+        )
+        cells = [
+            [
+                name + (" (chosen)" if name == chosen else ""),
+                *(_fmt(c["auroc"][s]) for s in shifts),
+                _fmt(c["mean_auroc"]),
+                _fmt(c["us_per_record"]),
+                "yes" if c["served"] else "no",
+            ]
+            for name, c in candidates.items()
+        ]
+        head = ["candidate", *shifts, "mean AUROC", "us per record", "servable"]
+        parts.append(table(head, cells))
+    if len(parts) == 1:
+        parts.append("<p class='small'>not built</p>")
+    return "".join(parts)
+
+
 def gate_section(facts: dict[str, Any]) -> str:
     head = "<h2 id='gate'>Release gate (validate)</h2>"
     if facts["gate"] is None:
@@ -364,7 +417,8 @@ def render(facts: dict[str, Any]) -> str:
     nav = " | ".join(
         f"<a href='#{a}'>{t}</a>"
         for a, t in (("data", "data"), ("training", "training"), ("evaluation", "evaluation"),
-                     ("compression", "compression"), ("gate", "release gate"), ("limits", "limits"))
+                     ("compression", "compression"), ("outliers", "outliers"),
+                     ("gate", "release gate"), ("limits", "limits"))
     )  # fmt: skip
     notes = "".join(f"<li>{html.escape(x)}</li>" for x in limits(facts))
     return page(
@@ -374,6 +428,7 @@ def render(facts: dict[str, Any]) -> str:
         + training_section(facts)
         + evaluation_section(facts)
         + compression_section(facts)
+        + outliers_section(facts)
         + gate_section(facts)
         + f"<h2 id='limits'>Limits</h2><ul>{notes}</ul>",
     )

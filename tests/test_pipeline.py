@@ -163,9 +163,12 @@ def test_pipeline_outputs_metrics_and_experiments(repo: Path, env: dict) -> None
     # relaxed here (a shared test machine), test_failed_stage... checks that a miss fails
     validate = values["metrics/validate.json"]["data"]
     assert validate["answers_checked"] == 270 and validate["error_rate"] == 0
-    assert validate["after_burst_ratio"] > 0 and len(validate) == 5  # the headline figures
+    assert validate["after_burst_ratio"] > 0 and len(validate) == 6  # the headline figures
+    # the served outliers on test: as many as batch scoring's, and the gate's verdict
+    assert validate["outliers"] == values["metrics/predict.json"]["data"]["outliers"]
     details = json.loads((repo / "reports/validate.json").read_text())  # every figure
     assert details["burst_error_rate"] == 0 and details["p99_ms"] == validate["p99_ms"]
+    assert details["outlier_gate"]["over"] is False
     exps = sh(["dvc", "exp", "show", "--json"], repo, env).stdout
     assert "train.epochs" in exps or '"epochs": 6' in exps
     # nothing changed: nothing reruns (a serve key rebuilds only the bento: the sweep below)
@@ -410,6 +413,8 @@ def test_build_report_renders_in_chromium_with_the_metrics_files_figures(
     assert loaded["console"] == [] and loaded["failed"] == []
     assert loaded["requests"] == [report.as_uri()]  # self-contained: nothing else loads
     assert loaded["svg"] > 64  # a histogram per digits feature, and the curves
+    page = report.read_text()  # the outlying training rows and the shipped detector
+    assert "Training rows: " in page and "Shipped detector: <b>" in page and "(chosen)" in page
 
 
 def open_in_chromium(page: Path) -> dict:
