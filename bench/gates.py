@@ -206,7 +206,7 @@ def build_wine(
     curated, fp32 = work / "curated", work / "fp32"
     ingest(cfg.data, cfg.seed, curated)
     train(cfg, curated, fp32)
-    splits = {s: load_split(s, curated) for s in ("val", "test")}
+    splits = {s: load_split(s, curated) for s in ("train", "val", "test")}
     out = run_compress(cfg, fp32, splits, work / "compressed", corrupt)
     if package and "error" not in out:
         out |= package_wine(cfg, work, curated, splits)
@@ -225,7 +225,10 @@ def run_compress(
     (val_x, val_y), test = (encode_split(splits[s], meta) for s in ("val", "test"))
     with planted_layer(corrupt):
         try:
-            result = compress(fp32, val_x, test, cfg.compress, out, val_y=val_y, seed=cfg.seed)
+            odd = (splits, cfg.outliers.target_fpr)  # the outlier detector too, as the stage
+            result = compress(
+                fp32, val_x, test, cfg.compress, out, val_y=val_y, seed=cfg.seed, outliers=odd
+            )
         except StageError as err:
             return {"error": str(err)}
     (out / "serving.json").write_text(json.dumps(result["serving"]))
@@ -268,6 +271,7 @@ def package_wine(
     shutil.copyfile(curated / "schema.json", out / "schema.json")
     names = ("model.pt2", "model.json", "schema.json", "reference_profile.bin", "serving.json")
     names += ("model.onnx",) if (out / "model.onnx").exists() else ()  # compress.runtimes
+    names += ("outliers.json",)
     info = package(
         {n: out / n for n in names}, {"git_commit": git_commit()}, cfg.serve, work / "dist"
     )
@@ -298,7 +302,7 @@ def planted_digits(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]
     if not (ROOT / "models/fp32/model.pt").is_file():
         sys.exit("error: models/fp32 not found: run `make repro` first")
     cfg = compose(args.overrides)
-    splits = {s: load_split(s) for s in ("val", "test")}
+    splits = {s: load_split(s) for s in ("train", "val", "test")}
     return [
         accuracy_row(
             "digits, planted broken layer",

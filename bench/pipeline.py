@@ -209,10 +209,14 @@ def work_compress(repo: Path, cfg: Any) -> float:
         torch.manual_seed(cfg.seed)
         _, meta = load_fp32(fp32)
         val_x, val_y = encode_split(load_split("val", data), meta)
-        train = load_split("train", data)
+        frames = {name: load_split(name, data) for name in ("train", "val", "test")}
+        train = frames["train"]
         train_xy = (encode_split(train, meta)[0], encode_targets(train[meta["target"]], meta))
-        test = encode_split(load_split("test", data), meta)
-        compress(fp32, val_x, test, method, out, val_y=val_y, train=train_xy, seed=cfg.seed)
+        test = encode_split(frames["test"], meta)
+        odd = (frames, cfg.outliers.target_fpr)  # the outlier detector too, as the stage
+        compress(
+            fp32, val_x, test, method, out, val_y=val_y, train=train_xy, seed=cfg.seed, outliers=odd
+        )
 
     with tempfile.TemporaryDirectory() as tmp:
         return timed(lambda: run(Path(tmp) / "compressed"))
@@ -232,6 +236,7 @@ def work_package(repo: Path, cfg: Any) -> float:
             "schema.json": repo / "data/curated/schema.json",
             "reference_profile.bin": repo / "reports/profile/train.bin",
             "serving.json": plan,
+            "outliers.json": model / "outliers.json",
         }
         if (model / "fp32.pt2").exists():  # compress.fp32_fallback
             files["fp32.pt2"] = model / "fp32.pt2"

@@ -262,12 +262,18 @@ def smoke_model(work: Path) -> tuple[Path, dict, pd.DataFrame]:
 
     cfg = compose([*SMOKE, "compress.pipelines={}"])
     fp32_dir, curated, _ = build_small(cfg, work / "built", student=False)
-    splits = {s: pd.read_parquet(curated / f"{s}.parquet") for s in ("val", "test")}
+    splits = {s: pd.read_parquet(curated / f"{s}.parquet") for s in ("train", "val", "test")}
     meta = read_meta(fp32_dir)
     val_x, val_y = encode_split(splits["val"], meta)
     out = work / "compressed"
     result = compress(
-        fp32_dir, val_x, encode_split(splits["test"], meta), cfg.compress, out, val_y=val_y
+        fp32_dir,
+        val_x,
+        encode_split(splits["test"], meta),
+        cfg.compress,
+        out,
+        val_y=val_y,
+        outliers=(splits, cfg.outliers.target_fpr),
     )
     return out, result["serving"], splits["test"]
 
@@ -283,7 +289,7 @@ def smoke_bento(model_dir: Path, serving: dict, work: Path) -> Path:
     train = pd.read_parquet(curated / "train.parquet")
     (work / "train.bin").write_bytes(profile_frame(train).serialize())
     (work / "serving.json").write_text(json.dumps(serving))
-    files = {n: model_dir / n for n in ("model.pt2", "model.json", "model.onnx")}
+    files = {n: model_dir / n for n in ("model.pt2", "model.json", "model.onnx", "outliers.json")}
     files |= {"schema.json": curated / "schema.json", "reference_profile.bin": work / "train.bin"}
     files["serving.json"] = work / "serving.json"
     info = package(files, {"git_commit": "smoke"}, compose([]).serve, work / "dist")

@@ -90,12 +90,14 @@ def build(
         train(cfg, data, fp32)
         _, meta = load_fp32(fp32)
         val_x, _ = encode_split(splits["val"], meta)
-        result = compress(fp32, val_x, encode_split(splits["test"], meta), cfg.compress, out)
+        test_xy, odd = encode_split(splits["test"], meta), (splits, cfg.outliers.target_fpr)
+        result = compress(fp32, val_x, test_xy, cfg.compress, out, outliers=odd)
         (out / "serving.json").write_text(json.dumps(result["serving"]))
         shutil.copyfile(data / "schema.json", out / "schema.json")
         shutil.copyfile(work / "profile" / "train.bin", out / "reference_profile.bin")
     names = ("model.pt2", "model.json", "schema.json", "reference_profile.bin", "serving.json")
     names += ("model.onnx",) if (out / "model.onnx").exists() else ()  # compress.runtimes
+    names += ("outliers.json",)  # the outlier detector
     meta = {"git_commit": git_commit()}
     info = package({n: out / n for n in names}, meta, cfg.serve, work / "dist")
     features = [f["name"] for f in json.loads((out / "schema.json").read_text())["features"]]
