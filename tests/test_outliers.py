@@ -151,3 +151,15 @@ def test_the_detector_is_chosen_by_measurement_and_flags_the_target_rate_on_val(
     assert chosen.buckets == sorted(chosen.buckets) and chosen.threshold in chosen.buckets
     regression, _ = fit_detector(views, vval, shifts, "regression", 0.05)
     assert regression.kind == "mahalanobis"
+
+
+def test_too_few_val_rows_for_the_target_rate_set_no_threshold() -> None:
+    """27 val rows (wine's) cannot show a 1% rate: the conformal rank is past the last row,
+    and the detector flags nothing rather than more than the target (compress warns)."""
+    rng = np.random.default_rng(4)
+    train, val = rng.normal(size=(100, 3)), rng.normal(size=(27, 3))
+    views = {"x": train, "logits": train}
+    shifts = {"far": {"x": val + 9, "logits": val}}
+    chosen, _ = fit_detector(views, {"x": val, "logits": val}, shifts, "regression", 0.01)
+    assert chosen.rank == 28 and chosen.val_rows == 27
+    assert not chosen.flags(chosen.score(val + 9, val)).any()

@@ -2,6 +2,8 @@
 fitted on train and measured on val and shifted val (`fullstack_ml.outliers`), on the
 encoded records, the shipped program's logits and the FP32 model's penultimate layer."""
 
+import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,8 @@ from fullstack_ml.outliers import fit_detector, shifted
 from fullstack_ml.runtime.outliers import DETECTOR_FILE
 from fullstack_ml.runtime.program import load_program
 from fullstack_ml.stage import write_json
+
+log = logging.getLogger("stages.compress")
 
 
 def penultimate(model: nn.Module, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
@@ -59,6 +63,16 @@ def fit_outliers(
         views(train), views(val), shifts, meta["task"], target_fpr, seed
     )
     write_json(out_dir / DETECTOR_FILE, detector.to_dict())
+    if detector.rank > detector.val_rows:
+        need = math.ceil(1 / target_fpr) - 1
+        log.warning(
+            "outliers: %d val rows are too few to set a threshold at outliers.target_fpr=%g"
+            " (it needs at least %d): the shipped detector flags nothing; raise target_fpr or"
+            " the val split",
+            detector.val_rows,
+            target_fpr,
+            need,
+        )
     on_test = views(test)
     flagged = detector.flags(detector.score(on_test["x"], on_test["logits"]))
     return {
@@ -70,4 +84,5 @@ def fit_outliers(
         "test_outliers": int(flagged.sum()),
         "test_rows": len(flagged),
         "test_rate": float(flagged.mean()) if len(flagged) else 0.0,
+        "flags_nothing": detector.rank > detector.val_rows,  # too few val rows for target_fpr
     }
