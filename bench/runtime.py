@@ -21,6 +21,7 @@ worker to the next 200 from /predict.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -204,8 +205,13 @@ def serve_times(
                 while not answered(port, "/predict", body):
                     time.sleep(0.005)
                 back.append(time.perf_counter() - killed)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole server: no graceful wait
+        finally:  # the whole server, no graceful wait; its workers too: circus starts each in
+            # a session of its own, which the group kill missed (they outlived every smoke)
+            family = psutil.Process(proc.pid).children(recursive=True)
+            os.killpg(proc.pid, signal.SIGKILL)
+            for child in family:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
             proc.wait()
     return ready, back
 
