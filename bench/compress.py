@@ -40,6 +40,7 @@ SMOKE = [
     "compress.calibration_batches=1",
     "compress.prune.finetune_epochs=1",
     "compress.max_accuracy_drop=100",  # 1 epoch: accuracy is not the point
+    "outliers.candidates=[mahalanobis]",  # bench.runtime's bento: the served detector alone
 ]
 SMOKE_PIPELINES = {  # replace compress.pipelines (an override would merge into it)
     "distil_int8": ["distil", "int8_static"],

@@ -57,7 +57,7 @@ STICKY = """    @bentoml.api(
 """
 WINE = ["data=csv", "data.target=cultivar", "profile=basic"]
 SMOKE = ["train.epochs=3", "compress.compile=false", "compress.latency_repeats=2"]
-SMOKE += ["compress.batch_sizes=[1,16]"]
+SMOKE += ["compress.batch_sizes=[1,16]", "outliers.candidates=[mahalanobis,energy]"]
 SMOKE_SLO = {"lone_requests": 200}
 
 
@@ -225,7 +225,7 @@ def run_compress(
     (val_x, val_y), test = (encode_split(splits[s], meta) for s in ("val", "test"))
     with planted_layer(corrupt):
         try:
-            odd = (splits, cfg.outliers.target_fpr)  # the outlier detector too, as the stage
+            odd = (splits, cfg.outliers)  # the outlier detector too, as the stage
             result = compress(
                 fp32, val_x, test, cfg.compress, out, val_y=val_y, seed=cfg.seed, outliers=odd
             )

@@ -213,7 +213,7 @@ def work_compress(repo: Path, cfg: Any) -> float:
         train = frames["train"]
         train_xy = (encode_split(train, meta)[0], encode_targets(train[meta["target"]], meta))
         test = encode_split(frames["test"], meta)
-        odd = (frames, cfg.outliers.target_fpr)  # the outlier detector too, as the stage
+        odd = (frames, cfg.outliers)  # the outlier detector too, as the stage
         compress(
             fp32, val_x, test, method, out, val_y=val_y, train=train_xy, seed=cfg.seed, outliers=odd
         )

@@ -279,7 +279,7 @@ def smoke_model(work: Path) -> tuple[Path, dict, pd.DataFrame]:
         cfg.compress,
         out,
         val_y=val_y,
-        outliers=(splits, cfg.outliers.target_fpr),
+        outliers=(splits, cfg.outliers),
     )
     return out, result["serving"], splits["test"]
 

@@ -11,7 +11,7 @@
 """
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -180,28 +180,45 @@ def auroc(inliers: np.ndarray, outliers: np.ndarray) -> float:
     return float(roc_auc_score(y, np.r_[inliers, outliers]))
 
 
-def candidates(train: Views, task: str, seed: int = 0) -> dict[str, Callable[[Views], Any]]:
-    """Each candidate detector, fitted on `train`: name -> scores of a `Views`.
-    Those in `SERVED` return (scores, the Detector's fitted fields)."""
-    from pyod.models.ecod import ECOD
-    from pyod.models.iforest import IForest
-    from pyod.models.knn import KNN
-    from sklearn.covariance import LedoitWolf
+CANDIDATES = ("mahalanobis", "ecod", "iforest", "max_softmax", "energy", "knn_penultimate")
+MODEL_SPACE = {"max_softmax", "energy"}  # need a classifier's logits
 
-    cov = LedoitWolf().fit(train["x"])  # shrunk: constant pixels leave the sample's singular
-    mean, precision = cov.location_, cov.precision_
-    fitted = {"mean": mean.tolist(), "precision": precision.tolist()}
-    ecod = ECOD().fit(train["x"])
-    iforest = IForest(random_state=seed).fit(train["x"])
-    out: dict[str, Callable[[Views], Any]] = {
-        "mahalanobis": lambda v: (mahalanobis(v["x"], mean, precision), fitted),
-        "ecod": lambda v: ecod.decision_function(v["x"]),
-        "iforest": lambda v: iforest.decision_function(v["x"]),
-    }
+
+def candidates(
+    train: Views, task: str, seed: int = 0, names: Sequence[str] = CANDIDATES
+) -> dict[str, Callable[[Views], Any]]:
+    """The candidate detectors `names` (of `CANDIDATES`) that apply, fitted on `train`:
+    name -> scores of a `Views`. Those in `SERVED` return (scores, the Detector's fitted
+    fields). PyOD is imported only for its detectors (1.5-2 s here)."""
+    if unknown := [n for n in names if n not in CANDIDATES]:
+        known = ", ".join(CANDIDATES)
+        raise ValueError(f"candidates: unknown {unknown[0]!r} (one of {known})")
+    out: dict[str, Callable[[Views], Any]] = {}
+    if "mahalanobis" in names:
+        from sklearn.covariance import LedoitWolf
+
+        cov = LedoitWolf().fit(train["x"])  # shrunk: constant pixels make the sample's singular
+        mean, precision = cov.location_, cov.precision_
+        fitted = {"mean": mean.tolist(), "precision": precision.tolist()}
+        out["mahalanobis"] = lambda v: (mahalanobis(v["x"], mean, precision), fitted)
+    if "ecod" in names:
+        from pyod.models.ecod import ECOD
+
+        ecod = ECOD().fit(train["x"])
+        out["ecod"] = lambda v: ecod.decision_function(v["x"])
+    if "iforest" in names:
+        from pyod.models.iforest import IForest
+
+        iforest = IForest(random_state=seed).fit(train["x"])
+        out["iforest"] = lambda v: iforest.decision_function(v["x"])
     if task == "classification":
-        out["max_softmax"] = lambda v: (max_softmax(v["logits"]), {})
-        out["energy"] = lambda v: (energy(v["logits"]), {})
-    if "features" in train:
+        if "max_softmax" in names:
+            out["max_softmax"] = lambda v: (max_softmax(v["logits"]), {})
+        if "energy" in names:
+            out["energy"] = lambda v: (energy(v["logits"]), {})
+    if "knn_penultimate" in names and "features" in train:
+        from pyod.models.knn import KNN
+
         knn = KNN(n_neighbors=5).fit(train["features"])
         out["knn_penultimate"] = lambda v: knn.decision_function(v["features"])
     return out
@@ -224,18 +241,23 @@ def fit_detector(
     task: str,
     target_fpr: float,
     seed: int = 0,
+    names: Sequence[str] = CANDIDATES,
 ) -> tuple[Detector, dict[str, Any]]:
     """Measure every candidate (AUROC of val against each shift, cost per record), ship the
     served kind with the highest mean AUROC (ties: the first in `SERVED`), its threshold the
     conformal order statistic of the val scores at `target_fpr`. Returns the detector and
     the report of every candidate."""
     if not shifts:
-        raise ValueError("outliers: no shift to measure candidates on (no feature to shift)")
+        raise ValueError("no shift to measure the candidates on (no feature to shift)")
     report: dict[str, Any] = {}
     fitted: dict[str, dict] = {}
     val_scores: dict[str, np.ndarray] = {}
     one = {k: v[:1] for k, v in val.items()}
-    for name, score in candidates(train, task, seed).items():
+    measured = candidates(train, task, seed, names)
+    if not any(n in SERVED for n in measured):
+        served = [n for n in SERVED if task == "classification" or n not in MODEL_SPACE]
+        raise ValueError(f"candidates: none the runtime serves; add one of {', '.join(served)}")
+    for name, score in measured.items():
 
         def scores(views: Views, score=score) -> np.ndarray:
             got = score(views)

@@ -163,3 +163,18 @@ def test_too_few_val_rows_for_the_target_rate_set_no_threshold() -> None:
     chosen, _ = fit_detector(views, {"x": val, "logits": val}, shifts, "regression", 0.01)
     assert chosen.rank == 28 and chosen.val_rows == 27
     assert not chosen.flags(chosen.score(val + 9, val)).any()
+
+
+def test_candidates_are_chosen_by_config_and_one_must_be_servable() -> None:
+    rng = np.random.default_rng(5)
+    train, val = rng.normal(size=(200, 3)), rng.normal(size=(100, 3))
+    views = {"x": train, "logits": train}
+    shifts = {"far": {"x": val + 9, "logits": val}}
+    val_views = {"x": val, "logits": val}
+    fast = ["mahalanobis", "energy"]
+    _, report = fit_detector(views, val_views, shifts, "classification", 0.05, names=fast)
+    assert list(report["candidates"]) == fast
+    with pytest.raises(ValueError, match="candidates: unknown 'lof'"):
+        fit_detector(views, val_views, shifts, "classification", 0.05, names=["lof"])
+    with pytest.raises(ValueError, match="candidates: none the runtime serves; add one of maha"):
+        fit_detector(views, val_views, shifts, "regression", 0.05, names=["ecod", "energy"])

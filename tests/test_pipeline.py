@@ -24,6 +24,7 @@ SHRUNK = ["train.epochs=6", "distil.epochs=4", "compress.latency_repeats=5"]
 SHRUNK += ["serve.slo.duration_s=1", "serve.slo.p99_ms=60000", "serve.slo.min_rps=1"]  # see below
 SHRUNK += ["serve.slo.burst_s=1", "serve.slo.settle_s=0.5", "serve.slo.max_after_burst_ratio=100"]
 SHRUNK += ["~compress.pipelines"]  # the report's candidates: tests/test_compress.py
+SHRUNK += ["outliers.candidates=[mahalanobis,max_softmax,energy]"]  # PyOD's: test_outliers.py
 # the default run's report: the distil stage's student, quantized; the student learns from
 # the teacher's soft labels alone (alpha=1: the true labels carry no weight)
 DISTIL = [*SHRUNK, "+compress.pipelines={distil_int8: [distil, int8_static]}"]

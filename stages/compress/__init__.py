@@ -351,7 +351,7 @@ def compress(
     train: tuple[np.ndarray, np.ndarray] | None = None,
     student_dir: Path | None = None,
     seed: int = 0,
-    outliers: tuple[dict[str, pd.DataFrame], float] | None = None,
+    outliers: tuple[dict[str, pd.DataFrame], DictConfig] | None = None,
 ) -> dict[str, Any]:
     """Build and measure the configured model and pipelines, check the budget, write `out_dir`.
 
@@ -361,7 +361,7 @@ def compress(
         train: encoded train features and encoded targets (fine-tuning after pruning).
         student_dir: the distilled student (`models/student`), for pipelines with `distil`.
         seed: for the fine-tuning after pruning.
-        outliers: the raw train, val and test frames and `outliers.target_fpr`: fit the
+        outliers: the raw train, val and test frames and the `outliers` config: fit the
             outlier detector (`stages.compress.outliers`) into `out_dir` too.
 
     Returns:
@@ -439,10 +439,10 @@ def _compress(
         serving = serving_plan(results["fp32"], results[chosen], onnx, cfg)
         detector = None
         if data["outliers"]:
-            frames, target_fpr = data["outliers"]
-            log.info("fitting the outlier detector (outliers.target_fpr %s)", target_fpr)
+            frames, settings = data["outliers"]
+            log.info("fitting the outlier detector (outliers.target_fpr %s)", settings.target_fpr)
             program = tmp / "model.pt2"
-            detector = fit_outliers(program, fp32[0], meta, frames, target_fpr, tmp, data["seed"])
+            detector = fit_outliers(program, fp32[0], meta, frames, settings, tmp, data["seed"])
         keep = {"model.pt2", *(["fp32.pt2"] if cfg.fp32_fallback else [])}
         for program in tmp.glob("*.pt2"):  # by config, not by measurement: the same files
             if program.name not in keep:
@@ -552,7 +552,7 @@ def main(cfg: DictConfig) -> None:
         train=train,
         student_dir=STUDENT_DIR if STUDENT_DIR.exists() else None,
         seed=cfg.seed,
-        outliers=(frames, cfg.outliers.target_fpr),
+        outliers=(frames, cfg.outliers),
     )
     name = SCORE_NAME[meta["task"]]
     # what validate holds the server's answers to

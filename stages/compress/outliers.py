@@ -16,7 +16,7 @@ from fullstack_ml.model import predict_logits, preprocessor
 from fullstack_ml.outliers import fit_detector, shifted
 from fullstack_ml.runtime.outliers import DETECTOR_FILE
 from fullstack_ml.runtime.program import load_program
-from fullstack_ml.stage import write_json
+from fullstack_ml.stage import StageError, write_json
 
 log = logging.getLogger("stages.compress")
 
@@ -41,27 +41,34 @@ def fit_outliers(
     fp32: nn.Module,
     meta: dict[str, Any],
     frames: dict[str, pd.DataFrame],
-    target_fpr: float,
+    cfg: Any,
     out_dir: Path,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Fit, measure and choose the detector on `frames` (train, val, test), write it to
+    """Fit, measure and choose the detector on `frames` (train, val, test) by `cfg` (the
+    `outliers` config: target_fpr, candidates, max_fit_rows), write it to
     `out_dir`/outliers.json; returns the report: every candidate's AUROC per shift and cost,
     the choice, its threshold and the rate it flags on test."""
     pre, module = preprocessor(meta), load_program(program)
+    target_fpr = cfg.target_fpr
 
     def views(frame: pd.DataFrame) -> dict[str, np.ndarray]:
         x = pre.encode_frame(frame)
         return {"x": x, "logits": predict_logits(module, x), "features": penultimate(fp32, x)}
 
     train, val, test = (frames[s] for s in ("train", "val", "test"))
+    if len(train) > cfg.max_fit_rows:  # kNN and PyOD's detectors on a sample (seeded)
+        train = train.sample(cfg.max_fit_rows, random_state=seed).sort_index()
     shifts = {
         name: views(frame)
         for name, frame in shifted(val, train, pre.numeric, pre.categorical, seed).items()
     }
-    detector, report = fit_detector(
-        views(train), views(val), shifts, meta["task"], target_fpr, seed
-    )
+    try:
+        detector, report = fit_detector(
+            views(train), views(val), shifts, meta["task"], target_fpr, seed, cfg.candidates
+        )
+    except ValueError as err:
+        raise StageError(f"outliers: {err}") from None
     write_json(out_dir / DETECTOR_FILE, detector.to_dict())
     if detector.rank > detector.val_rows:
         need = math.ceil(1 / target_fpr) - 1
