@@ -1,3 +1,4 @@
+import io
 import json
 import re
 import subprocess
@@ -424,3 +425,119 @@ def test_ingest_shows_a_progress_bar_on_a_terminal_and_phase_lines_in_logs(
     steps = [line.split(": ")[1] for line in logged.splitlines() if line.startswith("ingest: ")]
     assert steps == ["read", "type", "check", "split", "write"]
     assert all(" rows in " in line for line in logged.splitlines() if line.startswith("ingest: "))
+
+
+# ---------------------------------------------------------------- images (data=images)
+
+
+def image_set(root: Path, per_class: int = 8) -> Path:
+    """3 classes of pictures in PNG, JPEG and WebP, of mixed sizes and modes."""
+    from test_images import encoded, shapes
+
+    formats = [("PNG", "RGB"), ("JPEG", "L"), ("WEBP", "RGB"), ("PNG", "RGBA"), ("PNG", "P")]
+    for c, label in enumerate(("circle", "square", "star")):
+        for i in range(per_class):
+            fmt, mode = formats[i % len(formats)]
+            img = shapes(100 * c + i, size=48 + 8 * (i % 4)).convert(mode)
+            path = root / label / f"{label}_{i:02d}.{fmt.lower()}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(encoded(img, fmt))
+    return root
+
+
+def images_cfg(path: Path, *overrides: str) -> DictConfig:
+    return compose(["data=images", f"data.path={path}", *overrides]).data
+
+
+def test_a_folder_of_images_is_curated_into_typed_splits(tmp_path: Path) -> None:
+    """Every file decoded to data.image's size and mode, split stratified; the Parquet rows
+    hold the PNG of the decoded pixels, the source path and the content hash."""
+    from PIL import Image
+
+    schema = ingest(images_cfg(image_set(tmp_path / "set")), 0, tmp_path / "out")
+    (feature,) = schema["features"]
+    assert feature["kind"] == "image" and feature["size"] == [64, 64]
+    assert feature["channels"] == 3 and len(feature["mean"]) == 3
+    assert schema["classes"] == ["circle", "square", "star"]
+    assert sum(schema["rows"].values()) == 24 and schema["rejected_files"] == 0
+    train = pd.read_parquet(tmp_path / "out/train.parquet")
+    assert list(train.columns) == ["path", "label", "sha256", "image"]
+    pixels = np.asarray(Image.open(io.BytesIO(train["image"][0])))
+    assert pixels.shape == (64, 64, 3)
+    assert pd.read_csv(tmp_path / "out/rejected.csv").empty
+
+
+def test_each_bad_image_file_fails_naming_it_or_is_dropped_and_listed(tmp_path: Path) -> None:
+    from test_images import encoded, shapes
+
+    root = image_set(tmp_path / "set")
+    (root / "star/zero.png").write_bytes(b"")
+    (root / "star/notes.png").write_bytes(b"a text file with an image's suffix")
+    whole = encoded(shapes(7), "PNG")
+    (root / "circle/cut.png").write_bytes(whole[: len(whole) // 2])
+    (root / "square/tiny.png").write_bytes(encoded(shapes(8).resize((4, 4)), "PNG"))
+    (root / "square/again.png").write_bytes((root / "square/square_00.png").read_bytes())
+    with pytest.raises(StageError, match=r"circle/cut.png: truncated or corrupt"):
+        ingest(images_cfg(root), 0, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written
+    drop = images_cfg(root, "data.bad_files=drop", "data.image.max_bad_rate=0.5")
+    schema = ingest(drop, 0, tmp_path / "out")
+    rejected = pd.read_csv(tmp_path / "out/rejected.csv").set_index("path")["reason"]
+    reasons = {Path(p).name: r for p, r in rejected.items()}
+    assert reasons["zero.png"] == "empty file (0 bytes)"
+    assert reasons["notes.png"].startswith("not an image")
+    assert reasons["cut.png"].startswith("truncated or corrupt")
+    assert reasons["tiny.png"] == "4x4: under data.image.min_size 8"
+    # the same bytes twice: the first by path is kept, the other named with it
+    assert reasons["square_00.png"] == f"duplicate of {root / 'square/again.png'}"
+    assert schema["rejected_files"] == 5 and sum(schema["rows"].values()) == 24
+    strict = images_cfg(root, "data.bad_files=drop", "data.image.max_bad_rate=0.01")
+    with pytest.raises(StageError, match=r"4 of 29 files are bad, over data.image.max_bad_rate"):
+        ingest(strict, 0, tmp_path / "out2")  # 4 of 29: at least 4.9% at 95%
+
+
+def test_a_near_duplicate_of_a_train_image_in_test_is_a_leak(tmp_path: Path) -> None:
+    """Split folders are the splits; a resized JPEG copy of a train image in test fails the
+    build naming both (drop: it leaves test, listed)."""
+    from test_images import encoded, shapes
+
+    for split, n in (("train", 4), ("val", 2), ("test", 2)):
+        for label in ("a", "b"):
+            for i in range(n):
+                path = tmp_path / "set" / split / label / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(encoded(shapes(hash((split, label, i)) % 10_000), "PNG"))
+    from PIL import Image
+
+    with Image.open(tmp_path / "set/train/a/0.png") as original:
+        copy = original.resize((90, 90))
+    (tmp_path / "set/test/a/copy.jpg").write_bytes(encoded(copy, "JPEG", quality=80))
+    with pytest.raises(
+        StageError, match=r"test/a/copy.jpg: a near-duplicate of train's .*train/a/0.png"
+    ):
+        ingest(images_cfg(tmp_path / "set"), 0, tmp_path / "out")
+    schema = ingest(images_cfg(tmp_path / "set", "data.bad_files=drop"), 0, tmp_path / "out")
+    assert schema["rows"] == {"train": 8, "val": 4, "test": 4}
+    rejected = pd.read_csv(tmp_path / "out/rejected.csv")
+    assert rejected["path"].str.endswith("copy.jpg").tolist() == [True]
+
+
+def test_one_class_or_no_image_is_a_one_line_error(tmp_path: Path) -> None:
+    root = image_set(tmp_path / "set", per_class=3)
+    for label in ("square", "star"):
+        for f in (root / label).iterdir():
+            f.unlink()
+        (root / label).rmdir()
+    with pytest.raises(StageError, match=r"a single class \(circle\)"):
+        ingest(images_cfg(root), 0, tmp_path / "out")
+    with pytest.raises(StageError, match="no class folder holds an image file"):
+        ingest(images_cfg(tmp_path / "empty"), 0, tmp_path / "out") if (
+            tmp_path / "empty"
+        ).mkdir() is None else None
+
+
+def Image_open(path: Path):  # noqa: N802  PIL's Image.open, the file read now
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.copy()

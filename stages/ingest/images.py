@@ -1,0 +1,192 @@
+"""ingest of an image set (`data=images`): every file decoded by `data.image`
+(`fullstack_ml.images`), checked, deduplicated and split; the curated splits hold each image
+as PNG bytes of the decoded pixels with its source path and content hash.
+
+`data.bad_files: fail` (the default) stops at the first bad file, naming it and why;
+`drop` drops bad files, exact duplicates and val/test near-duplicates of train images, lists
+each in `data/curated/rejected.csv` (path, reason), and fails only when the bad files' rate
+is over `data.image.max_bad_rate` by its lower 95% bound.
+
+Issue 34's first part: the later stages do not take an image schema yet (profile stops
+naming the feature kind).
+"""
+
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from fullstack_ml.gates import rate_over
+from fullstack_ml.images import (
+    BadImage,
+    ImageSpec,
+    class_problems,
+    content_hash,
+    decode,
+    find_images,
+    near_duplicates,
+    perceptual_hash,
+)
+from fullstack_ml.stage import StageError
+from stages.ingest.split import split_rows
+
+log = logging.getLogger("stages.ingest")
+REJECTED = "rejected.csv"
+
+
+def image_spec(cfg: DictConfig) -> ImageSpec:
+    try:
+        return ImageSpec(
+            size=tuple(cfg.size),
+            mode=cfg.mode,
+            resize=cfg.resize,
+            max_pixels=cfg.max_pixels,
+            min_size=cfg.min_size,
+            animated=cfg.animated,
+        )
+    except (ValueError, TypeError) as err:
+        raise StageError(str(err)) from None
+
+
+def png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels).save(out, "PNG")
+    return out.getvalue()
+
+
+def read_images(listed: pd.DataFrame, spec: ImageSpec, fail: bool) -> tuple[pd.DataFrame, list]:
+    """Each listed file decoded: a frame of path, label, split, sha256, phash, image (PNG
+    bytes), and the rejected files (path, reason); a StageError on the first with `fail`."""
+    rows, rejected = [], []
+    for path, label, split in listed[["path", "label", "split"]].itertuples(index=False):
+        try:
+            data = Path(path).read_bytes()
+            pixels = decode(data, spec)
+        except (BadImage, OSError) as err:
+            reason = str(err) if isinstance(err, BadImage) else f"unreadable: {err.strerror}"
+            if fail:
+                raise StageError(f"{path}: {reason} (data.bad_files=drop skips it)") from None
+            rejected.append((str(path), reason))
+            continue
+        rows.append(
+            (str(path), label, split, content_hash(data), perceptual_hash(pixels), png(pixels))
+        )
+    columns = ["path", "label", "split", "sha256", "phash", "image"]
+    return pd.DataFrame(rows, columns=columns), rejected
+
+
+def drop_duplicates(frame: pd.DataFrame, fail: bool, rejected: list) -> pd.DataFrame:
+    """Exact duplicates (same bytes) after their first: a StageError with `fail` (naming
+    both files), else dropped; the same bytes under two labels fail either way."""
+    first = frame.drop_duplicates("sha256")
+    if len(first) == len(frame):
+        return frame
+    dupes = frame[frame.duplicated("sha256")]
+    original = first.set_index("sha256")
+    for path, sha, label in dupes[["path", "sha256", "label"]].itertuples(index=False):
+        same = original.loc[sha]
+        if same["label"] != label:
+            raise StageError(f"{path}: the same file as {same['path']} with another label")
+        if fail:
+            raise StageError(f"{path}: a duplicate of {same['path']} (data.bad_files=drop)")
+        rejected.append((path, f"duplicate of {same['path']}"))
+    return first
+
+
+def assign_splits(frame: pd.DataFrame, split: DictConfig, seed: int) -> pd.DataFrame:
+    """The split folders' splits where the set had them, else a seeded stratified split."""
+    if frame["split"].notna().all():
+        return frame
+    if frame["split"].notna().any():
+        raise StageError("data.path: some images are in train/val/test folders, others not")
+    idx = split_rows(frame, "label", OmegaConf.to_container(split), seed, "classification")
+    names = np.empty(len(frame), dtype=object)
+    for name, rows in zip(("train", "val", "test"), idx, strict=True):
+        names[rows] = name
+    return frame.assign(split=names)
+
+
+def prepare_images(
+    data_cfg: DictConfig, seed: int
+) -> tuple[dict[str, pd.DataFrame], dict, list[tuple[str, str]]]:
+    """The curated splits of the image set at `data.path`, their schema, and the rejected
+    files (path, reason)."""
+    cfg, fail = data_cfg.image, data_cfg.bad_files == "fail"
+    if data_cfg.bad_files not in ("fail", "drop"):
+        raise StageError(f"data.bad_files: {data_cfg.bad_files!r} is not fail | drop")
+    spec = image_spec(cfg)
+    try:
+        listed = find_images(data_cfg.path, cfg.label_column, cfg.path_column)
+    except (FileNotFoundError, ValueError) as err:
+        raise StageError(str(err)) from None
+    frame, rejected = read_images(listed, spec, fail)
+    bad = len(rejected)
+    if bad and rate_over(bad, len(listed), cfg.max_bad_rate):
+        raise StageError(
+            f"data.path: {bad} of {len(listed)} files are bad, over data.image.max_bad_rate"
+            f" {cfg.max_bad_rate} (first: {rejected[0][0]}: {rejected[0][1]})"
+        )
+    frame = drop_duplicates(frame, fail, rejected)
+    if problems := class_problems(frame["label"]):
+        raise StageError(f"data.path: {problems[0]}")
+    frame = assign_splits(frame, data_cfg.split, seed)
+    near = near_duplicates(frame[["path", "split", "phash"]], "train", cfg.near_duplicate_bits)
+    if len(near):
+        path, match = near.iloc[0]["path"], near.iloc[0]["match"]
+        if fail:
+            raise StageError(
+                f"{path}: a near-duplicate of train's {match} ({len(near)} val/test images"
+                " are: a leak; data.bad_files=drop drops them)"
+            )
+        rejected += [
+            (p, f"near-duplicate of train's {m}")
+            for p, m in near[["path", "match"]].itertuples(index=False)
+        ]
+        frame = frame[~frame["path"].isin(set(near["path"]))]
+    parts = {
+        name: frame[frame["split"] == name].drop(columns=["split", "phash"]).reset_index(drop=True)
+        for name in ("train", "val", "test")
+    }
+    if any(part.empty for part in parts.values()):
+        raise StageError(f"data.path: a split is empty ({ {k: len(v) for k, v in parts.items()} })")
+    schema = image_schema(parts, spec, data_cfg, rejected)
+    log.info("images: %d kept, %d rejected", len(frame), len(rejected))
+    return parts, schema, rejected
+
+
+def image_schema(
+    parts: dict[str, pd.DataFrame], spec: ImageSpec, data_cfg: DictConfig, rejected: list
+) -> dict[str, Any]:
+    """schema.json for an image set: the image feature's size, channels and per-channel mean
+    and std on train (the normalisation), the classes and the rows per split."""
+    train = np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in parts["train"]["image"]])
+    train = train.reshape(len(train), -1, spec.channels).astype(np.float64) / 255.0
+    return {
+        "source": str(data_cfg.path),
+        "task": "classification",
+        "features": [
+            {
+                "name": "image",
+                "kind": "image",
+                "size": list(spec.size),
+                "mode": spec.mode,
+                "channels": spec.channels,
+                "mean": train.mean((0, 1)).round(6).tolist(),
+                "std": train.std((0, 1)).round(6).tolist(),
+                "resize": spec.resize,
+            }
+        ],
+        "target": {"name": "label", "dtype": "object"},
+        "classes": sorted(parts["train"]["label"].unique().tolist()),
+        "rows": {name: len(part) for name, part in parts.items()},
+        "rejected_files": len(rejected),
+    }
+
+
+def rejected_frame(rejected: list[tuple[str, str]]) -> pd.DataFrame:
+    return pd.DataFrame(rejected, columns=["path", "reason"])
