@@ -244,3 +244,17 @@ def class_problems(labels: Iterable[str]) -> list[str]:
         )
     problems += [f"class {c!r}: one image" for c, n in counts.items() if n < 2]
     return problems
+
+
+def render_digits(folder: Path) -> int:
+    """scikit-learn's bundled digits (1797 8x8 images, 16 grey levels) written as PNG files,
+    `folder/<label>/<index>.png`: an image set that needs no download. Returns the count."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i, (pixels, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+        path = folder / str(label) / f"{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grey = np.rint(pixels * (255 / 16)).astype(np.uint8)
+        Image.fromarray(grey, "L").save(path, "PNG")
+    return len(digits.target)

@@ -489,7 +489,7 @@ def test_each_bad_image_file_fails_naming_it_or_is_dropped_and_listed(tmp_path: 
     assert reasons["cut.png"].startswith("truncated or corrupt")
     assert reasons["tiny.png"] == "4x4: under data.image.min_size 8"
     # the same bytes twice: the first by path is kept, the other named with it
-    assert reasons["square_00.png"] == f"duplicate of {root / 'square/again.png'}"
+    assert reasons["square_00.png"] == "duplicate of square/again.png"  # relative to the set
     assert schema["rejected_files"] == 5 and sum(schema["rows"].values()) == 24
     strict = images_cfg(root, "data.bad_files=drop", "data.image.max_bad_rate=0.01")
     with pytest.raises(StageError, match=r"4 of 29 files are bad, over data.image.max_bad_rate"):
@@ -541,3 +541,20 @@ def Image_open(path: Path):  # noqa: N802  PIL's Image.open, the file read now
 
     with Image.open(path) as img:
         return img.copy()
+
+
+def test_digits_images_render_offline_and_ingest_as_an_image_set(tmp_path: Path) -> None:
+    """data=digits_images: the bundled digits written as PNG files and ingested; the curated
+    paths are relative to the set (the temporary folder never shows), so a rerun writes
+    the same bytes."""
+    schema = ingest(compose(["data=digits_images"]).data, 42, tmp_path / "a")
+    assert schema["rows"] == {"train": 1257, "val": 270, "test": 270}
+    assert schema["features"][0]["size"] == [16, 16] and schema["features"][0]["channels"] == 1
+    train = pd.read_parquet(tmp_path / "a/train.parquet")
+    assert train["path"].str.fullmatch(r"\d/\d{4}\.png").all()
+    assert set(train["label"]) == {str(d) for d in range(10)}
+    folder = image_set(tmp_path / "set")  # a rerun: the same bytes
+    ingest(images_cfg(folder), 0, tmp_path / "b")
+    ingest(images_cfg(folder), 0, tmp_path / "c")
+    for name in ("train.parquet", "test.parquet", "schema.json", "rejected.csv"):
+        assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "c" / name).read_bytes()

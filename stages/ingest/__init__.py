@@ -116,7 +116,7 @@ def ingest(
         return ingest_ray(data_cfg, seed, out_dir, address)
     if data_cfg.get("engine", "pandas") != "pandas":
         raise StageError(f"data.engine: {data_cfg.engine!r} is not pandas | ray")
-    if data_cfg.source == "images":  # a folder, manifest or glob of image files
+    if data_cfg.source in ("images", "digits_images"):  # image files (a folder, a glob...)
         parts, schema, rejected = prepare_images(data_cfg, seed)
         write_splits(parts, schema, out_dir, {REJECTED: rejected_frame(rejected)})
         return schema
