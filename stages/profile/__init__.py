@@ -178,11 +178,13 @@ def training_outliers(
     limit = cfg.get("max_rate")
     if limit is not None and rate_over(found["outliers"], found["rows"], limit):
         low = rate_bounds(found["outliers"], found["rows"])[0]
+        top = ", ".join(
+            f"{r['row']} ({r['features'][0]['feature']})" for r in found["top"][:3] if r["features"]
+        )
         raise StageError(
             f"train split: {found['outliers']} of {found['rows']} rows are outliers"
-            f" ({found['rate']:.2%}, at least {low:.2%} at 95%), over profile.outliers.max_rate"
-            f" {limit:.2%} (the top rows and their features: reports/profile/outliers.json"
-            " is not written on failure; rerun with a higher max_rate to see them)"
+            f" ({found['rate']:.2%}, at least {100 * low:.2g}% at 95%), over"
+            f" profile.outliers.max_rate {limit:.2%}; the oddest rows: {top}"
         )
     return found
 
