@@ -34,28 +34,19 @@ Views = dict[str, np.ndarray]  # "x" encoded records, "logits", "features" (penu
 # --- EDA (profile stage) ---------------------------------------------------------------
 
 
-def feature_matrix(
-    frame: pd.DataFrame,
-    numeric: list[str],
-    categorical: list[str],
-    reference: Mapping[str, Any] | None = None,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Rows as numbers a detector takes: numeric features with gaps filled by the train
-    median, categorical ones as their value's share of train rows (a rare value is small).
-    `reference` (from a first call on train) keeps the medians and shares of train."""
-    ref: dict[str, Any] = dict(reference or {})
+def feature_matrix(frame: pd.DataFrame, numeric: list[str], categorical: list[str]) -> np.ndarray:
+    """Rows as numbers a detector takes: numeric features with gaps filled by the median,
+    categorical ones as their value's share of the rows (a rare value is small)."""
     columns = []
     for name in numeric:
         values = pd.to_numeric(frame[name], errors="coerce").to_numpy("float64", na_value=np.nan)
-        if name not in ref:
-            ref[name] = float(np.nan_to_num(np.nanmedian(values))) if len(values) else 0.0
-        columns.append(np.where(np.isnan(values), ref[name], values))
+        median = float(np.nan_to_num(np.nanmedian(values))) if len(values) else 0.0
+        columns.append(np.where(np.isnan(values), median, values))
     for name in categorical:
         text = frame[name].astype("string").fillna("<missing>")
-        if name not in ref:
-            ref[name] = text.value_counts(normalize=True).to_dict()
-        columns.append(text.map(ref[name]).astype("float64").fillna(0.0).to_numpy())
-    return np.column_stack(columns) if columns else np.zeros((len(frame), 0)), ref
+        share = text.value_counts(normalize=True).to_dict()
+        columns.append(text.map(share).astype("float64").fillna(0.0).to_numpy())
+    return np.column_stack(columns) if columns else np.zeros((len(frame), 0))
 
 
 def far_out_fence(scores: np.ndarray, fence: float) -> float:
@@ -99,7 +90,7 @@ def row_outliers(
     fitted on at most `max_fit_rows` of them (a seeded sample); the rows over the far-out
     fence are outliers. Returns the detector's name, the fence, the count and rate of
     outliers and the `top` rows (row number, score, the features furthest from typical)."""
-    x, _ = feature_matrix(train, numeric, categorical)
+    x = feature_matrix(train, numeric, categorical)
     names = [*numeric, *categorical]
     if len(x) > max_fit_rows:
         fit = np.random.default_rng(seed).choice(len(x), max_fit_rows, replace=False)
