@@ -1,6 +1,7 @@
 """The network, saving and loading a model (`model.pt` weights + `model.json`), and the
 encoding and scoring that train, distil, evaluate, compress and validate share."""
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +41,126 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class ConvBlock(nn.Module):
+    """3x3 convolution, batch norm, ReLU; with `residual`, two of them and a skip connection
+    (ResNet's basic block; a 1x1 convolution matches the skip's shape where it changes)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, residual: bool = False) -> None:
+        super().__init__()
+
+        def conv_bn(a: int, b: int, s: int) -> list[nn.Module]:
+            return [nn.Conv2d(a, b, 3, s, 1, bias=False), nn.BatchNorm2d(b)]
+
+        self.residual = residual
+        if not residual:
+            self.body = nn.Sequential(*conv_bn(c_in, c_out, stride), nn.ReLU())
+            return
+        self.body = nn.Sequential(
+            *conv_bn(c_in, c_out, stride), nn.ReLU(), *conv_bn(c_out, c_out, 1)
+        )
+        self.skip = (
+            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            if stride != 1 or c_in != c_out
+            else nn.Identity()
+        )
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.residual:
+            return self.body(x)
+        return self.relu(self.body(x) + self.skip(x))
+
+
+class ConvNet(nn.Module):
+    """A ConvNet on one image feature, trained from scratch: per entry of `channels` a stage
+    of `blocks` ConvBlocks (plain stages end in a 2x2 max pool; `residual` stages, ResNet
+    style, halve the size by a stride-2 first block), then global average pooling, an
+    optional `hidden` linear layer and the classifier. It takes the encoded rows [B, C*H*W]
+    (`Preprocessor`) and views them as images of `image_shape` (C, H, W), in `channels_last`
+    memory (the layout oneDNN's convolutions run fastest on)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        image_shape: tuple[int, int, int] | None,
+        channels: list[int],
+        blocks: int = 1,
+        residual: bool = False,
+        hidden: int = 0,
+        dropout: float = 0.0,
+        channels_last: bool = True,
+    ) -> None:
+        super().__init__()
+        if image_shape is None or in_features != math.prod(image_shape):
+            raise ValueError(
+                f"a ConvNet takes one image feature and nothing else ({in_features} encoded"
+                f" inputs, image {image_shape})"
+            )
+        self.image_shape, self.channels_last = tuple(image_shape), channels_last
+        layers: list[nn.Module] = []
+        width = image_shape[0]
+        for i, c in enumerate(channels):
+            for b in range(blocks):
+                stride = 2 if residual and i > 0 and b == 0 else 1
+                layers.append(ConvBlock(width, c, stride, residual))
+                width = c
+            if not residual:
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        if hidden:
+            layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout)]
+            width = hidden
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(-1, *self.image_shape)
+        # Eager only: Inductor lays convolutions out channels-last itself, and the explicit
+        # copy in an exported graph broke its INT8 conv lowering (torch 2.13: a stride assert)
+        if self.channels_last and not (
+            torch.compiler.is_exporting() or torch.compiler.is_compiling()
+        ):
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.head(self.body(x))
+
+
+def augment(x: torch.Tensor, shape: tuple[int, int, int], cfg: dict[str, Any]) -> torch.Tensor:
+    """A training batch of encoded images [B, C*H*W] randomly shifted by up to
+    `cfg["shift"]` pixels (a random crop of the zero-padded image), flipped left-right with
+    `cfg["flip"]`, and rotated by up to `cfg["rotation"]` degrees: one affine resampling per
+    image (`grid_sample`; uncovered pixels are 0, the train mean after normalising)."""
+    shift, flip, rotation = cfg["shift"], cfg["flip"], cfg["rotation"]
+    if not (shift or flip or rotation):
+        return x
+    b, (c, h, w) = len(x), shape
+    angle = (torch.rand(b) * 2 - 1) * math.radians(rotation)
+    sign = torch.where(torch.rand(b) < 0.5, -1.0, 1.0) if flip else torch.ones(b)
+    dx, dy = (torch.randint(-shift, shift + 1, (2, b)) * 2).float() / torch.tensor([[w], [h]])
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack(
+        [torch.stack([cos * sign, -sin, dx], 1), torch.stack([sin * sign, cos, dy], 1)], 1
+    ).to(x.device, x.dtype)
+    images = x.reshape(b, c, h, w)
+    grid = nn.functional.affine_grid(theta, [b, c, h, w], align_corners=False)
+    return nn.functional.grid_sample(images, grid, align_corners=False).reshape(b, -1)
+
+
 def num_outputs(meta: dict[str, Any]) -> int:
     """Logits per class, or one value for regression."""
     return len(meta["classes"]) if meta["task"] == "classification" else 1
 
 
-def build_network(model_cfg: DictConfig | dict, in_features: int, outputs: int) -> nn.Module:
-    """The network from `conf/model/` (via `_target_`) on `in_features` encoded inputs."""
-    return instantiate(model_cfg, in_features=in_features, num_classes=outputs)
+def build_network(
+    model_cfg: DictConfig | dict,
+    in_features: int,
+    outputs: int,
+    image_shape: tuple[int, int, int] | None = None,
+) -> nn.Module:
+    """The network from `conf/model/` (via `_target_`) on `in_features` encoded inputs; a
+    model config with an `image_shape` key (a ConvNet) gets the image feature's (C, H, W)."""
+    extra = {"image_shape": image_shape} if "image_shape" in model_cfg else {}
+    return instantiate(model_cfg, in_features=in_features, num_classes=outputs, **extra)
 
 
 def save_fp32(model: nn.Module, out_dir: Path, meta: dict[str, Any]) -> None:
@@ -60,8 +173,10 @@ def save_fp32(model: nn.Module, out_dir: Path, meta: dict[str, Any]) -> None:
 def load_fp32(model_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
     """The FP32 model saved by `save_fp32`, in eval mode, with its metadata."""
     meta = load_meta(model_dir)
-    width = preprocessor(meta).width
-    model = build_network(OmegaConf.create(meta["model"]), width, num_outputs(meta))
+    pre = preprocessor(meta)
+    model = build_network(
+        OmegaConf.create(meta["model"]), pre.width, num_outputs(meta), pre.image_shape
+    )
     model.load_state_dict(torch.load(model_dir / "model.pt", weights_only=True))
     return model.eval(), meta
 

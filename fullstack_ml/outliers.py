@@ -133,14 +133,30 @@ def shifted(
     numeric: list[str],
     categorical: list[str],
     seed: int = 0,
+    images: list[str] | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Copies of `val` no longer like train, one per kind of shift a table meets:
     `out_of_range` (one numeric feature per row past train's range by 0.5-2 ranges),
     `swapped` (the numeric columns in another order: a schema mix-up), `noise` (Gaussian
     noise of each feature's train std), `unseen_category` (every categorical feature a value
-    train never had)."""
+    train never had); and an image set (`images`: image features, their values encoded
+    files): `image_noise` (Gaussian noise of 64 grey levels), `inverted` (negatives),
+    `rotated` (a quarter turn; upside down where the image is not square)."""
     rng = np.random.default_rng(seed)
     out: dict[str, pd.DataFrame] = {}
+    if images:
+        pixels = {c: [decoded(v) for v in val[c]] for c in images}
+        for name, change in (
+            ("image_noise", lambda p: p + rng.normal(0, 64, p.shape)),
+            ("inverted", lambda p: 255 - p.astype(np.int16)),
+            ("rotated", lambda p: np.rot90(p) if p.shape[0] == p.shape[1] else p[::-1]),
+        ):
+            out[name] = val.assign(
+                **{
+                    c: [np.clip(change(p), 0, 255).astype(np.uint8) for p in pixels[c]]
+                    for c in images
+                }
+            )
     if numeric:
         x = train[numeric].apply(pd.to_numeric, errors="coerce")
         low, high, std = x.min().to_numpy(), x.max().to_numpy(), x.std().fillna(0).to_numpy()
@@ -163,6 +179,16 @@ def shifted(
     return out
 
 
+def decoded(value: Any) -> np.ndarray:
+    """A curated image (PNG bytes, at its size and mode already) as uint8 (H, W, C)."""
+    import io
+
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(value)))
+    return pixels.reshape(*pixels.shape[:2], -1)
+
+
 def auroc(inliers: np.ndarray, outliers: np.ndarray) -> float:
     """Area under the ROC curve of scores telling `outliers` (positives) from `inliers`."""
     from sklearn.metrics import roc_auc_score
@@ -173,6 +199,10 @@ def auroc(inliers: np.ndarray, outliers: np.ndarray) -> float:
 
 CANDIDATES = ("mahalanobis", "ecod", "iforest", "max_softmax", "energy", "knn_penultimate")
 MODEL_SPACE = {"max_softmax", "energy"}  # need a classifier's logits
+# Mahalanobis ships a width x width precision matrix (in outliers.json, read by every
+# worker): 1024 inputs are 1M numbers, 20 MB of JSON. Wider inputs (a 64x64 RGB image is
+# 12,288) are left to the model-space candidates.
+MAHALANOBIS_MAX_WIDTH = 1024
 
 
 def candidates(
@@ -185,7 +215,7 @@ def candidates(
         known = ", ".join(CANDIDATES)
         raise ValueError(f"candidates: unknown {unknown[0]!r} (one of {known})")
     out: dict[str, Callable[[Views], Any]] = {}
-    if "mahalanobis" in names:
+    if "mahalanobis" in names and train["x"].shape[1] <= MAHALANOBIS_MAX_WIDTH:
         from sklearn.covariance import LedoitWolf
 
         cov = LedoitWolf().fit(train["x"])  # shrunk: constant pixels make the sample's singular

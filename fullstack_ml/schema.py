@@ -2,10 +2,13 @@
 and one parser (every reader). A key a reader needs and the file lacks is a StageError
 naming it; nothing is guessed."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fullstack_ml.stage import StageError
+
+KINDS = ("numeric", "categorical", "image")
+IMAGE_KEYS = ("size", "mode", "channels", "mean", "std", "resize")
 
 
 @dataclass(frozen=True)
@@ -13,13 +16,16 @@ class Schema:
     """The parsed `schema.json`."""
 
     features: list[str]
-    kinds: dict[str, str]  # feature -> numeric | categorical
+    kinds: dict[str, str]  # feature -> numeric | categorical | image
     nullable: set[str]
     categories: dict[str, list[Any]]  # the train vocabulary of categorical features
     target: str
     task: str  # classification | regression
     classes: list[Any]
     rows: dict[str, int]  # split -> rows
+    # image feature -> size [width, height], mode, channels, and per-channel mean and std
+    # (of pixels scaled to 0-1, on train): `runtime.images.ImageSpec` and the normalisation
+    images: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def columns(self) -> list[str]:
@@ -32,6 +38,10 @@ class Schema:
     @property
     def categorical(self) -> list[str]:
         return [c for c in self.features if self.kinds[c] == "categorical"]
+
+    @property
+    def image(self) -> list[str]:
+        return [c for c in self.features if self.kinds[c] == "image"]
 
     def kind(self, column: str) -> str:
         if column == self.target:
@@ -102,18 +112,20 @@ def parse_schema(schema: dict[str, Any], name: str = "schema.json") -> Schema:
     features = need(schema, "features", "")
     if not isinstance(features, list):
         raise StageError(f"{name}: 'features' is not a list")
-    kinds, nullable, categories = {}, set(), {}
+    kinds, nullable, categories, images = {}, set(), {}, {}
     for i, f in enumerate(features):
         feature = need(f, "name", f"features[{i}].")
         kinds[feature] = need(f, "kind", f"features[{i}].")
-        if kinds[feature] not in ("numeric", "categorical"):
+        if kinds[feature] not in KINDS:
             raise StageError(
-                f"{name}: features[{i}].kind {kinds[feature]!r} is not numeric | categorical"
+                f"{name}: features[{i}].kind {kinds[feature]!r} is not {' | '.join(KINDS)}"
             )
         if f.get("nullable"):
             nullable.add(feature)
         if kinds[feature] == "categorical":
             categories[feature] = list(need(f, "categories", f"features[{i}]."))
+        if kinds[feature] == "image":
+            images[feature] = {key: need(f, key, f"features[{i}].") for key in IMAGE_KEYS}
     task = need(schema, "task", "")
     if task not in ("classification", "regression"):
         raise StageError(f"{name}: task {task!r} is not classification | regression")
@@ -126,4 +138,5 @@ def parse_schema(schema: dict[str, Any], name: str = "schema.json") -> Schema:
         task=task,
         classes=list(need(schema, "classes", "")),
         rows=dict(need(schema, "rows", "")),
+        images=images,
     )

@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from ray.data.collate_fn import NumpyBatchCollateFn
 from torch import nn
 
-from fullstack_ml.model import SCORE_NAME, build_network
+from fullstack_ml.model import SCORE_NAME, augment, build_network
 from fullstack_ml.progress import bar
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     task, score = config["task"], SCORE_NAME[config["task"]]
     seed_everything(config["seed"])  # the same initial weights on every worker
-    net = build_network(config["model"], config["width"], config["outputs"])
+    net = build_network(config["model"], config["width"], config["outputs"], config["image_shape"])
     optimizer = instantiate(config["optimizer"])(net.parameters(), lr=config["lr"])
     schedule = config["lr_schedule"]
     scheduler = instantiate(schedule)(optimizer) if schedule else None
@@ -149,6 +149,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.train()
         sums = torch.zeros(5, dtype=torch.float64, device=device)
         for x, y, soft in batches(train_shard, {**config, "rank": rank}, epoch, cache):
+            if config["augment"]:
+                x = augment(x, config["image_shape"], config["augment"])
             optimizer.zero_grad()
             with autocast():
                 outputs = model(x)

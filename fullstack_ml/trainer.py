@@ -121,7 +121,11 @@ def resolve_use_gpu(use_gpu: bool | str) -> bool:
 
 
 def check_config(
-    model_cfg: dict[str, Any], train_cfg: dict[str, Any], width: int, outputs: int
+    model_cfg: dict[str, Any],
+    train_cfg: dict[str, Any],
+    width: int,
+    outputs: int,
+    image_shape: tuple[int, int, int] | None = None,
 ) -> None:
     """Fail before Ray starts, naming the key, when the model or optimizer config is bad."""
     for key in ("epochs", "batch_size", "num_workers", "checkpoint_every", "max_categories"):
@@ -164,7 +168,7 @@ def check_config(
     if not isinstance(lr, int | float) or isinstance(lr, bool) or lr <= 0:
         raise StageError(f"train.lr: expected a number > 0, got {lr!r}")
     for key, build in (
-        ("model", lambda: build_network(model_cfg, width, outputs)),
+        ("model", lambda: build_network(model_cfg, width, outputs, image_shape)),
         (
             "train.optimizer",
             lambda: instantiate(train_cfg["optimizer"])(nn.Linear(1, 1).parameters(), lr=lr),
@@ -240,8 +244,9 @@ def fit(
         restarts).
     """
     cluster = cluster or {"address": None, "storage_path": None}
-    width, outputs = preprocessor(meta).width, num_outputs(meta)
-    check_config(meta["model"], train_cfg, width, outputs)
+    pre, outputs = preprocessor(meta), num_outputs(meta)
+    width, image_shape = pre.width, pre.image_shape
+    check_config(meta["model"], train_cfg, width, outputs, image_shape)
     score = SCORE_NAME[meta["task"]]
     metrics = ("train_loss", "val_loss", f"train_{score}", f"val_{score}")
     if train_cfg["early_stopping"]["metric"] not in metrics:
@@ -289,6 +294,8 @@ def fit(
                     "optimizer": train_cfg["optimizer"],
                     "task": meta["task"],
                     "width": width,
+                    "image_shape": image_shape,
+                    "augment": train_cfg["augment"] if image_shape else None,
                     "outputs": outputs,
                     "epochs": train_cfg["epochs"],
                     "batch_size": train_cfg["batch_size"],
@@ -325,7 +332,7 @@ def fit(
             result = trainer.fit()
             with result.checkpoint.as_directory() as ckpt:
                 state = torch.load(Path(ckpt) / "checkpoint.pt", weights_only=True)
-        model = build_network(meta["model"], width, outputs)
+        model = build_network(meta["model"], width, outputs, image_shape)
         model.load_state_dict(state["state_dict"])  # the best epoch's weights
         history = state["history"]
         trained_on = {

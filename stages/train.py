@@ -49,6 +49,7 @@ def model_meta(
             schema.categorical,
             train_cfg["max_categories"],
             train[target] if task == "regression" else None,
+            schema.images,
         )
     except (KeyError, ValueError, TypeError) as err:
         raise StageError(f"train split does not match schema.json: {err}") from None

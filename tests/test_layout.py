@@ -18,7 +18,16 @@ from fullstack_ml import paths
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 BENTOFILE = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
 CODE = ("stages", "fullstack_ml", "service.py", "bentofile.yaml")
-RUNTIME_PACKAGES = {"numpy", "pandas", "torch", "whylogs", "pydantic", "onnxruntime", "openvino"}
+RUNTIME_PACKAGES = {
+    "numpy",
+    "pandas",
+    "torch",
+    "whylogs",
+    "pydantic",
+    "onnxruntime",
+    "openvino",
+    "PIL",
+}
 SERVING_STACK = {"uvicorn", "prometheus_client"}  # what BentoML serves on, installed with it
 NEVER_IN_RUNTIME = {"hydra", "omegaconf", "ray", "bentoml"}
 

@@ -61,7 +61,9 @@ def fit_outliers(
         train = train.sample(cfg.max_fit_rows, random_state=seed).sort_index()
     shifts = {
         name: views(frame)
-        for name, frame in shifted(val, train, pre.numeric, pre.categorical, seed).items()
+        for name, frame in shifted(
+            val, train, pre.numeric, pre.categorical, seed, list(pre.images)
+        ).items()
     }
     try:
         detector, report = fit_detector(

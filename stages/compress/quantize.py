@@ -75,7 +75,11 @@ def quantize(model: nn.Module, config: Any, run_fn: Callable, example: torch.Ten
     """`model` quantized by INC with `config`, made exportable (see `exportable`)."""
     from neural_compressor.torch.quantization import quantize as inc_quantize
 
-    source = exported(model, example) if family(config) == "pt2e" else copy.deepcopy(model)
+    if family(config) == "pt2e":
+        source = exported(model, example)
+        fp32_one_channel_convs(config, model)
+    else:
+        source = copy.deepcopy(model)
     out = inc_quantize(source, config, run_fn=run_fn, example_inputs=(example,))
     return exportable(out, config)
 
@@ -212,6 +216,9 @@ def trials(
         return value
 
     source = exported(model, example) if family(configs[0]) == "pt2e" else model
+    if family(configs[0]) == "pt2e":
+        for c in configs:
+            fp32_one_channel_convs(c, model)
     # tolerable_loss -1: no trial ends the search early; all trials run.
     config = TuningConfig(config_set=configs, tolerable_loss=-1.0, max_trials=len(configs))
     autotune(source, config, eval_fn, run_fn=run_fn, example_inputs=(example,))
@@ -258,6 +265,16 @@ def with_fp32_layers(methods: DictConfig, name: str, layers: list[str]) -> Any:
     for layer in layers:
         config.set_local(layer, type(config)(w_dtype="fp32", act_dtype="fp32"))
     return config
+
+
+def fp32_one_channel_convs(config: Any, model: nn.Module) -> None:
+    """Leave convolutions on one input channel (a grey image's first layer) in FP32, in
+    place: torch 2.13's Inductor lowering of an INT8 convolution fails on them (a stride
+    assert: a one-channel tensor is both contiguous and channels-last), so the compiled
+    program would not build; three channels compile (tested in tests/test_compress.py)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and m.in_channels == 1:
+            config.set_local(name, type(config)(w_dtype="fp32", act_dtype="fp32"))
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:
