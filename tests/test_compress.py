@@ -318,3 +318,30 @@ def test_compiled_execution_paths_are_recorded_served_and_reported(
     assert "compiled_ms_batch64" in table
     page = (tmp_path / "compress.html").read_text()
     assert "<table" in page and "<svg" in page and "int8_static" in page
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_an_int8_convnet_runs_its_convolutions_on_int8_weights_and_compiles(
+    cfg: DictConfig, channels: int, tmp_path: Path
+) -> None:
+    """PT2E INT8 of a ConvNet: its graph dequantizes INT8 conv and linear weights (a quantizer
+    can silently return FP32); a grey image's first conv stays FP32, where Inductor's INT8
+    conv lowering fails, so the grey program compiles and answers as it runs eager."""
+    from fullstack_ml.model import ConvNet
+    from fullstack_ml.runtime.program import compile_module, save_program
+    from stages.compress.quantize import calibrator, inc_config, int8_layers, quantize
+
+    torch.manual_seed(0)
+    width = channels * 256  # 16x16, as data=digits_images
+    net = ConvNet(width, 4, (channels, 16, 16), [8, 16], hidden=16).eval()
+    x = np.random.default_rng(0).normal(size=(64, width)).astype(np.float32)
+    config = inc_config(cfg.compress.methods, "int8_static")
+    model = quantize(net, config, calibrator(x, 2, 32), torch.from_numpy(x[:32]))
+    assert int8_layers(model) == {"conv": [channels // 3 + 1, 2], "linear": [2, 2]}
+    if channels == 1:  # the case that failed to compile; saved and loaded, as it ships
+        save_program(model, tmp_path / "model.pt2", torch.from_numpy(x[:2]))
+        program = load_program(tmp_path / "model.pt2")
+        with torch.no_grad():
+            eager = program(torch.from_numpy(x)).numpy()
+            compiled = compile_module(program, width)(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(compiled, eager, atol=0.05)

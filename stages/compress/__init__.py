@@ -61,6 +61,7 @@ from stages.compress.quantize import (
     calibrator,
     family,
     inc_config,
+    int8_layers,
     quantizable_layers,
     quantize,
     quiet_inc,
@@ -150,7 +151,15 @@ def build(
         elif step != "none":
             run_fn = calibrator(data["val"], cfg.calibration_batches, cfg.calibration_batch_size)
             example = torch.from_numpy(data["val"][: cfg.calibration_batch_size])
-            model = quantize(model, inc_config(cfg.methods, step), run_fn, example)
+            config = inc_config(cfg.methods, step)
+            model = quantize(model, config, run_fn, example)
+            if family(config) == "pt2e":
+                details["int8_layers"] = layers = int8_layers(model)
+                if not any(done for done, _ in layers.values()):
+                    raise StageError(
+                        f"compress.methods.{step}: the quantized graph runs no layer on INT8"
+                        " weights (the quantizer returned FP32)"
+                    )
     return model, meta, details
 
 

@@ -267,6 +267,20 @@ def with_fp32_layers(methods: DictConfig, name: str, layers: list[str]) -> Any:
     return config
 
 
+def int8_layers(module: nn.Module) -> dict[str, list[int]]:
+    """Per kind of layer (conv, linear): [how many run on INT8 weights (the graph dequantizes
+    their weight), how many there are] in a PT2E program's graph. A quantizer can silently
+    return FP32 (pytorch/ao#3914): this is how the stage tells."""
+    out = {"conv": [0, 0], "linear": [0, 0]}
+    for node in module.graph.nodes if hasattr(module, "graph") else []:
+        kind = str(node.target).removeprefix("aten.").split(".")[0].removesuffix("2d")
+        if node.op == "call_function" and kind in out:
+            weight = str(getattr(node.args[1], "target", ""))
+            out[kind][0] += weight.startswith("quantized_decomposed.dequantize")
+            out[kind][1] += 1
+    return out
+
+
 def fp32_one_channel_convs(config: Any, model: nn.Module) -> None:
     """Leave convolutions on one input channel (a grey image's first layer) in FP32, in
     place: torch 2.13's Inductor lowering of an INT8 convolution fails on them (a stride
