@@ -73,6 +73,8 @@ PRE = Preprocessor.from_dict(META["preprocessing"])  # fitted on train, saved wi
 DETECTOR = load_detector(Path(STORED.path_of("model.json")).parent)  # outliers.json
 FEATURES: list[str] = META["features"]
 CLASSIFY = META["task"] == "classification"
+# A model of one image feature also takes multipart and raw image bodies (runtime.http.Gate).
+IMAGE_FEATURE = FEATURES[0] if list(PRE.images) == FEATURES else None
 
 
 def metrics() -> monitor.Metrics:
@@ -116,7 +118,7 @@ def respawn_sooner(create: Any, check_delay_s: float) -> Any:
 
 
 circus.create_standalone_arbiter = respawn_sooner(circus.create_standalone_arbiter, 1.0)
-Record = record_model(PRE, FEATURES)
+Record = record_model(PRE, FEATURES, SERVE["max_pixels"])
 PredictRequest = predict_request(
     Record, SERVE["max_records"], lambda n: metrics().records.observe(n)
 )
@@ -156,7 +158,8 @@ def openapi_spec() -> bytes:
     """BentoML's spec of the service, made true (`fullstack_ml.runtime.openapi`)."""
     spec = Classifier.openapi_spec.asdict()
     auth = bool(os.environ.get(TOKEN_ENV))
-    return json.dumps(openapi.fixed_spec(spec, API_PATHS, OPEN_PATHS, auth)).encode()
+    images = IMAGE_FEATURE is not None
+    return json.dumps(openapi.fixed_spec(spec, API_PATHS, OPEN_PATHS, auth, images)).encode()
 
 
 # @bentoml.api routes are POST; the GET routes come from a small mounted Starlette app.
@@ -186,8 +189,8 @@ class Classifier:
         # started last, its start-up (1-2 s of CPU) overlapped the first requests.
         MONITOR.reference = self.model_ref.path_of("reference_profile.bin")
         MONITOR.scorer.submit(load_reference, MONITOR.reference)  # start it, load the profile
-        PRE.encode({name: [None] for name in FEATURES})  # imports what it needs (pandas for
-        # categories) now, not at the first request
+        if not PRE.images:  # imports what it needs (pandas for categories) now, not at the
+            PRE.encode({name: [None] for name in FEATURES})  # first request
         # On Inductor, a path that fails to compile (no C++ compiler) is logged and left out.
         folder = Path(self.model_ref.path_of("model.json")).parent
         engine = load_engine(folder, SERVING, PRE.width, RUNTIME, SERVE["threads"], LOG)
@@ -229,4 +232,6 @@ Classifier.add_asgi_middleware(
     open_paths=OPEN_PATHS,
     spec=openapi_spec,
     failed=failed,
+    image_feature=IMAGE_FEATURE,
+    max_pixels=SERVE["max_pixels"],
 )

@@ -1,5 +1,6 @@
 """Serve a built bento on loopback and talk to it: the validate stage, tests and bench."""
 
+import base64
 import http.client
 import os
 import signal
@@ -106,6 +107,10 @@ def request(
 
 
 def raw_records(df: pd.DataFrame, features: list[str]) -> list[dict[str, Any]]:
-    """Rows as JSON-ready records of raw feature values, missing values as None."""
+    """Rows as JSON-ready records of raw feature values, missing values as None; an image
+    feature's encoded file (bytes) as base64 text, as the service takes it."""
     part = df[features].astype(object)
+    for column in features:
+        if len(part) and isinstance(part[column].iloc[0], bytes | bytearray):
+            part[column] = [base64.b64encode(v).decode() for v in part[column]]
     return part.where(part.notna(), None).to_dict("records")

@@ -27,8 +27,13 @@ RUNTIME_PACKAGES = {
     "onnxruntime",
     "openvino",
     "PIL",
+    "pydantic_core",
 }
-SERVING_STACK = {"uvicorn", "prometheus_client"}  # what BentoML serves on, installed with it
+SERVING_STACK = {
+    "uvicorn",
+    "starlette",
+    "prometheus_client",
+}  # what BentoML serves on, installed with it
 NEVER_IN_RUNTIME = {"hydra", "omegaconf", "ray", "bentoml"}
 
 

@@ -3,7 +3,9 @@ failures by reason), uvicorn's HTTP/1.1 protocol with connection bounds, and one
 per client error. Plain ASGI and uvicorn: BentoML wires them in (service.py)."""
 
 import asyncio
+import base64
 import hmac
+import io
 import json
 import logging
 from collections.abc import Callable, Collection
@@ -41,10 +43,25 @@ def error_body(kind: str, loc: list[str], msg: str) -> bytes:
     return json.dumps({"error": msg, "detail": detail}).encode()
 
 
+IMAGE_TYPES = frozenset({b"image/png", b"image/jpeg", b"image/webp"})  # raw request bodies
+
+
+class Refused(Exception):
+    """A request refused at the edge: its status, error type, field and one-line reason."""
+
+    def __init__(self, status: int, kind: str, loc: list[str], msg: str) -> None:
+        super().__init__(msg)
+        self.status, self.kind, self.loc, self.msg = status, kind, loc, msg
+
+
 class Gate:
     """ASGI middleware in front of every route: bearer-token auth (`open_paths`: health,
     readiness and metrics, stay open), JSON bodies only on `api_paths` (415), the request
-    body limit (413) and validation failures by reason. `spec` answers GET /docs.json."""
+    body limit (413) and validation failures by reason. `spec` answers GET /docs.json.
+    A model of one `image_feature` also takes images on `api_paths`: `multipart/form-data`
+    (one record per file part, in order) or a raw `image/png | jpeg | webp` body (one
+    record), turned here into the JSON request of base64 records the API validates; a part
+    whose header gives more than `max_pixels` is a 413 naming it, before any decoding."""
 
     def __init__(
         self,
@@ -56,8 +73,11 @@ class Gate:
         open_paths: Collection[str],
         spec: Callable[[], bytes],
         failed: Failed,
+        image_feature: str | None = None,
+        max_pixels: int = 0,
     ) -> None:
         self.app, self.max_body = app, max_body_bytes
+        self.image_feature, self.max_pixels = image_feature, max_pixels
         self.expected = f"Bearer {token}".encode() if token else None
         self.api_paths, self.open_paths = api_paths, open_paths
         self.spec, self.failed = spec, failed
@@ -72,19 +92,38 @@ class Gate:
             return await respond(send, 401, body, [(b"www-authenticate", b"Bearer")])
         if scope["path"] == "/docs.json" and scope["method"] == "GET":
             return await respond(send, 200, self.spec())
-        if scope["path"] in self.api_paths and media_type(headers) != b"application/json":
+        kind = media_type(headers)
+        images = (
+            scope["path"] in self.api_paths
+            and self.image_feature is not None
+            and (kind == b"multipart/form-data" or kind in IMAGE_TYPES)
+        )
+        if scope["path"] in self.api_paths and kind != b"application/json" and not images:
             # BentoML parses forms and multipart bodies too, and answered 500 to some
             self.failed("unsupported_media_type")
-            msg = "Content-Type must be application/json"
+            msg = "Content-Type must be application/json" + (
+                ", multipart/form-data or image/png | image/jpeg | image/webp"
+                if self.image_feature
+                else ""
+            )
             body = error_body("unsupported_media_type", ["header", "content-type"], msg)
             return await respond(send, 415, body)
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_body:
             return await self.too_large(send)  # refused before reading a byte of it
-        if not length:
+        if not length or images:
             body, too_large = await read_body(receive, self.max_body)
             if too_large:
                 return await self.too_large(send)
+            if images:
+                try:
+                    body = await image_request(
+                        scope, kind, body, self.image_feature, self.max_pixels
+                    )
+                except Refused as err:
+                    self.failed(err.kind)
+                    return await respond(send, err.status, error_body(err.kind, err.loc, err.msg))
+                scope = json_scope(scope, len(body))
             receive = replay(body, receive)
         status = 0
 
@@ -102,6 +141,76 @@ class Gate:
         self.failed("body_too_large")
         msg = f"request body larger than {self.max_body} bytes (serve.max_body_bytes)"
         await respond(send, 413, error_body("body_too_large", ["body"], msg))
+
+
+async def image_request(
+    scope: dict, kind: bytes, body: bytes, feature: str, max_pixels: int
+) -> bytes:
+    """The JSON request (base64 records of `feature`) of a multipart or raw image body.
+
+    Raises:
+        Refused: a malformed form (400), a part that is not a file (400) or of a type that is
+            no image (415), a file that is no image (400) or over `max_pixels` (413).
+    """
+    from starlette.datastructures import Headers, UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    if kind != b"multipart/form-data":
+        files = [(["body"], body)]
+    else:
+
+        async def stream() -> Any:
+            yield body
+
+        parser = MultiPartParser(Headers(raw=scope["headers"]), stream())
+        try:
+            form = await parser.parse()
+        except MultiPartException as err:
+            raise Refused(400, "multipart_invalid", ["body"], str(err)) from None
+        files = []
+        for name, value in form.multi_items():
+            loc = ["body", name]
+            if not isinstance(value, UploadFile):
+                raise Refused(400, "not_a_file", loc, f"part {name!r} is not a file")
+            given = (value.content_type or "").split(";")[0].strip().lower()
+            if given and not given.startswith("image/") and given != "application/octet-stream":
+                msg = f"part {name!r}: {given} is not an image type"
+                raise Refused(415, "unsupported_media_type", loc, msg)
+            files.append((loc, await value.read()))
+        if not files:
+            raise Refused(400, "missing", ["body"], "no file part: send one image per part")
+    records = []
+    for loc, data in files:
+        check_pixels(data, loc, max_pixels)
+        records.append({feature: base64.b64encode(data).decode()})
+    return json.dumps({"records": records}).encode()
+
+
+def check_pixels(data: bytes, loc: list[str], max_pixels: int) -> None:
+    """A 413 for an image whose header gives more than `max_pixels`, before decoding; a
+    400 for one Pillow cannot identify (the rest is checked as the record is validated)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from fullstack_ml.runtime.images import FORMATS
+
+    where = f"part {loc[1]!r}" if len(loc) > 1 else "body"
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
+            width, height = img.size
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError):
+        msg = f"{where}: not an image (none of {', '.join(FORMATS)})"
+        raise Refused(400, "image_invalid", loc, msg) from None
+    if width * height > max_pixels:
+        pixels = f"{width}x{height} is {width * height:,} pixels"
+        msg = f"{where}: {pixels}, over serve.max_pixels {max_pixels:,} (from its header)"
+        raise Refused(413, "image_too_large", loc, msg)
+
+
+def json_scope(scope: dict, length: int) -> dict:
+    """`scope` with the headers of a JSON body of `length` bytes."""
+    kept = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
+    head = [(b"content-type", b"application/json"), (b"content-length", str(length).encode())]
+    return {**scope, "headers": kept + head}
 
 
 def media_type(headers: dict[bytes, bytes]) -> bytes:

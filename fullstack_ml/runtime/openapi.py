@@ -86,19 +86,45 @@ GET_ROUTES = {
 }
 
 
+# The bodies an image model's API routes take besides JSON (`runtime.http.Gate`).
+IMAGE_BODIES = {
+    "multipart/form-data": {
+        "schema": {
+            "type": "object",
+            "description": "One record per file part, in order (any part names)",
+            "additionalProperties": {"type": "string", "format": "binary"},
+        }
+    },
+    **{
+        f"image/{kind}": {"schema": {"type": "string", "format": "binary"}}
+        for kind in ("png", "jpeg", "webp")
+    },
+}
+
+
 def fixed_spec(
-    spec: dict[str, Any], api_paths: Collection[str], open_paths: Collection[str], auth: bool
+    spec: dict[str, Any],
+    api_paths: Collection[str],
+    open_paths: Collection[str],
+    auth: bool,
+    images: bool = False,
 ) -> dict[str, Any]:
     """BentoML's `spec` of the service, made true: the error responses the `api_paths` send
     (BentoML declares `detail` a string, and 404 and 500, which they never answer), their
     body as required, the GET routes of the mounted app, which BentoML leaves out, and the
-    bearer token where `auth` is on (on every path but `open_paths`). `spec` is left as it is."""
+    bearer token where `auth` is on (on every path but `open_paths`), and with `images` the
+    multipart and raw image bodies. `spec` is left as it is."""
     spec = copy.deepcopy(spec)
     spec["components"]["schemas"]["ClientError"] = CLIENT_ERROR
     for path in api_paths:
         post = spec["paths"][path]["post"]
         post["responses"] = {"200": post["responses"][200], **ERRORS}  # keys: int in BentoML's
         post["requestBody"]["required"] = True  # a JSON body, always
+        if images:
+            post["requestBody"]["content"].update(copy.deepcopy(IMAGE_BODIES))
+            post["responses"]["413"] = error_schema(
+                "Body larger than serve.max_body_bytes, or an image over serve.max_pixels"
+            )
     spec["paths"].update(copy.deepcopy(GET_ROUTES))  # its operations get `security` below
     if auth:
         spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}

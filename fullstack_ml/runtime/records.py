@@ -2,17 +2,22 @@
 as the preprocessing fitted with the model bounds them, and the predictions; `Answers`
 makes the second of the first."""
 
+import base64
+import binascii
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from operator import attrgetter
 from typing import Annotated, Any
 
 import numpy as np
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from pydantic_core import PydanticCustomError
 
 from fullstack_ml.runtime.engine import softmax
+from fullstack_ml.runtime.images import BadImage, ImageSpec, decode
 from fullstack_ml.runtime.outliers import Detector
-from fullstack_ml.runtime.preprocess import Preprocessor
+from fullstack_ml.runtime.preprocess import Preprocessor, image_spec
 
 
 # Numeric features: a JSON number or null (missing: imputed as in training) that the model's
@@ -27,6 +32,27 @@ def number(low: float, high: float) -> Any:
 Category = Annotated[str, Field(strict=True)]
 
 
+# Image features: the encoded file (PNG, JPEG, WebP, ...) as base64 text, decoded and checked
+# while the request is validated (`runtime.images`: the header's pixel count against
+# `serve.max_pixels` before any decoding), so a bad image is a 400 naming its record and field.
+def image(spec: ImageSpec) -> Any:
+    """A base64 image that validates to its decoded uint8 pixels (H, W, C) by `spec`."""
+
+    def decoded(text: str) -> np.ndarray:
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise PydanticCustomError("image_not_base64", "not base64 text") from None
+        try:
+            return decode(data, spec)
+        except BadImage as err:
+            kind = "image_too_large" if "max_pixels" in str(err) else "image_invalid"
+            raise PydanticCustomError(kind, str(err).replace("data.image.", "serve.")) from None
+
+    schema = {"contentEncoding": "base64", "contentMediaType": "image/*"}
+    return Annotated[str, Field(strict=True, json_schema_extra=schema), AfterValidator(decoded)]
+
+
 # Each feature is a field named f0, f1, ... with the feature's name as its alias: a record,
 # its spec and its errors use the real names, and any column name works, `sepal.length`
 # (an attribute path to attrgetter), `_id` (private in pydantic) or `model_config` alike.
@@ -35,8 +61,11 @@ def field_names(features: list[str]) -> dict[str, str]:
     return {name: f"f{i}" for i, name in enumerate(features)}
 
 
-def record_model(pre: Preprocessor, features: list[str]) -> type[BaseModel]:
-    """`Record`: one value per feature of `features`, each required, no other key."""
+def record_model(
+    pre: Preprocessor, features: list[str], max_pixels: int = 50_000_000
+) -> type[BaseModel]:
+    """`Record`: one value per feature of `features`, each required, no other key; an image
+    feature's header may give at most `max_pixels` (`serve.max_pixels`)."""
     fields = field_names(features)
     return create_model(
         "Record",
@@ -46,6 +75,13 @@ def record_model(pre: Preprocessor, features: list[str]) -> type[BaseModel]:
             for name, (low, high) in zip(pre.numeric, pre.limits(), strict=True)
         },
         **{fields[name]: (Category | None, Field(alias=name)) for name in pre.categorical},
+        **{
+            fields[name]: (
+                image(replace(image_spec(entry), max_pixels=max_pixels, min_size=1)),
+                Field(alias=name),
+            )
+            for name, entry in pre.images.items()
+        },
     )
 
 
