@@ -44,6 +44,7 @@ with bentoml.importing():
         Label,
         LabelProbabilities,
         Value,
+        monitored,
         predict_request,
         record_model,
     )
@@ -125,9 +126,10 @@ PredictRequest = predict_request(
 # Declared, the media type spares BentoML a JSON schema build for every response.
 Predictions = Annotated[list[Label if CLASSIFY else Value], ContentType("application/json")]
 LabelsProbabilities = Annotated[list[LabelProbabilities], ContentType("application/json")]
-# Numeric features only: the window is a float matrix (categorical drift: not yet monitored).
+# Numeric features and images' statistics: the window is a float matrix (categorical drift:
+# not yet monitored).
 MONITOR = DriftMonitor(
-    PRE.numeric, SERVE["drift"]["window_records"], SERVE["drift"]["min_records"], metrics
+    monitored(PRE), SERVE["drift"]["window_records"], SERVE["drift"]["min_records"], metrics
 )
 
 

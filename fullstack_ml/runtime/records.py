@@ -15,7 +15,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic_core import PydanticCustomError
 
 from fullstack_ml.runtime.engine import softmax
-from fullstack_ml.runtime.images import BadImage, ImageSpec, decode
+from fullstack_ml.runtime.images import BadImage, ImageSpec, decode, image_stats, stat_columns
 from fullstack_ml.runtime.outliers import Detector
 from fullstack_ml.runtime.preprocess import Preprocessor, image_spec
 
@@ -175,6 +175,8 @@ class Answers:
         flags = self.detector.flags(scores)
         self.observe(scores, flags)
         numeric = [columns[f] for f in self.pre.numeric]
+        for name in self.pre.images:  # an image's statistics, as the profile has them
+            numeric += image_stats(np.stack(columns[name])).values()
         rows = np.array(numeric, dtype=np.float32).T if numeric else np.empty((len(x), 0))
         self.seen(rows, flags)
         return out, scores, flags
@@ -211,6 +213,13 @@ class Answers:
             )
             for best, p, o in zip(probs.argmax(1).tolist(), probs.tolist(), odd, strict=True)
         ]
+
+
+def monitored(pre: Preprocessor) -> list[str]:
+    """The columns of the served drift window (`Answers.outputs`' `seen`): the numeric
+    features, then each image feature's statistics (`runtime.images.stat_columns`)."""
+    images = [c for name, i in pre.images.items() for c in stat_columns(name, i["mode"])]
+    return [*pre.numeric, *images]
 
 
 def outlier_fields(scores: np.ndarray, flags: np.ndarray) -> list[dict[str, Any]]:
