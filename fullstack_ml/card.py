@@ -1,7 +1,9 @@
 """The build report (model card): one self-contained HTML page per build, gathered from
 what the stages wrote. Lineage, the data (a histogram per feature from the whylogs
-sketches, missing values, drifted features first), training curves (DVCLive), evaluation,
-the compression trade-off, the release gate, and the limits a user should know.
+sketches, missing values, drifted features first, the class balance; of an image set,
+thumbnails per class, its statistics per image as features and the files ingest rejected),
+training curves (DVCLive), evaluation, the compression trade-off, the release gate, and the
+limits a user should know.
 
 Every figure taken from a metrics file is written as `data-metric="<file>.<key>"` with its
 exact value in `data-value`, so a test can hold the page to the files."""
@@ -16,12 +18,14 @@ from typing import Any
 import numpy as np
 
 from fullstack_ml.charts import (
+    CSP,
     PALETTE,
     bars_svg,
     histogram_svg,
     lines_svg,
     scatter_svg,
     sketch_histogram,
+    thumbnail_grid,
 )
 from fullstack_ml.paths import (
     COMPRESS_DETAILS,
@@ -40,9 +44,6 @@ from fullstack_ml.runtime.drift import load_profile
 from fullstack_ml.schema import parse_schema
 from fullstack_ml.stage import git_commit
 
-# Nothing but the page itself: a request for anything else is refused (and logged by the
-# browser), so a page that needed one would show it in the test that opens it.
-CSP = "default-src 'none'; style-src 'unsafe-inline'"
 STYLE = (
     "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:0 12px}"
     "table{border-collapse:collapse;margin:6px 0 14px}td,th{border:1px solid #ddd;"
@@ -99,16 +100,20 @@ def gather(bento_tag: str | None, gate: dict[str, Any] | None) -> dict[str, Any]
     schema = parse_schema(_json(SCHEMA))
     views = {s: load_profile(PROFILE_DIR / f"{s}.bin") for s in SPLITS}
     drift = _json(PROFILE_DIR / "drift.json") or {}
+    images = _json(PROFILE_DIR / "images.json")  # an image set's (the profile stage's)
+    # an image feature's statistics per image are numeric columns of the profiles
+    stats = {name: f["stats"] for name, f in ((images or {}).get("features") or {}).items()}
     features = []
-    for column in schema.features:
+    for column in [c for f in schema.features for c in (f, *stats.get(f, ()))]:
+        kind = schema.kinds.get(column, "numeric")
         summaries = {s: v.get_column(column).to_summary_dict() for s, v in views.items()}
         top = summaries["train"].get("frequent_items/frequent_strings") or []
         features.append(
             {
                 "name": column,
-                "kind": schema.kinds[column],
+                "kind": kind,
                 "histogram": sketch_histogram(views["train"], column)
-                if schema.kinds[column] == "numeric"
+                if kind == "numeric"
                 else None,
                 "top": [(i.value, int(i.est)) for i in top[:6]],
                 "missing": {s: int(m.get("counts/null", 0)) for s, m in summaries.items()},
@@ -123,8 +128,15 @@ def gather(bento_tag: str | None, gate: dict[str, Any] | None) -> dict[str, Any]
             "data_sha256": files_sha256(DATA_DIR),
             "bento_tag": bento_tag or "-",
         },
-        "schema": {"task": schema.task, "target": schema.target, "rows": schema.rows},
+        "schema": {
+            "task": schema.task,
+            "target": schema.target,
+            "rows": schema.rows,
+            "features": len(schema.features),
+        },
         "features": features,
+        "classes": _json(PROFILE_DIR / "classes.json"),  # classification: rows per class
+        "images": images,
         "constraints": {
             "passed": sum(r["passed"] for r in constraints),
             "failed": [f"{r['constraint']} ({r['split']})" for r in constraints if not r["passed"]],
@@ -178,7 +190,8 @@ def data_section(facts: dict[str, Any]) -> str:
         "<h2 id='data'>Data</h2><p>"
         + ", ".join(f"{html.escape(s)}: {n:,} rows" for s, n in rows.items())
         + f"; task {html.escape(facts['schema']['task'])}, target "
-        f"<code>{html.escape(facts['schema']['target'])}</code>, {len(features)} features.</p>"
+        f"<code>{html.escape(facts['schema']['target'])}</code>,"
+        f" {facts['schema'].get('features', len(features))} features.</p>"
     ]
     counts = (facts["metrics"]["profile"] or {}).get("drifted_columns", {})
     cells = "".join(
@@ -202,13 +215,18 @@ def data_section(facts: dict[str, Any]) -> str:
         parts.append("<h3>Missing values</h3>" + table(["feature", *rows], cells))
     else:
         parts.append("<p>Missing values: none in any split.</p>")
+    if facts.get("classes"):
+        parts.append(classes_table(facts["classes"]))
+    if facts.get("images"):
+        parts.append(images_part(facts["images"], facts.get("classes")))
     c = facts["constraints"]
     failed = "".join(f"<li>{html.escape(x)}</li>" for x in c["failed"])
     parts.append(f"<p>Constraints: {c['passed']} passed, {len(c['failed'])} failed.</p>")
     if failed:
         parts.append(f"<ul>{failed}</ul>")
     cells = []
-    for f in sorted(features, key=lambda f: f["name"] not in names):  # drifted first
+    shown = [f for f in features if f["kind"] != "image"]  # an image: its statistics, above
+    for f in sorted(shown, key=lambda f: f["name"] not in names):  # drifted first
         chart = (
             histogram_svg(f["histogram"])
             if f["histogram"]
@@ -232,6 +250,43 @@ def data_section(facts: dict[str, Any]) -> str:
         "<h3>Features (train split, from the whylogs sketches)</h3>"
         f"<div class='grid'>{''.join(cells)}</div>"
     )
+    return "".join(parts)
+
+
+def classes_table(classes: dict[str, dict[str, int]]) -> str:
+    """Rows per class and split (the profile's exact counts), the largest class over the
+    smallest per split last."""
+    splits = list(classes)
+    labels = list(dict.fromkeys(c for counts in classes.values() for c in counts))
+    cells = [[c, *(f"{classes[s].get(c, 0):,}" for s in splits)] for c in labels]
+    ratios = []
+    for s in splits:
+        values = list(classes[s].values())
+        ratios.append(f"{max(values) / min(values):.3g}" if values and min(values) else "-")
+    cells.append(["largest / smallest", *ratios])
+    return f"<h3>Class balance ({len(labels)} classes)</h3>" + table(["class", *splits], cells)
+
+
+def images_part(images: dict[str, Any], classes: dict[str, dict[str, int]] | None) -> str:
+    """An image set: its size and mode, thumbnails of each class's first training images
+    (inline data URIs) and the files ingest rejected, counted by reason."""
+    parts = []
+    for name, f in images["features"].items():
+        width, height = f["size"]
+        parts.append(
+            f"<h3>Images: <code>{html.escape(name)}</code></h3><p>{width}x{height}, mode"
+            f" {html.escape(f['mode'])} (resized by ingest: {html.escape(f['resize'])});"
+            " its statistics per image are the features charted below.</p>"
+            + thumbnail_grid(f["samples"], (classes or {}).get("train"), height=32)
+        )
+    rejected = images.get("rejected") or {}
+    if rejected.get("files"):
+        parts.append(
+            f"<p>Files rejected by ingest: {rejected['files']:,}</p>"
+            + table(["reason", "files"], [[k, f"{n:,}"] for k, n in rejected["kinds"].items()])
+        )
+    else:
+        parts.append("<p>Files rejected by ingest: none.</p>")
     return "".join(parts)
 
 
@@ -395,6 +450,10 @@ def limits(facts: dict[str, Any]) -> list[str]:
         out.append(f"Weakest classes on the test split: {weak}.")
     for split, cols in _drifted(facts["features"]).items():
         out.append(f"{len(cols)} feature(s) drifted in {split} against train: {', '.join(cols)}.")
+    rejected = (facts.get("images") or {}).get("rejected") or {}
+    if rejected.get("files"):
+        kinds = ", ".join(f"{k} {n}" for k, n in rejected["kinds"].items())
+        out.append(f"Ingest rejected {rejected['files']} image files ({kinds}).")
     c = facts["metrics"]["compress"] or {}
     if c.get("latency_ratio_batch1", 0) > 1:
         out.append(

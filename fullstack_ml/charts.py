@@ -1,5 +1,6 @@
 """Small inline SVG charts for the self-contained HTML reports (no scripts, no fonts, no
-requests), and a column's histogram read from its whylogs sketch rather than its rows.
+requests), a column's histogram read from its whylogs sketch rather than its rows, and
+image thumbnails inline as data URIs.
 
 Drawn by hand on purpose: a digits profile has 64 histograms of about 1 KB each here;
 a plotting library (none that draws static, self-contained charts is installed) would
@@ -7,12 +8,16 @@ add a dependency and tens of KB per chart."""
 
 import html
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fullstack_ml.runtime.drift import DatasetProfileView
 
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#b07aa1")
+# A report page's Content-Security-Policy: nothing but the page itself and images inside it
+# (thumbnails as data URIs); a request for anything else is refused (and logged by the
+# browser), so a page that needed one would show it in the test that opens it.
+CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 
 
 def sketch_histogram(view: DatasetProfileView, column: str, bins: int = 20) -> dict | None:
@@ -162,3 +167,42 @@ def _span(values: Any) -> tuple[float, float]:
 
 def _label(x: float, y: float, text: str) -> str:
     return f'<text x="{x:.1f}" y="{y:.1f}" font-size="10">{html.escape(text)}</text>'
+
+
+def data_uri(png_base64: str) -> str:
+    """A PNG (base64) as an `<img>` source that needs no request (CSP `img-src data:`)."""
+    return "data:image/png;base64," + png_base64
+
+
+def thumbnails(
+    images: Sequence[str | None], label: str, height: int = 48, title: Sequence[str] = ()
+) -> str:
+    """`<img>` tags of base64 PNGs (None: skipped) `height` pixels high, small ones scaled up
+    with hard pixel edges; `title`: a tooltip per image."""
+    tags = []
+    for i, png in enumerate(images):
+        if png is None:
+            continue
+        tip = f' title="{html.escape(title[i])}"' if i < len(title) else ""
+        tags.append(
+            f'<img src="{data_uri(png)}" alt="{html.escape(label)}"{tip} style="height:'
+            f'{height}px;image-rendering:pixelated;margin:1px;border:1px solid #ddd">'
+        )
+    return "".join(tags)
+
+
+def thumbnail_grid(
+    samples: Mapping[str, Sequence[str | None]],
+    counts: Mapping[str, int] | None = None,
+    height: int = 48,
+) -> str:
+    """A row per class: its name, its count (`counts`, e.g. train's) and its sample images
+    (`samples`: class -> base64 PNGs), as one table."""
+    rows = "".join(
+        f"<tr><td>{html.escape(str(label))}</td>"
+        + (f"<td>{counts.get(label, 0):,}</td>" if counts is not None else "")
+        + f"<td style='text-align:left'>{thumbnails(images, str(label), height)}</td></tr>"
+        for label, images in samples.items()
+    )
+    head = "<th>class</th>" + ("<th>train rows</th>" if counts is not None else "")
+    return f"<table><tr>{head}<th>samples</th></tr>{rows}</table>"

@@ -4,21 +4,28 @@ find duplicates, and the checks on an image set's classes. Decoding a file lives
 """
 
 import hashlib
-from collections.abc import Iterable
+import io
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from PIL import Image
 
 from fullstack_ml.runtime.images import (  # noqa: F401  re-exported: one import for stages
     FORMATS,
     RESIZE,
+    STATS,
     BadImage,
     ImageSpec,
     decode,
     fit,
+    image_stats,
     open_checked,
+    stat_columns,
     to_mode,
 )
 
@@ -150,3 +157,104 @@ def render_digits(folder: Path) -> int:
         grey = np.rint(pixels * (255 / 16)).astype(np.uint8)
         Image.fromarray(grey, "L").save(path, "PNG")
     return len(digits.target)
+
+
+# --- profiling an image set (profile stage, build report) -------------------------------
+
+REJECTED = "rejected.csv"  # beside the curated splits: the files ingest dropped (path, reason)
+# What ingest keeps of each file beside its pixels: where it came from, not what it shows.
+# Unique per row, they are not profiled (their frequent items and drift would be noise).
+FILE_COLUMNS = ("path", "sha256", "phash")
+THUMBNAIL = 48  # a report thumbnail's longest side (a photo-like 64x64 PNG: 6.5 -> 2.8 KB)
+DECODE_CHUNK = 1024  # images decoded at once when profiling (64x64 RGB: 12 MB of pixels)
+
+
+def stat_columns_of(images: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
+    """Image feature -> the columns of its statistics in profiles (`runtime.images.STATS`
+    of its mode), from `Schema.images`."""
+    return {name: stat_columns(name, image["mode"]) for name, image in images.items()}
+
+
+def profiled_columns(columns: list[str], images: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The columns of a split that are profiled: of an image set, all but `FILE_COLUMNS`."""
+    return [c for c in columns if not images or c not in FILE_COLUMNS]
+
+
+def with_image_stats(
+    table: pa.Table, images: Mapping[str, Mapping[str, Any]], first_row: int = 0
+) -> pa.Table:
+    """`table` with each image feature's column (encoded images, PNG in the curated splits)
+    followed by its statistics (`runtime.images.image_stats`; NaN where the image is
+    missing), and without `FILE_COLUMNS`; a table without image features as it is.
+    `first_row`: the table's first row in its split (for messages).
+
+    Raises:
+        BadImage: a value that is no image of the schema's size and mode, naming its column
+            and row.
+    """
+    if not images:
+        return table
+    table = table.drop_columns([c for c in FILE_COLUMNS if c in table.column_names])
+    for name, image in images.items():
+        if name not in table.column_names:
+            continue  # the profile names the missing column
+        spec = curated_spec(image)
+        values = table.column(name).to_pylist()
+        present = [i for i, v in enumerate(values) if v is not None]
+        columns = {stat: np.full(len(values), np.nan) for stat in STATS[spec.mode]}
+        shape = (spec.size[1], spec.size[0], spec.channels)
+        for start in range(0, len(present), DECODE_CHUNK):  # pixels of a chunk at a time
+            rows = present[start : start + DECODE_CHUNK]
+            pixels = np.empty((len(rows), *shape), np.uint8)
+            for k, i in enumerate(rows):
+                try:
+                    pixels[k] = decode(bytes(values[i]), spec)
+                except BadImage as err:
+                    raise BadImage(f"column {name!r}, row {first_row + i}: {err}") from None
+            for stat, got in image_stats(pixels).items():
+                columns[stat][rows] = got
+        at = table.column_names.index(name) + 1
+        for offset, (stat, column) in enumerate(columns.items()):
+            table = table.add_column(at + offset, f"{name}.{stat}", pa.array(column))
+    return table
+
+
+def curated_spec(image: Mapping[str, Any]) -> ImageSpec:
+    """The decoding of an image feature's curated values (`Schema.images`' entry), as
+    `runtime.preprocess.image_spec` (not imported: the stages reading this module would
+    depend on it): min_size 1, the images are at the size already."""
+    return ImageSpec(
+        size=tuple(image["size"]), mode=image["mode"], resize=image["resize"], min_size=1
+    )
+
+
+def thumbnail_png(data: bytes, side: int = THUMBNAIL) -> bytes:
+    """An encoded image as PNG bytes at most `side` pixels on its longer side: the bytes as
+    they are when they are a PNG that small already (as the digits' 16x16)."""
+    with Image.open(io.BytesIO(data)) as img:
+        if img.format == "PNG" and max(img.size) <= side:
+            return data
+        img.load()
+        small = img.copy()
+    small.thumbnail((side, side), Image.Resampling.BILINEAR)
+    out = io.BytesIO()
+    small.save(out, "PNG")
+    return out.getvalue()
+
+
+def rejection_kind(reason: str) -> str:
+    """A rejected file's reason (ingest's `rejected.csv`) without its particulars (the
+    other file, sizes, the decoder's words): what the reports count files by."""
+    for kind, pattern in REJECTION_KINDS:
+        if re.search(pattern, reason):
+            return kind
+    return re.split(r"[:(;]", reason, maxsplit=1)[0].strip() or reason
+
+
+REJECTION_KINDS = (  # the reasons ingest and `runtime.images` write, by their fixed words
+    ("near-duplicate of a train image", r"^near-duplicate of "),
+    ("duplicate", r"^duplicate of "),
+    ("over data.image.max_pixels", r"over data\.image\.max_pixels"),
+    ("under data.image.min_size", r"under data\.image\.min_size"),
+    ("animated", r"^animated "),
+)

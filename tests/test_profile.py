@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 import time
@@ -198,6 +199,12 @@ def with_constraints(cfg: DictConfig, **constraints) -> DictConfig:
     return OmegaConf.merge(cfg, {"constraints": constraints})
 
 
+def outside_links(page: str) -> list[str]:
+    """The page's sources and links that are neither inline (data:) nor on the page (#)."""
+    links = re.findall(r"""(?:src|href)=["']([^"']*)""", page) + re.findall(r"url\(", page)
+    return [link for link in links if not link.startswith(("data:", "#"))]
+
+
 SUMMARY_KEYS = ("counts/n", "counts/null", "distribution/mean", "distribution/min")
 
 
@@ -243,7 +250,8 @@ def test_mixed_splits_profiled_with_report(
     assert drift["val"]["label"]["algorithm"] == "chi-square"
     assert drift["val"]["age"]["algorithm"] == "ks"
     html = (tmp_path / "p" / "report.html").read_text()
-    assert "<script" not in html.lower() and "http" not in html
+    assert "<script" not in html.lower() and not outside_links(html)
+    assert "Content-Security-Policy" in html.split("</head>")[0]
     for split in SPLITS:
         section = html.split(f"id='split-{split}'>")[1].split("<h2")[0]
         assert f"Split {split}: " in section
@@ -455,3 +463,239 @@ def test_the_drift_helper_exits_when_the_process_that_started_it_dies() -> None:
         time.sleep(0.2)
     else:
         raise AssertionError(f"the helper {helper} outlived its parent")
+
+
+# ---------------------------------------------------------------- images (data=digits_images)
+
+
+def test_image_statistics_are_pillows_hsv_per_image_in_chunks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """runtime.images.image_stats (the service computes them too): brightness, saturation
+    and hue within 1 of Pillow's HSV, sharpness the mean step between neighbours; whatever
+    the images per chunk."""
+    from PIL import Image
+
+    import fullstack_ml.runtime.images as runtime_images
+    from fullstack_ml.runtime.images import STATS, image_stats, stat_columns
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (7, 12, 10, 3), dtype=np.uint8)
+    rgb[0] = 128  # grey: no hue, no saturation
+    rgb[1] = (255, 0, 0)  # red
+    rgb[2] = (0, 0, 255)  # blue: hue 170 of 255
+    got = image_stats(rgb)
+    assert list(got) == list(STATS["RGB"]) and all(v.dtype == np.float64 for v in got.values())
+    for i, img in enumerate(rgb):
+        hsv = np.asarray(Image.fromarray(img).convert("HSV"), dtype=np.float64).reshape(-1, 3)
+        for k, name in enumerate(("hue", "saturation", "brightness")):
+            assert got[f"{name}_mean"][i] == pytest.approx(hsv[:, k].mean(), abs=1), (i, name)
+            assert got[f"{name}_std"][i] == pytest.approx(hsv[:, k].std(), abs=1), (i, name)
+    assert got["hue_mean"][2] == pytest.approx(170, abs=1) and got["saturation_mean"][0] == 0
+    grey = np.zeros((2, 4, 4, 1), np.uint8)
+    grey[1, :, ::2] = 200  # stripes: each step across is 200, none down
+    stats = image_stats(grey)
+    assert list(stats) == list(STATS["L"]) == ["brightness_mean", "brightness_std", "sharpness"]
+    assert stats["brightness_mean"].tolist() == [0, 100] and stats["brightness_std"][1] == 100
+    assert stats["sharpness"].tolist() == [0, 200 * 12 / 24]  # 12 of 24 neighbour pairs
+    monkeypatch.setattr(runtime_images, "STATS_CHUNK_PIXELS", 250)  # 2 images a chunk
+    for name, values in image_stats(rgb).items():
+        assert np.array_equal(values, got[name]), name
+    assert stat_columns("photo", "RGB")[:2] == ["photo.brightness_mean", "photo.brightness_std"]
+    with pytest.raises(ValueError, match=r"not uint8 \(N, H, W, 1 or 3\)"):
+        image_stats(rgb[..., :2])
+
+
+@pytest.fixture(scope="module")
+def digit_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Path], dict]:
+    """data=digits_images ingested (1797 16x16 grey PNGs): the splits' paths, the schema."""
+    from stages.ingest import ingest
+
+    out = tmp_path_factory.mktemp("digit-images")
+    schema = ingest(compose(["data=digits_images"]).data, 42, out)
+    return {s: out / f"{s}.parquet" for s in SPLITS}, schema
+
+
+@pytest.fixture(scope="module")
+def images_cfg() -> DictConfig:
+    return compose(["data=digits_images"]).profile
+
+
+def png_pixels(data: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.format == "PNG"
+        return np.asarray(img)
+
+
+def test_an_image_set_is_profiled_by_its_statistics_with_classes_and_thumbnails(
+    digit_images: tuple[dict[str, Path], dict], images_cfg: DictConfig, tmp_path: Path
+) -> None:
+    """The profiles hold each image's statistics as numeric columns (what the served drift
+    monitor compares against train.bin); drift scores them, not the column of PNG bytes;
+    classes.json counts each class exactly; report.html shows 5 thumbnails a class and the
+    10 oddest training images inline, as PNG data URIs its CSP allows; a rerun writes the
+    same bytes."""
+    import base64
+
+    paths, schema = digit_images
+    summary = profile(paths, schema, images_cfg, tmp_path / "p")
+    stats = ["image.brightness_mean", "image.brightness_std", "image.sharpness"]
+    frames = {s: pd.read_parquet(p) for s, p in paths.items()}
+    train = load_profile(tmp_path / "p/train.bin")
+    assert list(train.get_columns()) == ["image", *stats, "label"]  # no path, no sha256
+    for column in stats:
+        assert train.get_column(column).to_summary_dict()["counts/n"] == 1257
+    brightness = train.get_column("image.brightness_mean").to_summary_dict()
+    pixels = np.stack([png_pixels(b) for b in frames["train"]["image"]])
+    assert brightness["distribution/mean"] == pytest.approx(pixels.mean(), rel=1e-6)
+    drift = json.loads((tmp_path / "p/drift.json").read_text())
+    assert list(drift["val"]) == ["label", *stats]  # the PNG bytes' column is not scored
+    assert {drift["test"][c]["algorithm"] for c in stats} == {"ks"}
+    assert summary["drifted_columns"] == {"val": 0, "test": 0}
+    classes = json.loads((tmp_path / "p/classes.json").read_text())
+    for split, frame in frames.items():
+        assert classes[split] == frame["label"].value_counts().sort_index().to_dict()
+    constraints = json.loads((tmp_path / "p/constraints.json").read_text())
+    assert {r["constraint"] for r in constraints if r["passed"]} >= {"image has no missing values"}
+    outliers = json.loads((tmp_path / "p/outliers.json").read_text())
+    assert outliers["rows"] == 1257 and outliers["top"][0]["features"][0]["feature"] in stats
+    facts = json.loads((tmp_path / "p/images.json").read_text())
+    samples = facts["features"]["image"]["samples"]
+    assert list(samples) == [str(d) for d in range(10)]
+    first = frames["train"].groupby("label", sort=True).head(5)  # train's first, in order
+    for label, group in first.groupby("label"):
+        assert [base64.b64decode(s) for s in samples[label]] == list(group["image"])
+    assert [r["row"] for r in facts["oddest"]] == [r["row"] for r in outliers["top"]]
+    assert facts["oddest"][0]["path"] == frames["train"]["path"][facts["oddest"][0]["row"]]
+    page = (tmp_path / "p/report.html").read_text()
+    sources = re.findall(r'<img src="data:image/png;base64,([^"]+)"', page)
+    assert page.count("<img") == len(sources) == 10 * 5 + 10
+    assert all(png_pixels(base64.b64decode(s)).shape == (16, 16) for s in sources)
+    assert "img-src data:" in page.split("</head>")[0] and not outside_links(page)
+    assert "Classes: 10" in page and "Files rejected by ingest: none" in page
+    assert "<td>image.brightness_mean</td>" in page  # a numeric column of each split
+    profile(paths, schema, images_cfg, tmp_path / "again")
+    for name in ("train.bin", "drift.json", "images.json", "classes.json", "report.html"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "p" / name).read_bytes()
+
+
+def test_inverted_val_images_drift_on_brightness(
+    digit_images: tuple[dict[str, Path], dict], images_cfg: DictConfig, tmp_path: Path
+) -> None:
+    """White digits on black in train, black on white in val: val drifts on its brightness
+    (KS on the statistic), test does not; a declared check on a statistic holds it to a
+    range, naming it."""
+    import io
+
+    from PIL import Image
+
+    def inverted(data: bytes) -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(255 - png_pixels(data)).save(out, "PNG")
+        return out.getvalue()
+
+    paths, schema = digit_images
+    frames = {s: pd.read_parquet(p) for s, p in paths.items()}
+    val = frames["val"].assign(image=frames["val"]["image"].map(inverted))
+    profile({**frames, "val": val}, schema, images_cfg, tmp_path / "p")
+    drift = json.loads((tmp_path / "p/drift.json").read_text())
+    assert drift["val"]["image.brightness_mean"]["drift_category"] == "DRIFT"
+    assert drift["test"]["image.brightness_mean"]["drift_category"] == "NO_DRIFT"
+    assert drift["val"]["label"]["drift_category"] == "NO_DRIFT"
+    page = (tmp_path / "p/report.html").read_text()
+    assert "image.brightness_mean" in page.split("Drifted features")[1].split("</p>")[0]
+    dark = {"column": "image.brightness_mean", "check": "mean_between", "min": 0, "max": 128}
+    cfg = with_constraints(images_cfg, declared=[dark])
+    with pytest.raises(StageError, match=r"failed on the val split, first: image.brightness_mean"):
+        profile({**frames, "val": val}, schema, cfg, tmp_path / "q")
+
+
+def test_a_bad_image_in_a_curated_split_names_the_split_column_and_row(
+    digit_images: tuple[dict[str, Path], dict], images_cfg: DictConfig, tmp_path: Path
+) -> None:
+    paths, schema = digit_images
+    test = pd.read_parquet(paths["test"])
+    test.loc[3, "image"] = b"not a picture"
+    with pytest.raises(StageError, match=r"^test split: column 'image', row 3: not an image"):
+        profile({**paths, "test": test}, schema, images_cfg, tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+
+
+def test_processes_sharing_an_image_sets_columns_profile_like_one(
+    digit_images: tuple[dict[str, Path], dict],
+) -> None:
+    """The image column and its statistics go to one process, in one column order."""
+    from fullstack_ml.schema import parse_schema
+
+    paths, schema = digit_images
+    images = parse_schema(schema).images
+    one = profile_splits(paths, batch_rows=500, processes=1, images=images)
+    two = profile_splits(paths, batch_rows=500, processes=2, images=images)
+    for name in SPLITS:
+        assert list(two[name].view.get_columns()) == list(one[name].view.get_columns())
+        for column in ("image.sharpness", "label"):
+            got = two[name].view.get_column(column).to_summary_dict()
+            want = one[name].view.get_column(column).to_summary_dict()
+            assert got["counts/n"] == want["counts/n"] == one[name].rows
+            assert got.get("distribution/mean") == want.get("distribution/mean")
+
+
+def test_rejected_files_of_a_colour_set_are_counted_by_reason_and_listed(tmp_path: Path) -> None:
+    """An RGB set with bad files and a duplicate, ingested with data.bad_files=drop: the
+    profile has hue and saturation too; rejected.csv's files are counted by reason (not by
+    their particulars) and listed in the report."""
+    from test_images import encoded, shapes
+    from test_ingest import image_set, images_cfg
+
+    from stages.ingest import ingest
+
+    root = image_set(tmp_path / "set", per_class=6)
+    (root / "star/zero.png").write_bytes(b"")
+    (root / "star/notes.png").write_bytes(b"text")
+    whole = encoded(shapes(7), "PNG")
+    (root / "circle/cut.png").write_bytes(whole[: len(whole) // 2])
+    (root / "square/again.png").write_bytes((root / "square/square_00.png").read_bytes())
+    drop = images_cfg(root, "data.bad_files=drop", "data.image.max_bad_rate=0.5")
+    schema = ingest(drop, 0, tmp_path / "c")
+    paths = {s: tmp_path / "c" / f"{s}.parquet" for s in SPLITS}
+    cfg = compose(["data=images"]).profile
+    profile(paths, schema, cfg, tmp_path / "p", rejected=tmp_path / "c/rejected.csv")
+    train = load_profile(tmp_path / "p/train.bin")
+    assert {"image.hue_mean", "image.saturation_std"} <= set(train.get_columns())
+    rejected = json.loads((tmp_path / "p/images.json").read_text())["rejected"]
+    assert rejected["files"] == 4 and rejected["kinds"] == {
+        "empty file": 1,
+        "not an image": 1,
+        "truncated or corrupt": 1,
+        "duplicate": 1,
+    }
+    page = (tmp_path / "p/report.html").read_text()
+    assert "Files rejected by ingest: 4" in page and "circle/cut.png" in page
+    train_rows = json.loads((tmp_path / "p/classes.json").read_text())["train"]
+    oddest = json.loads((tmp_path / "p/outliers.json").read_text())["top"]
+    assert page.count("<img") == sum(min(n, 5) for n in train_rows.values()) + len(oddest)
+
+
+@pytest.mark.parametrize(
+    ("reason", "kind"),
+    [
+        ("duplicate of square/again.png", "duplicate"),
+        ("near-duplicate of train's a/0.png", "near-duplicate of a train image"),
+        (
+            "9000x9000 is 81,000,000 pixels, over data.image.max_pixels 50,000,000 (read",
+            "over data.image.max_pixels",
+        ),
+        ("4x4: under data.image.min_size 8", "under data.image.min_size"),
+        ("animated (3 frames); data.image.animated=first takes one", "animated"),
+        ("truncated or corrupt: image file is truncated", "truncated or corrupt"),
+        ("not an image (none of PNG, JPEG)", "not an image"),
+    ],
+)
+def test_rejected_files_are_counted_by_the_kind_of_their_reason(reason: str, kind: str) -> None:
+    from fullstack_ml.images import rejection_kind
+
+    assert rejection_kind(reason) == kind

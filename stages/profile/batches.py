@@ -26,6 +26,7 @@ from fullstack_ml.runtime import whylogs_compat  # noqa: F401  before whylogs: i
 from whylogs.core.proto import ChunkHeader, ChunkMessage, DatasetProfileHeader, DatasetSegmentHeader
 from whylogs.core.view.dataset_profile_view import WHYLOGS_MAGIC_HEADER_BYTES
 
+from fullstack_ml.images import BadImage, profiled_columns, stat_columns_of, with_image_stats
 from fullstack_ml.progress import track
 from fullstack_ml.runtime.drift import (
     DatasetProfileView,
@@ -44,6 +45,7 @@ EXAMPLES = 5  # values outside a set kept as examples, per check and split
 
 Batches = Iterable[pa.RecordBatch | pa.Table | pd.DataFrame]
 SplitSource = str | os.PathLike | pd.DataFrame | Callable[[], Batches]
+Images = Mapping[str, Mapping[str, Any]]  # `Schema.images`: image feature -> size, mode...
 
 
 def batch_frame(batch: pa.RecordBatch | pa.Table) -> pd.DataFrame:
@@ -170,16 +172,32 @@ def check_counts(batch: pa.Table, checks: Iterable[SetCheck]) -> SplitProfile:
     return SplitProfile(None, batch.num_rows, counts)
 
 
-def profile_batch(batch: pa.Table, checks: Iterable[SetCheck]) -> SplitProfile:
+def profiled_frame(
+    batch: pa.Table, images: Images | None, where: str | None, first_row: int = 0
+) -> pd.DataFrame:
+    """What is profiled of a batch: its columns, each image feature's followed by its
+    statistics (`fullstack_ml.images.with_image_stats`). A bad image is a StageError naming
+    `where` (the split's file or name), the column and the row."""
+    try:
+        return batch_frame(with_image_stats(batch, images or {}, first_row))
+    except BadImage as err:
+        raise StageError(f"{where or 'split'}: {err}") from None
+
+
+def profile_batch(
+    batch: pa.Table, checks: Iterable[SetCheck], images: Images | None = None
+) -> SplitProfile:
     """One batch profiled, with its set-check counts."""
     part = check_counts(batch, checks)
-    part.view = profile_frame(batch_frame(batch))
+    part.view = profile_frame(profiled_frame(batch, images, None))
     return part
 
 
-def _profile_block(batch: pa.Table, checks: list[SetCheck]) -> pa.Table:
+def _profile_block(
+    batch: pa.Table, checks: list[SetCheck], images: Images | None = None
+) -> pa.Table:
     """Ray Data map_batches function: a block's profile and counts, serialized."""
-    part = profile_batch(batch, checks)
+    part = profile_batch(batch, checks, images)
     counts = json.dumps(json_safe(part.counts), default=str)
     return pa.table({"profile": [part.view.serialize()], "rows": [part.rows], "counts": [counts]})
 
@@ -200,14 +218,16 @@ def profile_split(
     engine: str = "pandas",
     name: str | None = "split",
     columns: list[str] | None = None,
+    images: Images | None = None,
 ) -> SplitProfile:
     """Profile a split batch by batch and merge; `engine="ray"` profiles the Parquet blocks
     of a path in parallel with Ray Data (other sources are profiled here). The progress
     (`fullstack_ml.progress`) is labelled `profile <name>`, None: not shown. `columns`: of a
-    Parquet path, profile only those."""
+    Parquet path, profile only those. `images` (`Schema.images`): image features, profiled
+    with their statistics (`profiled_frame`)."""
     checks = list(checks)
     if engine == "ray" and isinstance(source, (str, os.PathLike)):
-        return _profile_split_ray(Path(source), checks, batch_rows)
+        return _profile_split_ray(Path(source), checks, batch_rows, images)
     if engine not in ("pandas", "ray"):
         raise StageError(f"engine: unknown engine {engine!r} (pandas | ray)")
     # One profile tracks every batch: a new profile per batch and a merge cost 0.26 s per
@@ -217,8 +237,9 @@ def profile_split(
     batches = iter_batches(source, batch_rows, columns)
     if name is not None:
         batches = track(batches, source_rows(source), f"profile {name}", "row", log, len)
+    where = str(source) if isinstance(source, (str, os.PathLike)) else f"{name or ''} split"
     for batch in batches:
-        profile.track(pandas=batch_frame(batch))
+        profile.track(pandas=profiled_frame(batch, images, where, merged.rows))
         merged = merged.merge(check_counts(batch, checks))
     if merged.rows:
         merged.view = reproducible(profile.view())
@@ -230,6 +251,7 @@ def profile_splits(
     checks: Iterable[SetCheck] = (),
     batch_rows: int = BATCH_ROWS,
     processes: int | None = None,
+    images: Images | None = None,
 ) -> dict[str, SplitProfile]:
     """Every split profiled here (the pandas engine), in `processes` processes side by side
     where every split is a Parquet path with the same columns (None: one per core from
@@ -237,28 +259,35 @@ def profile_splits(
     each profiling every row of its own: whylogs tracks each column on its own, so the
     joined profiles are one process's (tests/test_profile.py). 1M rows x 51 columns on 2
     cores: 11.4 s -> 6.3 s. The extra processes are forked: spawned, each would import
-    whylogs and pyarrow again."""
+    whylogs and pyarrow again. `images`: as `profile_split`'s (an image feature's column
+    and its statistics go to one process)."""
     checks = list(checks)
-    columns = shared_columns(splits)
+    columns = profiled_columns(shared_columns(splits), images or {})
     if processes is None:
         rows = sum(source_rows(s) or 0 for s in splits.values()) if columns else 0
         processes = len(os.sched_getaffinity(0)) if rows >= PARALLEL_ROWS else 1
     groups = [g for g in (columns[k::processes] for k in range(processes)) if g]
     if len(groups) < 2 or "fork" not in multiprocessing.get_all_start_methods():
-        return {n: profile_split(s, checks, batch_rows, name=n) for n, s in splits.items()}
+        return {
+            n: profile_split(s, checks, batch_rows, name=n, images=images)
+            for n, s in splits.items()
+        }
     fork = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(len(groups) - 1, mp_context=fork) as pool:
         others = [
-            pool.submit(_profile_columns, splits, checks, batch_rows, group) for group in groups[1:]
+            pool.submit(_profile_columns, splits, checks, batch_rows, group, images)
+            for group in groups[1:]
         ]
         parts = [
             {
-                n: profile_split(s, checks, batch_rows, name=n, columns=groups[0])
+                n: profile_split(s, checks, batch_rows, name=n, columns=groups[0], images=images)
                 for n, s in splits.items()
             }
         ]
         parts += [{n: _loaded(p) for n, p in f.result().items()} for f in others]
-    return {name: _joined([p[name] for p in parts], columns) for name in splits}
+    stats = stat_columns_of(images or {})
+    order = [c for column in columns for c in (column, *stats.get(column, ()))]
+    return {name: _joined([p[name] for p in parts], order) for name in splits}
 
 
 def shared_columns(splits: Mapping[str, SplitSource]) -> list[str]:
@@ -275,11 +304,15 @@ def shared_columns(splits: Mapping[str, SplitSource]) -> list[str]:
 
 
 def _profile_columns(
-    splits: Mapping[str, SplitSource], checks: list[SetCheck], batch_rows: int, columns: list[str]
+    splits: Mapping[str, SplitSource],
+    checks: list[SetCheck],
+    batch_rows: int,
+    columns: list[str],
+    images: Images | None,
 ) -> dict[str, tuple[bytes | None, int, dict[str, Any]]]:
     """In a forked process: `columns` of every split profiled, the views serialized."""
     parts = {
-        n: profile_split(s, checks, batch_rows, name=None, columns=columns)
+        n: profile_split(s, checks, batch_rows, name=None, columns=columns, images=images)
         for n, s in splits.items()
     }
     return {n: (p.view and p.view.serialize(), p.rows, p.counts) for n, p in parts.items()}
@@ -319,7 +352,9 @@ def ray_data(address: str | None = None) -> Iterator[None]:
         yield
 
 
-def _profile_split_ray(path: Path, checks: list[SetCheck], batch_rows: int) -> SplitProfile:
+def _profile_split_ray(
+    path: Path, checks: list[SetCheck], batch_rows: int, images: Images | None = None
+) -> SplitProfile:
     import ray.data
 
     if not path.exists():
@@ -329,7 +364,7 @@ def _profile_split_ray(path: Path, checks: list[SetCheck], batch_rows: int) -> S
         try:
             blocks = ray.data.read_parquet(str(path)).map_batches(
                 _profile_block,
-                fn_kwargs={"checks": checks},
+                fn_kwargs={"checks": checks, "images": dict(images or {})},
                 batch_format="pyarrow",
                 batch_size=batch_rows,
             )

@@ -10,6 +10,7 @@ from functools import partial
 from typing import Any
 
 from fullstack_ml.gates import rate_over
+from fullstack_ml.images import stat_columns_of
 from fullstack_ml.runtime import whylogs_compat  # noqa: F401  before whylogs: it patches it
 
 # isort: split
@@ -62,8 +63,11 @@ def _declared_check(i: int, entry: Any, schema: Schema, splits: tuple[str, ...])
     column, check = entry["column"], entry["check"]
     if check not in DECLARED:
         raise StageError(f"{key}: unknown check {check!r} ({' | '.join(DECLARED)})")
-    if column not in schema.columns:
-        raise StageError(f"{key}: unknown column {column!r} (not in schema.json)")
+    stats = {c for columns in stat_columns_of(schema.images).values() for c in columns}
+    if column not in schema.columns and column not in stats:
+        raise StageError(
+            f"{key}: unknown column {column!r} (not in schema.json, nor an image's statistics)"
+        )
     takes = DECLARED[check]
     extra, missing = set(entry) - takes - {"column", "check"}, takes - set(entry)
     if extra or missing:
@@ -89,10 +93,9 @@ def _declared_check(i: int, entry: Any, schema: Schema, splits: tuple[str, ...])
     lo, hi = _number(entry["min"], f"{key}.min"), _number(entry["max"], f"{key}.max")
     if lo > hi:
         raise StageError(f"{key}: min {lo} is above max {hi}")
-    if schema.kind(column) != "numeric":
-        raise StageError(
-            f"{key}: check {check} needs a numeric column; {column!r} is {schema.kind(column)}"
-        )
+    kind = "numeric" if column in stats else schema.kind(column)
+    if kind != "numeric":
+        raise StageError(f"{key}: check {check} needs a numeric column; {column!r} is {kind}")
     if check == "in_range":
         make = partial(is_in_range, column, lo, hi, skip_missing=False)
         shown = ("distribution/min", "distribution/max")

@@ -1,20 +1,36 @@
-"""The profile's self-contained HTML page: drifted features first, per-split summaries with
-a histogram per numeric column (from its whylogs sketch), drift, constraints."""
+"""The profile's self-contained HTML page: drifted features first, the class balance, an
+image set's thumbnails per class and rejected files, per-split summaries with a histogram
+per numeric column (from its whylogs sketch; an image's statistics are numeric columns),
+drift, constraints."""
 
 import html
 import json
 from typing import Any
 
-from fullstack_ml.charts import histogram_svg, sketch_histogram
+from fullstack_ml.charts import (
+    CSP,
+    PALETTE,
+    bars_svg,
+    histogram_svg,
+    sketch_histogram,
+    thumbnail_grid,
+    thumbnails,
+)
 from fullstack_ml.runtime.drift import DatasetProfileView, json_safe
 from fullstack_ml.schema import Schema
 
 
 def column_summary(view: DatasetProfileView, column: str, kind: str) -> dict[str, Any]:
-    """What the report shows of one column: counts, and the numeric distribution or the
-    distinct estimate and top values."""
+    """What the report shows of one column: its kind, counts, and the numeric distribution or
+    the distinct estimate and top values (an image column: counts alone)."""
     s = view.get_column(column).to_summary_dict()
-    out: dict[str, Any] = {"count": s.get("counts/n", 0), "missing": s.get("counts/null", 0)}
+    out: dict[str, Any] = {
+        "kind": kind,
+        "count": s.get("counts/n", 0),
+        "missing": s.get("counts/null", 0),
+    }
+    if kind == "image":
+        return out
     if kind == "numeric":
         for key in ("mean", "stddev", "min", "q_25", "median", "q_75", "max"):
             out[key] = json_safe(s.get(f"distribution/{key}"))
@@ -44,11 +60,15 @@ def render_html(
     drift: dict[str, dict[str, Any]],
     schema: Schema,
     outliers: dict[str, Any] | None = None,
+    classes: dict[str, dict[str, int]] | None = None,
+    images: dict[str, Any] | None = None,
 ) -> str:
-    """One self-contained page (no scripts, no network): a summary per split and column
-    (`summaries`: split -> rows and column -> `column_summary`), the drift of each split
-    against train, the outlying training rows (`fullstack_ml.outliers.row_outliers`) and
-    the constraints with their observed values."""
+    """One self-contained page (no scripts, no network; images inline as data URIs): a
+    summary per split and column (`summaries`: split -> rows and column ->
+    `column_summary`), the class balance (`classes`: split -> class -> rows), an image
+    set's thumbnails, oddest images and rejected files (`images`: `images.json`), the drift
+    of each split against train, the outlying training rows
+    (`fullstack_ml.outliers.row_outliers`) and the constraints with their observed values."""
     esc = html.escape
     drifted = {
         col for scores in drift.values() for col, d in scores.items()
@@ -59,11 +79,16 @@ def render_html(
         + (esc(", ".join(sorted(drifted))) if drifted else "none")
         + "</p>"
     ]
+    if classes:
+        parts.append(classes_html(classes))
+    if images:
+        parts.append(images_html(images, (classes or {}).get("train")))
     for split, summary in summaries.items():
         columns = summary["columns"]
         parts.append(f"<h2 id='split-{esc(split)}'>Split {esc(split)}: {summary['rows']} rows</h2>")
-        numeric = [c for c in columns if schema.kind(c) == "numeric"]
-        categorical = [c for c in columns if schema.kind(c) != "numeric"]
+        kind = {c: columns[c].get("kind") or schema.kind(c) for c in columns}
+        numeric = [c for c in columns if kind[c] == "numeric"]
+        categorical = [c for c in columns if kind[c] != "numeric"]
         if numeric:
             keys = ("count", "missing", "mean", "stddev", "min", "q_25", "median", "q_75", "max")
             head = "".join(f"<th>{k}</th>" for k in keys) + "<th>distribution (sketch)</th>"
@@ -80,14 +105,14 @@ def render_html(
             body = []
             for c in categorical:
                 s = columns[c]
-                top = ", ".join(f"{esc(str(v))} ({n})" for v, n in s["top"])
+                top = ", ".join(f"{esc(str(v))} ({n})" for v, n in s.get("top", []))
                 unseen = s.get("unseen")
                 unseen_cell = (
                     "-" if unseen is None else f"{unseen['rate']:.2%} ({unseen['outside']})"
                 )
                 body.append(
                     f"<tr><td>{esc(c)}</td><td>{s['count']}</td><td>{s['missing']}</td>"
-                    f"<td>{_fmt(s['distinct'])}</td><td>{top or '-'}</td>"
+                    f"<td>{_fmt(s.get('distinct'))}</td><td>{top or '-'}</td>"
                     f"<td>{unseen_cell}</td></tr>"
                 )
             parts.append(
@@ -132,9 +157,14 @@ def render_html(
         "</summary><table><tr><th>split</th><th>constraint</th><th>observed</th><th>result</th>"
         f"<th>from</th></tr>{rows}</table></details>"
     )
-    nav = " | ".join(f"<a href='#split-{esc(s)}'>{esc(s)}</a>" for s in summaries)
+    anchors = [(f"split-{s}", s) for s in summaries]
+    anchors += [("classes", "classes")] if classes else []
+    anchors += [("images", "images")] if images else []
+    nav = " | ".join(f"<a href='#{esc(a)}'>{esc(t)}</a>" for a, t in anchors)
     return (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>Data profile</title><style>"
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<meta http-equiv='Content-Security-Policy' content=\"{CSP}\">"
+        "<title>Data profile</title><style>"
         "body{font-family:sans-serif}table{border-collapse:collapse;margin-bottom:1em}"
         "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}"
         "tr.bad td{background:#f7c6c6}</style></head><body>"
@@ -166,3 +196,86 @@ def outliers_html(found: dict[str, Any]) -> str:
         f"<table><tr><th>train row</th><th>score</th><th>furthest features</th></tr>{rows}"
         "</table>"
     )
+
+
+def classes_html(classes: dict[str, dict[str, int]]) -> str:
+    """Rows per class and split (exact counts), each with its share of the split, and the
+    ratio of the largest class to the smallest per split."""
+    esc = html.escape
+    splits = list(classes)
+    labels = list(dict.fromkeys(c for counts in classes.values() for c in counts))
+    totals = {s: sum(classes[s].values()) for s in splits}
+    body = "".join(
+        f"<tr><td>{esc(c)}</td>"
+        + "".join(
+            f"<td>{classes[s].get(c, 0):,} ({classes[s].get(c, 0) / max(totals[s], 1):.1%})</td>"
+            for s in splits
+        )
+        + "</tr>"
+        for c in labels
+    )
+    ratio = "".join(f"<td>{_imbalance(classes[s])}</td>" for s in splits)
+    head = "".join(f"<th>{esc(s)}</th>" for s in splits)
+    train = classes.get("train") or next(iter(classes.values()))
+    chart = bars_svg(list(train.items())[:40], width=320, colour=PALETTE[2])
+    return (
+        f"<h2 id='classes'>Classes: {len(labels)}</h2>"
+        f"<table><tr><th>class</th>{head}</tr>{body}"
+        f"<tr><td>largest / smallest</td>{ratio}</tr></table>{chart}"
+    )
+
+
+def _imbalance(counts: dict[str, int]) -> str:
+    """The largest class's rows over the smallest's ("-" where a class has none)."""
+    values = list(counts.values())
+    return f"{max(values) / min(values):.3g}" if values and min(values) else "-"
+
+
+def images_html(images: dict[str, Any], train_counts: dict[str, int] | None = None) -> str:
+    """An image set: per image feature its size and mode, thumbnails of each class's first
+    training images, the oddest training images (the outlier detector's top rows), and
+    the files ingest rejected, counted by reason."""
+    esc = html.escape
+    parts = []
+    for name, feature in images["features"].items():
+        width, height = feature["size"]
+        parts.append(
+            f"<h2 id='images'>Images: {esc(name)}</h2><p>{width}x{height}, mode"
+            f" {esc(feature['mode'])} (every image decoded and resized by ingest:"
+            f" {esc(feature['resize'])}); profiled by their statistics per image:"
+            f" {esc(', '.join(feature['stats']))}.</p>"
+            "<h3>Train's first images of each class</h3>"
+            + thumbnail_grid(feature["samples"], train_counts)
+        )
+    oddest = images.get("oddest") or []
+    if oddest:
+        cells = "".join(
+            f"<tr{' class=bad' if r['outlier'] else ''}><td>{r['row']}</td>"
+            f"<td>{esc(str(r['path'] or '-'))}</td><td>{r['score']:.4g}</td>"
+            f"<td>{thumbnails(list(r['images'].values()), str(r['row']))}</td></tr>"
+            for r in oddest
+        )
+        parts.append(
+            "<h3>The oddest training images (outlier scores of their statistics)</h3>"
+            "<table><tr><th>train row</th><th>path</th><th>score</th><th>image</th></tr>"
+            f"{cells}</table>"
+        )
+    rejected = images.get("rejected") or {}
+    if rejected.get("files"):
+        kinds = "".join(
+            f"<tr><td>{esc(k)}</td><td>{n:,}</td></tr>" for k, n in rejected["kinds"].items()
+        )
+        shown = "".join(
+            f"<tr><td>{esc(p)}</td><td>{esc(r)}</td></tr>" for p, r, _ in rejected["shown"]
+        )
+        listed = len(rejected["shown"])
+        first = f" (the first {listed})" if rejected["files"] > listed else ""
+        parts.append(
+            f"<h3 id='rejected'>Files rejected by ingest: {rejected['files']:,}</h3>"
+            f"<table><tr><th>reason</th><th>files</th></tr>{kinds}</table>"
+            f"<details><summary>the files{first}"
+            f"</summary><table><tr><th>path</th><th>reason</th></tr>{shown}</table></details>"
+        )
+    else:
+        parts.append("<p>Files rejected by ingest: none (bad files, duplicates, leaks).</p>")
+    return "".join(parts)
