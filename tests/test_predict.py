@@ -14,7 +14,8 @@ from servers import Postgres, S3Server, s3_env
 
 from fullstack_ml.bento import Server, raw_records
 from fullstack_ml.stage import ROOT, StageError, compose
-from stages.predict import Sample, predict
+from stages.predict import predict
+from stages.predict.sample import Sample
 
 pytestmark = pytest.mark.slow  # the session's bento, served
 
@@ -77,7 +78,7 @@ def test_the_model_runs_on_the_servers_runtime_and_threads(
     """Batch scoring runs the server's runtime (serve.runtime) with the server's intra-op
     threads (serve.threads: Inductor generates kernels for the count it compiles under),
     and answers alike on each runtime."""
-    import stages.predict as stage
+    import stages.predict.score as stage
 
     assert compose().predict.runtime == compose().serve.runtime
     assert compose().predict.threads == compose().serve.threads
