@@ -26,9 +26,12 @@ def test_overrides_and_groups_compose() -> None:
 
 
 def test_every_model_variant_instantiates() -> None:
+    """On the digits' 64 columns, or for a ConvNet (an `image_shape` key) the same 64 values
+    as one 8x8 grey image (`fullstack_ml.model.build_network` fills it from the data)."""
     for path in sorted((CONF_DIR / "model").glob("*.yaml")):
         cfg = compose([f"model={path.stem}"])
-        net = instantiate(cfg.model, in_features=64, num_classes=10)
+        image = {"image_shape": (1, 8, 8)} if "image_shape" in cfg.model else {}
+        net = instantiate(cfg.model, in_features=64, num_classes=10, **image)
         assert sum(p.numel() for p in net.parameters()) > 64 * 10, path.name
 
 
