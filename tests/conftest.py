@@ -42,6 +42,7 @@ BASE_IMAGE: list[subprocess.Popen] = []  # the container base build started at c
 # once: no test of the first half uses them; test_remote.py starts its own moto S3 server).
 # About 300 and 340 s of tests on 2026-12-05.
 OWN_PROCESSES = {"test_pipeline.py", "test_cluster.py", "test_bench.py", "test_remote.py"}
+OWN_PROCESSES |= {"test_pipeline_images.py"}
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:

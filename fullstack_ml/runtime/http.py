@@ -170,8 +170,9 @@ async def image_request(
         files = []
         for name, value in form.multi_items():
             loc = ["body", name]
-            if not isinstance(value, UploadFile):
-                raise Refused(400, "not_a_file", loc, f"part {name!r} is not a file")
+            if not isinstance(value, UploadFile):  # a part without a filename: Starlette
+                files.append((loc, field_bytes(value)))  # decoded it as text
+                continue
             given = (value.content_type or "").split(";")[0].strip().lower()
             if given and not given.startswith("image/") and given != "application/octet-stream":
                 msg = f"part {name!r}: {given} is not an image type"
@@ -184,6 +185,16 @@ async def image_request(
         check_pixels(data, loc, max_pixels)
         records.append({feature: base64.b64encode(data).decode()})
     return json.dumps({"records": records}).encode()
+
+
+def field_bytes(text: str) -> bytes:
+    """The bytes of a form field Starlette decoded: as UTF-8 where they were valid UTF-8,
+    else as Latin-1 (what an image's bytes are: PNG, JPEG and WebP headers are not UTF-8),
+    which maps each byte to one character."""
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8")
 
 
 def check_pixels(data: bytes, loc: list[str], max_pixels: int) -> None:
