@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from omegaconf import DictConfig
+from servers import S3Server, s3_env
 
 from fullstack_ml import ray_session
 from fullstack_ml.gates import rate_bounds
@@ -558,3 +559,27 @@ def test_digits_images_render_offline_and_ingest_as_an_image_set(tmp_path: Path)
     ingest(images_cfg(folder), 0, tmp_path / "c")
     for name in ("train.parquet", "test.parquet", "schema.json", "rejected.csv"):
         assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "c" / name).read_bytes()
+
+
+def test_an_s3_prefix_of_images_ingests_as_the_same_folder_would(
+    tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image set under s3://bucket/prefix/<label>/* (moto, credentials in the environment
+    only) curates to the same splits as the folder it was uploaded from; a missing prefix is
+    one line naming it."""
+    import boto3
+
+    local = image_set(tmp_path / "set")
+    s3_env(monkeypatch, s3_server)
+    s3 = boto3.client("s3")
+    for path in sorted(local.rglob("*.*")):
+        key = f"images/{path.relative_to(local)}"
+        s3.put_object(Bucket=s3_server.bucket, Key=key, Body=path.read_bytes())
+    url = f"s3://{s3_server.bucket}/images"
+    ingest(images_cfg(url), 0, tmp_path / "remote")
+    ingest(images_cfg(local), 0, tmp_path / "local")
+    for split in ("train", "val", "test"):
+        remote = pd.read_parquet(tmp_path / f"remote/{split}.parquet")
+        pd.testing.assert_frame_equal(remote, pd.read_parquet(tmp_path / f"local/{split}.parquet"))
+    with pytest.raises(StageError, match=f"data.path: s3://{s3_server.bucket}/nothing: no class"):
+        ingest(images_cfg(f"s3://{s3_server.bucket}/nothing"), 0, tmp_path / "none")

@@ -27,6 +27,8 @@ from PIL import Image
 
 from fullstack_ml.gates import rate_over
 from fullstack_ml.images import (
+    SPLIT_FOLDERS,
+    SUFFIXES,
     BadImage,
     ImageSpec,
     class_problems,
@@ -37,11 +39,13 @@ from fullstack_ml.images import (
     perceptual_hash,
     render_digits,
 )
+from fullstack_ml.sources import open_url, storage_problem
 from fullstack_ml.stage import StageError
 from stages.ingest.split import split_rows
 
 log = logging.getLogger("stages.ingest")
 REJECTED = "rejected.csv"
+REMOTE_BATCH = 256  # files of an object store read at once (memory: their bytes)
 POOL_FROM = 2000  # files: fewer decode faster here than a pool starts (about 0.3 s)
 
 
@@ -66,38 +70,92 @@ def png(pixels: np.ndarray) -> bytes:
 
 
 def curate(path: str, spec: ImageSpec) -> tuple[str, str, bytes] | str:
-    """One file: its content hash, pHash and the PNG of its decoded pixels, or why it is
-    bad (one line)."""
+    """One local file: its content hash, pHash and the PNG of its decoded pixels, or why it
+    is bad (one line)."""
     try:
         data = Path(path).read_bytes()
+    except OSError as err:
+        return f"unreadable: {err.strerror or err}"
+    return curate_bytes(data, spec)
+
+
+def curate_bytes(data: bytes, spec: ImageSpec) -> tuple[str, str, bytes] | str:
+    """`curate` of a file's bytes."""
+    try:
         pixels = decode(data, spec)
     except BadImage as err:
         return str(err)
-    except OSError as err:
-        return f"unreadable: {err.strerror or err}"
     return content_hash(data), perceptual_hash(pixels), png(pixels)
 
 
+def fetch_remote(fs: Any, keys: list[str], spec: ImageSpec) -> list:
+    """`curate` of the files at `keys` in the object store `fs`: read `REMOTE_BATCH` at a
+    time, concurrently (fsspec's `cat`; one open per file took 0.4-0.8 s against moto here),
+    then decoded."""
+    out: list = []
+    for start in range(0, len(keys), REMOTE_BATCH):
+        batch = keys[start : start + REMOTE_BATCH]
+        got = fs.cat(batch, on_error="return")
+        for key in batch:
+            data = got.get(key)
+            if isinstance(data, bytes):
+                out.append(curate_bytes(data, spec))
+            else:
+                out.append(f"unreadable: {storage_problem(data, remote=True)}")
+    return out
+
+
+def list_remote(url: str, options: dict) -> pd.DataFrame:
+    """The images under an fsspec URL prefix (`s3://bucket/set/`), laid out as a local set:
+    `<label>/*` or `{train,val,test}/<label>/*` below it. Columns path (the store's key, as
+    `fs.find` gives it), label, split."""
+    fs, root = open_url(url, options, "data")
+    root = root.rstrip("/")
+    try:
+        found = sorted(fs.find(root))
+    except Exception as err:  # noqa: BLE001  s3fs and botocore raise many kinds
+        raise StageError(f"data.path: {url}: {storage_problem(err, remote=True)}") from None
+    rows = []
+    for key in found:
+        parts = key[len(root) :].strip("/").split("/")
+        if Path(key).suffix.lower() not in SUFFIXES or len(parts) < 2:
+            continue  # not an image, or not in a class folder
+        split = parts[0] if parts[0] in SPLIT_FOLDERS and len(parts) > 2 else None
+        label = parts[1] if split else parts[0]
+        rows.append((key, label, split))
+    if not rows:
+        raise StageError(f"data.path: {url}: no class folder holds an image file")
+    return pd.DataFrame(rows, columns=["path", "label", "split"])
+
+
 def read_images(
-    listed: pd.DataFrame, spec: ImageSpec, fail: bool, base: Path
+    listed: pd.DataFrame,
+    spec: ImageSpec,
+    fail: bool,
+    base: Path | str,
+    options: dict | None = None,
 ) -> tuple[pd.DataFrame, list]:
     """Each listed file decoded (a process per core from `POOL_FROM` files): a frame of path
     (relative to `base`), label, split, sha256, phash, image (PNG bytes), and the rejected
     files (path, reason); a StageError on the first with `fail`."""
-    paths = [str(p) for p in listed["path"]]
-    if len(paths) >= POOL_FROM:
+    paths, relative_to = [str(p) for p in listed["path"]], base
+    if isinstance(base, str):  # an object store's URL prefix: `paths` are its keys
+        fs, relative_to = open_url(base, options or {}, "data")
+        results = fetch_remote(fs, paths, spec)
+    elif len(paths) >= POOL_FROM:
         with ProcessPoolExecutor(os.cpu_count() or 1) as pool:
             results = list(pool.map(partial(curate, spec=spec), paths, chunksize=64))
     else:
         results = [curate(p, spec) for p in paths]
     rows, rejected = [], []
-    listed = listed.assign(path=[os.path.relpath(p, base) for p in paths])
+    listed = listed.assign(path=[os.path.relpath(p, relative_to) for p in paths])
     for (path, label, split), got in zip(
         listed[["path", "label", "split"]].itertuples(index=False), results, strict=True
     ):
         if isinstance(got, str):
             if fail:
-                raise StageError(f"{base / path}: {got} (data.bad_files=drop skips it)")
+                where = base / path if isinstance(base, Path) else f"{base}/{path}"
+                raise StageError(f"{where}: {got} (data.bad_files=drop skips it)")
             rejected.append((path, got))
         else:
             rows.append((path, label, split, *got))
@@ -150,14 +208,18 @@ def prepare_images(
         if data_cfg.source == "digits_images":  # rendered here: nothing to download
             render_digits(Path(tmp))
             path = tmp
-        try:
-            listed = find_images(path, cfg.label_column, cfg.path_column)
-        except (FileNotFoundError, ValueError) as err:
-            raise StageError(str(err)) from None
-        base = Path(path).parent if Path(path).is_file() else Path(path)
-        if any(c in str(path) for c in "*?["):
-            base = Path()
-        frame, rejected = read_images(listed, spec, fail, base)
+        options = dict(data_cfg.get("storage_options") or {})
+        if "://" in str(path):  # an object store prefix (s3://...), through fsspec
+            listed, base = list_remote(str(path), options), str(path).rstrip("/")
+        else:
+            try:
+                listed = find_images(path, cfg.label_column, cfg.path_column)
+            except (FileNotFoundError, ValueError) as err:
+                raise StageError(str(err)) from None
+            base = Path(path).parent if Path(path).is_file() else Path(path)
+            if any(c in str(path) for c in "*?["):
+                base = Path()
+        frame, rejected = read_images(listed, spec, fail, base, options)
     bad = len(rejected)
     if bad and rate_over(bad, len(listed), cfg.max_bad_rate):
         raise StageError(
