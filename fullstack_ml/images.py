@@ -31,6 +31,7 @@ from fullstack_ml.runtime.images import (  # noqa: F401  re-exported: one import
 
 SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 SPLIT_FOLDERS = ("train", "val", "test")
+NEAR_CHUNK = 256  # val/test hashes compared with all of train at once (256 x 35,000 pairs: 72 MB)
 
 
 def content_hash(data: bytes) -> str:
@@ -51,24 +52,28 @@ def near_duplicates(
 ) -> pd.DataFrame:
     """Rows of `hashes` (columns path, split, phash) outside the `against` split whose pHash
     is within `max_distance` bits of one in it: the test images a model has, in effect, seen
-    (3% of CIFAR-10's test images, 10% of CIFAR-100's). Columns path, split, match, distance."""
+    (3% of CIFAR-10's test images, 10% of CIFAR-100's). Columns path, split, match, distance.
+    Hashes compare as 64-bit integers (XOR, popcount), `NEAR_CHUNK` rows at a time: a
+    bit array of every pair took 31 GiB at 50,000 images."""
     ref = hashes[hashes["split"] == against]
     other = hashes[hashes["split"] != against]
     if ref.empty or other.empty:
         return pd.DataFrame(columns=["path", "split", "match", "distance"])
-    bits = lambda h: np.unpackbits(  # noqa: E731  64 bits per hash
-        np.frombuffer(bytes.fromhex("".join(h)), np.uint8).reshape(len(h), -1), axis=1
-    )
-    a, b = bits(list(other["phash"])), bits(list(ref["phash"]))
-    distance = (a[:, None, :] != b[None, :, :]).sum(2)  # other x train
-    best = distance.argmin(1)
-    near = distance[np.arange(len(other)), best] <= max_distance
+    as_int = lambda h: np.array([int(x, 16) for x in h], dtype=np.uint64)  # noqa: E731
+    a, b = as_int(other["phash"]), as_int(ref["phash"])
+    best = np.empty(len(a), dtype=np.int64)
+    distance = np.empty(len(a), dtype=np.int64)
+    for start in range(0, len(a), NEAR_CHUNK):
+        bits = np.bitwise_count(a[start : start + NEAR_CHUNK, None] ^ b[None, :])
+        best[start : start + NEAR_CHUNK] = bits.argmin(1)
+        distance[start : start + NEAR_CHUNK] = bits.min(1)
+    near = distance <= max_distance
     return pd.DataFrame(
         {
             "path": other["path"].to_numpy()[near],
             "split": other["split"].to_numpy()[near],
             "match": ref["path"].to_numpy()[best[near]],
-            "distance": distance[np.arange(len(other)), best][near],
+            "distance": distance[near],
         }
     )
 
