@@ -56,12 +56,14 @@ def smoke(name: str, tmp: Path) -> str:
 def background(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, tuple[subprocess.Popen, Path]]]:
-    """bench.serve's and bench.predict's smokes (the longest, much of them building a model,
-    starting servers and waiting) started with the module, where their tests are selected,
-    so that they run beside the other smokes: name -> (process, output path)."""
+    """bench.serve's, bench.predict's and bench.images' smokes (the longest, much of them
+    building models, starting servers and waiting) started with the module, where their
+    tests are selected, so that they run beside the other smokes: name -> (process, output
+    path)."""
     tests = {
         "serve": test_serve_smoke_measures_bentoml_against_fastapi_and_the_model_in_process,
         "predict": test_predict_smoke_compares_batch_scoring_with_the_floor_and_the_service,
+        "images": test_images_smoke_measures_each_path_against_its_baseline,
     }
     selected = {i.name for i in request.session.items}
     started = {}
@@ -214,3 +216,33 @@ def test_runtime_smoke_compares_each_runtime_with_inductor_and_bentoml_with_its_
         ratio(row["ready/hello"])
         if name != "BentoML hello world":
             ratio(row["killed worker back s"])
+
+
+@pytest.mark.slow
+@WRK
+def test_images_smoke_measures_each_path_against_its_baseline(
+    background: dict[str, tuple[subprocess.Popen, Path]],
+) -> None:  # the smoke was started by the `background` fixture (two builds, two servers)
+    out = finish("images", *background["images"])
+    ingest, memory, train, serve, predict, accuracy, int8 = tables(out)
+    assert [(r["images"], r["run"]) for r in ingest] == [("300", "floor"), ("300", "stages")]
+    assert [ratio(r["ingest / floor"]) for r in ingest][0] == 1.0
+    assert ratio(ingest[1]["ingest+profile / floor"]) and ratio(ingest[1]["profile s"])
+    assert [r["images"] for r in memory] == ["150", "300"]
+    assert all(ratio(r["RSS / fewest"]) and ratio(r["ingest RSS MiB"]) for r in memory)
+    assert [r["run"] for r in train] == ["torch, 1 thread", "fit, local mode"]
+    assert all(ratio(r["vs torch 1 thread"]) and ratio(r["images/s"]) for r in train)
+    servers = {r["server"]: r for r in serve}
+    assert list(servers) == ["(a) bentoml", "(b) fastapi def", "(b) fastapi async def"]
+    assert all(r["non-2xx"] == "0" and r["socket err"] == "0" for r in serve)
+    assert ratio(servers["(a) bentoml"]["(a) / best (b)"])
+    (scored,) = predict
+    assert ratio(scored["predict / http"]) and ratio(scored["images/s"])
+    assert int(scored["predicted"]) + int(scored["rejected"]) == int(scored["images"])
+    (digits,) = accuracy
+    assert digits["data"] == "digits_images" and ratio(digits["test accuracy"])
+    assert [r["model"].split()[0] for r in int8] == ["images", "digits_images"]
+    for row in int8:  # eager only in the smoke: the compiled column is not measured
+        assert ratio(row["INT8 / FP32 size"]) and ratio(row["b64 INT8 eager ms"])
+        assert row["compiled INT8 / FP32 eager"] == "-"
+    assert "FAILED" not in out and "\nTargets:\n" in out
