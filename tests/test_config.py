@@ -44,3 +44,16 @@ def test_dvc_stages_list_only_existing_params() -> None:
             for part in key.split("."):
                 assert part in node, f"stage {name}: param {key} not in params.yaml"
                 node = node[part]
+
+
+def test_data_images_selects_a_convnet_that_an_override_still_replaces() -> None:
+    """conf/data/images.yaml's defaults overrides: a ConvNet, its student, augmentation and
+    the basic profile by default; `-S model=...` (and every other group) still wins."""
+    cfg = compose(["data=images"])
+    assert cfg.model._target_.endswith("ConvNet") and cfg.model.channels == [32, 64]
+    assert cfg.distil.student.channels == [8, 16] and cfg.train.augment.shift == 1
+    assert cfg.profile.constraints.feature_range is None and cfg.profile.batch_rows == 4096
+    chosen = compose(["data=digits_images", "model=resnet_tiny", "train=default"])
+    assert chosen.model.residual and chosen.train.augment.shift == 0
+    assert compose(["data=images", "model=mlp"]).model._target_.endswith("MLP")
+    assert compose([]).model._target_.endswith("MLP")  # the default data keeps its MLP
