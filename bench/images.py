@@ -61,7 +61,6 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
 import psutil
@@ -170,10 +169,10 @@ def child_stages(root: Path, out: Path, with_profile: bool) -> dict[str, Any]:
     """(stages): the ingest stage, then (`with_profile`) the profile stage."""
     import resource
 
+    from fullstack_ml.images import REJECTED
     from fullstack_ml.paths import SPLITS
     from fullstack_ml.stage import compose
     from stages.ingest import ingest
-    from stages.ingest.images import REJECTED
     from stages.profile import profile
 
     cfg = compose(["data=images", f"data.path={root}", "data.bad_files=drop"])
@@ -203,20 +202,13 @@ def train_overrides(epochs: int, augment: bool) -> list[str]:
 def child_train(run: str, data: Path, epochs: int, threads: int, augment: bool) -> dict[str, Any]:
     """(fit) the train stage's `fit` in local mode, or (loop) bench.train's plain loop with
     `threads` torch threads (0: torch's default); `augment`: train.augment as configured."""
-    import fullstack_ml.model as model
     from bench.train import child_ray, child_torch
-    from fullstack_ml.curated import read_schema
-    from fullstack_ml.runtime.preprocess import image_shape
     from fullstack_ml.stage import compose
 
     cfg = compose(train_overrides(epochs, augment))
     if run == "fit":
         return child_ray(cfg, data, 0)
-    # bench.train's loop builds the network without the image's shape, which a ConvNet needs
-    (image,) = read_schema(data).images.values()
-    shaped = partial(model.build_network, image_shape=image_shape(image))
-    with mock.patch.object(model, "build_network", shaped):
-        return child_torch(cfg, data, threads or None)
+    return child_torch(cfg, data, threads or None)
 
 
 def child(args: argparse.Namespace) -> None:
@@ -509,8 +501,7 @@ def answering(proc: subprocess.Popen, url: str, body: bytes, content_type: str, 
 
 def wrk_upload(url: str, body: Path, script: Path, c: int, seconds: int) -> dict[str, float]:
     """bench.serve's wrk run with the upload's script in place of bench/post.lua."""
-    with mock.patch.object(bench_serve, "LUA", script):
-        return bench_serve.wrk(url, body, c, seconds)
+    return bench_serve.wrk(url, body, c, seconds, script)
 
 
 def serve_runs(built: Build, image: Path, args: argparse.Namespace, work: Path) -> list[dict]:

@@ -149,10 +149,13 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def wrk(url: str, body: Path, connections: int, duration: int) -> dict[str, float]:
-    """One wrk run: 2xx requests/s, latency percentiles (ms), non-2xx and socket errors."""
+def wrk(
+    url: str, body: Path, connections: int, duration: int, script: Path = LUA
+) -> dict[str, float]:
+    """One wrk run: 2xx requests/s, latency percentiles (ms), non-2xx and socket errors.
+    `script`: the Lua script posting `body` (bench/post.lua: JSON)."""
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "10s"]
-    cmd += ["-s", str(LUA), url, "--", str(body)]
+    cmd += ["-s", str(script), url, "--", str(body)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     line = next(x for x in out.splitlines() if x.startswith("WRK "))
     r = json.loads(line[4:])

@@ -91,7 +91,7 @@ def child_torch(cfg: Any, data: Path, threads: int | None) -> dict[str, Any]:
     vx = torch.from_numpy(pre.encode_frame(val))
     vy = torch.from_numpy(encode_targets(val[target], meta))
     torch.manual_seed(cfg.seed)
-    model = build_network(cfg.model, pre.width, num_outputs(meta))
+    model = build_network(cfg.model, pre.width, num_outputs(meta), pre.image_shape)
     optimizer = instantiate(train_cfg["optimizer"])(model.parameters(), lr=train_cfg["lr"])
     loss_fn = nn.CrossEntropyLoss()
     rng, size, epochs = np.random.default_rng(cfg.seed), train_cfg["batch_size"], []

@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from fullstack_ml.images import REJECTED
 from fullstack_ml.paths import DATA_DIR, split_file
 from fullstack_ml.progress import Phases
 from fullstack_ml.schema import build_schema
@@ -27,7 +28,7 @@ from stages.ingest.columns import (
     kept_columns,
 )
 from stages.ingest.gates import check_quality, check_unknown_categories
-from stages.ingest.images import REJECTED, prepare_images, rejected_frame
+from stages.ingest.images import prepare_images, rejected_frame
 from stages.ingest.split import split_rows, take_splits, write_part
 
 log = logging.getLogger("stages.ingest")

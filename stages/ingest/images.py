@@ -44,7 +44,6 @@ from fullstack_ml.stage import StageError
 from stages.ingest.split import split_rows
 
 log = logging.getLogger("stages.ingest")
-REJECTED = "rejected.csv"
 REMOTE_BATCH = 256  # files of an object store read at once (memory: their bytes)
 POOL_FROM = 2000  # files: fewer decode faster here than a pool starts (about 0.3 s)
 
