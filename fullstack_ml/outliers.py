@@ -133,19 +133,19 @@ def shifted(
     numeric: list[str],
     categorical: list[str],
     seed: int = 0,
-    images: list[str] | None = None,
+    images: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Copies of `val` no longer like train, one per kind of shift a table meets:
     `out_of_range` (one numeric feature per row past train's range by 0.5-2 ranges),
     `swapped` (the numeric columns in another order: a schema mix-up), `noise` (Gaussian
     noise of each feature's train std), `unseen_category` (every categorical feature a value
-    train never had); and an image set (`images`: image features, their values encoded
-    files): `image_noise` (Gaussian noise of 64 grey levels), `inverted` (negatives),
+    train never had); and an image set (`images`: `Schema.images`, the features' values
+    curated files): `image_noise` (Gaussian noise of 64 grey levels), `inverted` (negatives),
     `rotated` (a quarter turn; upside down where the image is not square)."""
     rng = np.random.default_rng(seed)
     out: dict[str, pd.DataFrame] = {}
     if images:
-        pixels = {c: [decoded(v) for v in val[c]] for c in images}
+        pixels = {c: [decoded(v, image) for v in val[c]] for c, image in images.items()}
         for name, change in (
             ("image_noise", lambda p: p + rng.normal(0, 64, p.shape)),
             ("inverted", lambda p: 255 - p.astype(np.int16)),
@@ -179,14 +179,11 @@ def shifted(
     return out
 
 
-def decoded(value: Any) -> np.ndarray:
-    """A curated image (PNG bytes, at its size and mode already) as uint8 (H, W, C)."""
-    import io
+def decoded(value: Any, image: dict[str, Any]) -> np.ndarray:
+    """A curated image (`image`: its `Schema.images` entry) as uint8 (H, W, C)."""
+    from fullstack_ml.images import curated_spec, decode
 
-    from PIL import Image
-
-    pixels = np.asarray(Image.open(io.BytesIO(value)))
-    return pixels.reshape(*pixels.shape[:2], -1)
+    return decode(bytes(value), curated_spec(image))
 
 
 def auroc(inliers: np.ndarray, outliers: np.ndarray) -> float:

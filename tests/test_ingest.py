@@ -1,4 +1,3 @@
-import io
 import json
 import re
 import subprocess
@@ -452,10 +451,13 @@ def images_cfg(path: Path, *overrides: str) -> DictConfig:
 
 def test_a_folder_of_images_is_curated_into_typed_splits(tmp_path: Path) -> None:
     """Every file decoded to data.image's size and mode, split stratified; the Parquet rows
-    hold the PNG of the decoded pixels, the source path and the content hash."""
-    from PIL import Image
+    hold the file's own bytes where it is a PNG, JPEG or WebP at the size already, else the
+    PNG of its decoded pixels, with the source path and the content hash; either decodes to
+    the pixels of the file."""
+    from fullstack_ml.images import ImageSpec, curated_spec, decode
 
-    schema = ingest(images_cfg(image_set(tmp_path / "set")), 0, tmp_path / "out")
+    root = image_set(tmp_path / "set")
+    schema = ingest(images_cfg(root), 0, tmp_path / "out")
     (feature,) = schema["features"]
     assert feature["kind"] == "image" and feature["size"] == [64, 64]
     assert feature["channels"] == 3 and len(feature["mean"]) == 3
@@ -463,9 +465,46 @@ def test_a_folder_of_images_is_curated_into_typed_splits(tmp_path: Path) -> None
     assert sum(schema["rows"].values()) == 24 and schema["rejected_files"] == 0
     train = pd.read_parquet(tmp_path / "out/train.parquet")
     assert list(train.columns) == ["path", "label", "sha256", "image"]
-    pixels = np.asarray(Image.open(io.BytesIO(train["image"][0])))
-    assert pixels.shape == (64, 64, 3)
+    kept = 0
+    for path, image in train[["path", "image"]].itertuples(index=False):
+        source = (root / path).read_bytes()
+        pixels = decode(source, ImageSpec(size=(64, 64)))
+        np.testing.assert_array_equal(decode(image, curated_spec(feature)), pixels)
+        if Image_open(root / path).size == (64, 64):  # PNG, JPEG or WebP at the size
+            assert image == source, path
+            kept += 1
+        else:
+            assert image.startswith(b"\x89PNG") and image != source, path
+    assert 0 < kept < len(train)
     assert pd.read_csv(tmp_path / "out/rejected.csv").empty
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_images_curated_in_chunks_by_a_pool_or_ray_data_write_the_same_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory is bounded by curating `CHUNK` files at a time (shards on disk): in chunks of
+    5, by a process pool or by Ray Data tasks (data.engine=ray), a set with bad files and a
+    duplicate gives the same splits, schema and rejects, byte for byte, as one chunk."""
+    from stages.ingest import images as ingest_images
+
+    root = image_set(tmp_path / "set")
+    (root / "star/zero.png").write_bytes(b"")
+    (root / "square/again.png").write_bytes((root / "square/square_00.png").read_bytes())
+    drop = ["data.bad_files=drop", "data.image.max_bad_rate=0.5"]
+    ingest(images_cfg(root, *drop), 0, tmp_path / "whole")
+    monkeypatch.setattr(ingest_images, "CHUNK", 5)
+    monkeypatch.setattr(ingest_images, "POOL_FROM", 1)
+    ingest(images_cfg(root, *drop), 0, tmp_path / "pool")
+    with ray_session.session():  # the session's Ray (ray_local)
+        ingest(images_cfg(root, *drop, "data.engine=ray"), 0, tmp_path / "ray")
+    for name in ("train.parquet", "val.parquet", "test.parquet", "schema.json", "rejected.csv"):
+        whole = (tmp_path / "whole" / name).read_bytes()
+        assert whole == (tmp_path / "pool" / name).read_bytes(), name
+        assert whole == (tmp_path / "ray" / name).read_bytes(), name
+    assert not list(tmp_path.glob("*/.shards")) and not list(tmp_path.glob(".*tmp-*"))
+    rejected = pd.read_csv(tmp_path / "ray/rejected.csv")
+    assert sorted(rejected["path"]) == ["square/square_00.png", "star/zero.png"]
 
 
 def test_each_bad_image_file_fails_naming_it_or_is_dropped_and_listed(tmp_path: Path) -> None:

@@ -62,7 +62,7 @@ def fit_outliers(
     shifts = {
         name: views(frame)
         for name, frame in shifted(
-            val, train, pre.numeric, pre.categorical, seed, list(pre.images)
+            val, train, pre.numeric, pre.categorical, seed, pre.images
         ).items()
     }
     try:

@@ -13,7 +13,6 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from fullstack_ml.images import REJECTED
 from fullstack_ml.paths import DATA_DIR, split_file
 from fullstack_ml.progress import Phases
 from fullstack_ml.schema import build_schema
@@ -28,7 +27,7 @@ from stages.ingest.columns import (
     kept_columns,
 )
 from stages.ingest.gates import check_quality, check_unknown_categories
-from stages.ingest.images import prepare_images, rejected_frame
+from stages.ingest.images import ingest_images
 from stages.ingest.split import split_rows, take_splits, write_part
 
 log = logging.getLogger("stages.ingest")
@@ -111,16 +110,14 @@ def ingest(
 
     `data.engine=ray` runs it on Ray Data (`address`: a cluster to join, None for local).
     """
+    if data_cfg.source in ("images", "digits_images"):  # image files (a folder, a glob...)
+        return ingest_images(data_cfg, seed, out_dir, address)
     if data_cfg.get("engine", "pandas") == "ray":
         from stages.ingest.ray_engine import ingest_ray  # Ray loads only for this engine
 
         return ingest_ray(data_cfg, seed, out_dir, address)
     if data_cfg.get("engine", "pandas") != "pandas":
         raise StageError(f"data.engine: {data_cfg.engine!r} is not pandas | ray")
-    if data_cfg.source in ("images", "digits_images"):  # image files (a folder, a glob...)
-        parts, schema, rejected = prepare_images(data_cfg, seed)
-        write_splits(parts, schema, out_dir, {REJECTED: rejected_frame(rejected)})
-        return schema
     phases = Phases("ingest", 5, log)
     try:
         parts, schema = prepare(data_cfg, seed, phases)
@@ -139,17 +136,9 @@ def ingest(
     return schema
 
 
-def write_splits(
-    parts: dict[str, pd.DataFrame],
-    schema: dict[str, Any],
-    out_dir: Path,
-    reports: dict[str, pd.DataFrame] | None = None,
-) -> None:
-    """The splits, schema.json and `reports` (file name -> a frame written as CSV), all or
-    nothing."""
+def write_splits(parts: dict[str, pd.DataFrame], schema: dict[str, Any], out_dir: Path) -> None:
+    """The splits and schema.json, all or nothing."""
     with atomic_dir(out_dir) as tmp, ThreadPoolExecutor(len(parts)) as pool:
-        for name, frame in (reports or {}).items():
-            frame.to_csv(tmp / name, index=False)
         # Side by side: Arrow's Parquet writer releases the GIL (1M rows: 2.9 s -> 1.7 s)
         writes = [
             pool.submit(write_part, part, split_file(name, tmp)) for name, part in parts.items()
