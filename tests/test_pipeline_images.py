@@ -170,6 +170,14 @@ def test_bad_image_requests_are_4xx_naming_the_part(server: str) -> None:
         f"{server}/predict", json={"records": [{"image": truncated}]}, timeout=60
     )
     assert bad_json.status_code == 400 and "image" in bad_json.text, bad_json.text
+    records = [
+        {"image": base64.b64encode(good).decode()},
+        {"image": base64.b64encode(huge).decode()},
+    ]
+    big_json = requests.post(f"{server}/predict", json={"records": records}, timeout=60)
+    assert big_json.status_code == 413, big_json.text  # the header's size, as in multipart
+    (detail,) = big_json.json()["detail"]
+    assert detail["type"] == "image_too_large" and detail["loc"][-3:] == ["records", 1, "image"]
 
 
 def test_a_folder_with_bad_files_names_each(

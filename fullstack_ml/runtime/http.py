@@ -61,7 +61,8 @@ class Gate:
     A model of one `image_feature` also takes images on `api_paths`: `multipart/form-data`
     (one record per file part, in order) or a raw `image/png | jpeg | webp` body (one
     record), turned here into the JSON request of base64 records the API validates; a part
-    whose header gives more than `max_pixels` is a 413 naming it, before any decoding."""
+    whose header gives more than `max_pixels` is a 413 naming it, before any decoding; so is
+    a JSON record's (the API's 400 of type `image_too_large` is sent as a 413)."""
 
     def __init__(
         self,
@@ -125,14 +126,16 @@ class Gate:
                     return await respond(send, err.status, error_body(err.kind, err.loc, err.msg))
                 scope = json_scope(scope, len(body))
             receive = replay(body, receive)
-        status = 0
+        start: dict = {}
 
         async def counting_send(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif status == 400 and message["type"] == "http.response.body":
-                count_failures(message.get("body", b""), self.failed)
+            if message["type"] == "http.response.start" and message["status"] == 400:
+                start.update(message)  # sent with the body: an image too large makes it 413
+                return
+            if start and message["type"] == "http.response.body":
+                reasons = count_failures(message.get("body", b""), self.failed)
+                await send(start | {"status": 413} if "image_too_large" in reasons else start)
+                start.clear()
             await send(message)
 
         await self.app(scope, receive, counting_send)
@@ -229,8 +232,9 @@ def media_type(headers: dict[bytes, bytes]) -> bytes:
     return headers.get(b"content-type", b"").split(b";")[0].strip().lower()
 
 
-def count_failures(body: bytes, failed: Failed) -> None:
-    """Count a 400 by the pydantic error types in its detail (`json_invalid`, `missing`...)."""
+def count_failures(body: bytes, failed: Failed) -> set[str]:
+    """Count a 400 by the pydantic error types in its detail (`json_invalid`, `missing`...);
+    returns them."""
     try:
         detail = json.loads(body).get("detail")
         reasons = {d["type"] for d in detail} if isinstance(detail, list) else {"invalid"}
@@ -238,6 +242,7 @@ def count_failures(body: bytes, failed: Failed) -> None:
         reasons = {"invalid"}
     for reason in reasons:
         failed(reason)
+    return reasons
 
 
 async def read_body(receive: Any, limit: int) -> tuple[bytes, bool]:
