@@ -8,9 +8,9 @@ PNG of its decoded pixels) with its source path and content hash.
 each in `data/curated/rejected.csv` (path, reason), and fails only when the bad files' rate
 is over `data.image.max_bad_rate` by its lower 95% bound.
 
-Memory is bounded: files are curated `CHUNK` at a time into Parquet shards (by a process
-per core, or by Ray Data tasks with `data.engine=ray`), the checks run on the hashes alone,
-and the splits are written shard by shard.
+Memory is bounded: files are curated a chunk at a time (`batch_rows`) into Parquet shards (by
+a process per core, or by Ray Data tasks with `data.engine=ray`), the checks run on the
+hashes alone, and the splits are written shard by shard.
 """
 
 import io
@@ -57,8 +57,9 @@ from stages.ingest.split import split_rows
 log = logging.getLogger("stages.ingest")
 REMOTE_BATCH = 256  # files of an object store read at once (memory: their bytes)
 POOL_FROM = 2000  # files: fewer decode faster here than a pool starts (about 0.3 s)
-CHUNK = 4096  # files curated at once, a Parquet shard each: what ingest holds of the images
-ROW_GROUP = 4096  # rows of a curated split's Parquet row group
+CHUNK = 4096  # files curated at once at most, a Parquet shard each
+ROW_GROUP = 4096  # rows of a curated split's Parquet row group at most
+BATCH_BYTES = 32 << 20  # decoded pixels of a chunk or a row group: what ingest holds of them
 KEPT = ("PNG", "JPEG", "WEBP")  # formats curated as the file's own bytes (`stored`)
 
 
@@ -104,14 +105,14 @@ def curate(path: str, spec: ImageSpec) -> tuple | str:
 
 def curate_bytes(data: bytes, spec: ImageSpec) -> tuple | str:
     """A file's content hash, pHash, curated value (`stored`) and its pixels' per-channel sums
-    and sums of squares (0-1 scale: train's mean and std add up from them), or why it is bad
-    (one line)."""
+    then sums of squares (0-1 scale: train's mean and std add up from them), or why it is
+    bad (one line)."""
     try:
         pixels = decode(data, spec)
     except BadImage as err:
         return str(err)
     x = pixels.reshape(-1, pixels.shape[-1]).astype(np.float64) / 255.0
-    sums = (x.sum(0).tolist(), np.square(x).sum(0).tolist())
+    sums = (*x.sum(0).tolist(), *np.square(x).sum(0).tolist())
     return content_hash(data), perceptual_hash(pixels), stored(data, pixels, spec), sums
 
 
@@ -164,13 +165,20 @@ def curate_chunk(paths: list[str], spec: ImageSpec, remote: tuple | None) -> lis
     return fetch_remote(fs, paths, spec)
 
 
+def batch_rows(spec: ImageSpec, most: int) -> int:
+    """Images of `spec`'s size in a chunk or row group: `BATCH_BYTES` of pixels, at most
+    `most` (64x64 RGB: 2,730)."""
+    return max(1, min(most, BATCH_BYTES // (spec.size[0] * spec.size[1] * spec.channels)))
+
+
 def curated_chunks(
     paths: list[str], spec: ImageSpec, remote: tuple | None, engine: str
 ) -> Iterator[list]:
-    """`curate_chunk` of each `CHUNK` of `paths` in order: with `engine` ray, in Ray Data
-    tasks (the Ray `ingest` joined); else a process per core from `POOL_FROM` files, the
-    next chunk decoding while the caller writes this one (two chunks in memory at most)."""
-    chunks = [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
+    """`curate_chunk` of each chunk (`batch_rows`) of `paths` in order: with `engine` ray, in
+    Ray Data tasks (the Ray `ingest` joined); else a process per core from `POOL_FROM` files,
+    the next chunk decoding while the caller writes this one (two chunks in memory at most)."""
+    size = batch_rows(spec, CHUNK)
+    chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
     if engine == "ray":
         yield from ray_chunks(chunks, spec, remote)
     elif len(paths) < POOL_FROM or remote is not None:
@@ -216,19 +224,22 @@ def read_images(
     options: dict | None = None,
     engine: str = "pandas",
 ) -> tuple[pd.DataFrame, list]:
-    """Each listed file decoded, `CHUNK` files at a time, their curated values written to a
+    """Each listed file decoded, a chunk (`batch_rows`) at a time, their curated values in a
     Parquet shard per chunk in `shards` (columns path, label, sha256, image): a frame of path
-    (relative to `base`), label, split, sha256, phash, shard, sums (without the images), and
+    (relative to `base`), label, split, sha256, phash, shard, row and sums (no images), and
     the rejected files (path, reason); a StageError on the first with `fail`. (`shard`,
-    `row`: where its curated value is.)"""
+    `row`: where its curated value is; `sum<c>`, `square<c>`: `curate_bytes`' sums.)"""
     paths = [str(p) for p in listed["path"]]
     remote = (base, options or {}) if isinstance(base, str) else None
     relative_to = open_url(base, options or {}, "data")[1] if remote else base
     listed = listed.assign(path=[os.path.relpath(p, relative_to) for p in paths])
-    rows, rejected = [], []
+    columns = ["path", "label", "split", "sha256", "phash", "shard", "row"]
+    columns += [f"{kind}{c}" for kind in ("sum", "square") for c in range(spec.channels)]
+    frames, rejected = [], []
+    size = batch_rows(spec, CHUNK)
     for k, results in enumerate(curated_chunks(paths, spec, remote, engine)):
-        part = listed.iloc[k * CHUNK : (k + 1) * CHUNK]
-        kept: dict[str, list] = {"path": [], "label": [], "sha256": [], "image": []}
+        part = listed.iloc[k * size : (k + 1) * size]
+        rows, kept = [], {"path": [], "label": [], "sha256": [], "image": []}
         for (path, label, split), got in zip(
             part[["path", "label", "split"]].itertuples(index=False), results, strict=True
         ):
@@ -239,12 +250,16 @@ def read_images(
                 rejected.append((path, got))
                 continue
             sha, phash, image, sums = got
-            rows.append((path, label, split, sha, phash, k, len(kept["path"]), sums))
+            rows.append((path, label, split, sha, phash, k, len(rows), *sums))
             for key, value in zip(kept, (path, label, sha, image), strict=True):
                 kept[key].append(value)
         pq.write_table(pa.table(kept), shards / f"{k:06d}.parquet")
-    columns = ["path", "label", "split", "sha256", "phash", "shard", "row", "sums"]
-    return pd.DataFrame(rows, columns=columns), rejected
+        # Arrow-backed strings: 200,000 files' hashes and paths in tens of MB, not hundreds
+        types = dict.fromkeys(columns[:5], "string[pyarrow]") | dict.fromkeys(columns[5:7], int)
+        frames.append(
+            pd.DataFrame(rows, columns=columns).astype(types | dict.fromkeys(columns[7:], float))
+        )
+    return pd.concat(frames, ignore_index=True), rejected
 
 
 def drop_duplicates(frame: pd.DataFrame, fail: bool, rejected: list) -> pd.DataFrame:
@@ -316,7 +331,7 @@ def ingest_images(
         frame, rejected = read_images(listed, spec, fail, base, shards, options, engine)
         frame = select(frame, rejected, len(listed), data_cfg, seed)
         schema = image_schema(frame, spec, data_cfg, rejected)
-        write_images(frame, shards, tmp)
+        write_images(frame, shards, tmp, spec)
         shutil.rmtree(shards)
         rejected_frame(rejected).to_csv(tmp / REJECTED, index=False)
         write_json(tmp / "schema.json", schema)
@@ -360,10 +375,11 @@ def select(
     return frame
 
 
-def write_images(frame: pd.DataFrame, shards: Path, out: Path) -> None:
+def write_images(frame: pd.DataFrame, shards: Path, out: Path, spec: ImageSpec) -> None:
     """The rows of `frame` (kept, in order, with their split) taken from their shards and
     written to `<split>.parquet` in `out` (columns path, label, sha256, image), in row groups
-    of `ROW_GROUP` rows: the same bytes however the files were chunked."""
+    of `batch_rows(spec, ROW_GROUP)` rows: the same bytes however the files were chunked."""
+    group = batch_rows(spec, ROW_GROUP)
     writers: dict[str, pq.ParquetWriter] = {}
     held = {name: pa.table({}) for name in SPLIT_FOLDERS}
 
@@ -371,18 +387,19 @@ def write_images(frame: pd.DataFrame, shards: Path, out: Path) -> None:
         if name not in writers:
             path = split_file(name, out)
             writers[name] = pq.ParquetWriter(path, table.schema, use_dictionary=["label"])
-        writers[name].write_table(table, row_group_size=ROW_GROUP)
+        writers[name].write_table(table, row_group_size=group)
 
     try:
         for k, rows in frame.groupby("shard", sort=True):
-            table = pq.read_table(shards / f"{k:06d}.parquet")
+            table = pq.read_table(shards / f"{k:06d}.parquet", use_threads=False)
             for name in SPLIT_FOLDERS:
                 part = table.take(rows.loc[rows["split"] == name, "row"].to_numpy())
                 part = pa.concat_tables([held[name], part]) if held[name].num_rows else part
-                whole = part.num_rows // ROW_GROUP * ROW_GROUP
+                whole = part.num_rows // group * group
                 if whole:  # full row groups out, the rest held
                     write(name, part.slice(0, whole))
                 held[name] = part.slice(whole)
+            pa.default_memory_pool().release_unused()  # mimalloc kept each shard's pages
         for name, part in held.items():
             write(name, part)
     finally:
@@ -397,8 +414,9 @@ def image_schema(
     and std on train (the normalisation, from each image's sums), the classes and the rows
     per split."""
     train = frame[frame["split"] == "train"]
-    sums = np.array([s for s, _ in train["sums"]]).sum(0)
-    squares = np.array([q for _, q in train["sums"]]).sum(0)
+    channels = range(spec.channels)
+    sums = train[[f"sum{c}" for c in channels]].sum().to_numpy()
+    squares = train[[f"square{c}" for c in channels]].sum().to_numpy()
     count = len(train) * spec.size[0] * spec.size[1]
     mean = sums / count
     std = np.sqrt(np.maximum(squares / count - mean * mean, 0))
