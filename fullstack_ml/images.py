@@ -31,7 +31,7 @@ from fullstack_ml.runtime.images import (  # noqa: F401  re-exported: one import
 
 SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 SPLIT_FOLDERS = ("train", "val", "test")
-NEAR_CHUNK = 256  # val/test hashes compared with all of train at once (256 x 35,000 pairs: 72 MB)
+NEAR_PAIRS = 1 << 22  # hash pairs compared at once (32 MiB of XORs; 256 rows of 16,000)
 
 
 def content_hash(data: bytes) -> str:
@@ -53,7 +53,7 @@ def near_duplicates(
     """Rows of `hashes` (columns path, split, phash) outside the `against` split whose pHash
     is within `max_distance` bits of one in it: the test images a model has, in effect, seen
     (3% of CIFAR-10's test images, 10% of CIFAR-100's). Columns path, split, match, distance.
-    Hashes compare as 64-bit integers (XOR, popcount), `NEAR_CHUNK` rows at a time: a
+    Hashes compare as 64-bit integers (XOR, popcount), `NEAR_PAIRS` pairs at a time: a
     bit array of every pair took 31 GiB at 50,000 images."""
     ref = hashes[hashes["split"] == against]
     other = hashes[hashes["split"] != against]
@@ -63,10 +63,11 @@ def near_duplicates(
     a, b = as_int(other["phash"]), as_int(ref["phash"])
     best = np.empty(len(a), dtype=np.int64)
     distance = np.empty(len(a), dtype=np.int64)
-    for start in range(0, len(a), NEAR_CHUNK):
-        bits = np.bitwise_count(a[start : start + NEAR_CHUNK, None] ^ b[None, :])
-        best[start : start + NEAR_CHUNK] = bits.argmin(1)
-        distance[start : start + NEAR_CHUNK] = bits.min(1)
+    rows = max(1, NEAR_PAIRS // len(b))
+    for start in range(0, len(a), rows):
+        bits = np.bitwise_count(a[start : start + rows, None] ^ b[None, :])
+        best[start : start + rows] = bits.argmin(1)
+        distance[start : start + rows] = bits.min(1)
     near = distance <= max_distance
     return pd.DataFrame(
         {
@@ -188,9 +189,9 @@ def profiled_columns(columns: list[str], images: Mapping[str, Mapping[str, Any]]
 def with_image_stats(
     table: pa.Table, images: Mapping[str, Mapping[str, Any]], first_row: int = 0
 ) -> pa.Table:
-    """`table` with each image feature's column (encoded images, PNG in the curated splits)
-    followed by its statistics (`runtime.images.image_stats`; NaN where the image is
-    missing), and without `FILE_COLUMNS`; a table without image features as it is.
+    """`table` with each image feature's column (encoded images) followed by its statistics
+    (`runtime.images.image_stats`; NaN where the image is missing; the curated splits have
+    them from ingest), and without `FILE_COLUMNS`; a table without image features as it is.
     `first_row`: the table's first row in its split (for messages).
 
     Raises:
@@ -203,6 +204,8 @@ def with_image_stats(
     for name, image in images.items():
         if name not in table.column_names:
             continue  # the profile names the missing column
+        if set(stat_columns(name, image["mode"])) <= set(table.column_names):
+            continue  # computed by ingest (curated splits)
         spec = curated_spec(image)
         values = table.column(name).to_pylist()
         present = [i for i, v in enumerate(values) if v is not None]

@@ -452,9 +452,9 @@ def images_cfg(path: Path, *overrides: str) -> DictConfig:
 def test_a_folder_of_images_is_curated_into_typed_splits(tmp_path: Path) -> None:
     """Every file decoded to data.image's size and mode, split stratified; the Parquet rows
     hold the file's own bytes where it is a PNG, JPEG or WebP at the size already, else the
-    PNG of its decoded pixels, with the source path and the content hash; either decodes to
-    the pixels of the file."""
-    from fullstack_ml.images import ImageSpec, curated_spec, decode
+    PNG of its decoded pixels, with the source path, the content hash and the image's
+    statistics (profile reads them); either decodes to the pixels of the file."""
+    from fullstack_ml.images import STATS, ImageSpec, curated_spec, decode, image_stats
 
     root = image_set(tmp_path / "set")
     schema = ingest(images_cfg(root), 0, tmp_path / "out")
@@ -464,12 +464,16 @@ def test_a_folder_of_images_is_curated_into_typed_splits(tmp_path: Path) -> None
     assert schema["classes"] == ["circle", "square", "star"]
     assert sum(schema["rows"].values()) == 24 and schema["rejected_files"] == 0
     train = pd.read_parquet(tmp_path / "out/train.parquet")
-    assert list(train.columns) == ["path", "label", "sha256", "image"]
+    stats = [f"image.{s}" for s in STATS["RGB"]]
+    assert list(train.columns) == ["path", "label", "sha256", "image", *stats]
     kept = 0
-    for path, image in train[["path", "image"]].itertuples(index=False):
+    for _, row in train.iterrows():
+        path, image = row["path"], row["image"]
         source = (root / path).read_bytes()
         pixels = decode(source, ImageSpec(size=(64, 64)))
         np.testing.assert_array_equal(decode(image, curated_spec(feature)), pixels)
+        for stat, value in image_stats(pixels[None]).items():  # what profile reads
+            assert row[f"image.{stat}"] == value[0]
         if Image_open(root / path).size == (64, 64):  # PNG, JPEG or WebP at the size
             assert image == source, path
             kept += 1

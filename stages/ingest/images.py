@@ -45,9 +45,11 @@ from fullstack_ml.images import (
     content_hash,
     decode,
     find_images,
+    image_stats,
     near_duplicates,
     perceptual_hash,
     render_digits,
+    stat_columns,
 )
 from fullstack_ml.paths import split_file
 from fullstack_ml.sources import open_url, storage_problem
@@ -104,16 +106,18 @@ def curate(path: str, spec: ImageSpec) -> tuple | str:
 
 
 def curate_bytes(data: bytes, spec: ImageSpec) -> tuple | str:
-    """A file's content hash, pHash, curated value (`stored`) and its pixels' per-channel sums
-    then sums of squares (0-1 scale: train's mean and std add up from them), or why it is
-    bad (one line)."""
+    """A file's content hash, pHash, curated value (`stored`), its pixels' per-channel sums
+    then sums of squares (0-1 scale: train's mean and std add up from them) and statistics
+    (`image_stats`, in `STATS` order: profile reads them, not the pixels), or why it is bad
+    (one line)."""
     try:
         pixels = decode(data, spec)
     except BadImage as err:
         return str(err)
     x = pixels.reshape(-1, pixels.shape[-1]).astype(np.float64) / 255.0
     sums = (*x.sum(0).tolist(), *np.square(x).sum(0).tolist())
-    return content_hash(data), perceptual_hash(pixels), stored(data, pixels, spec), sums
+    stats = tuple(float(v[0]) for v in image_stats(pixels[None]).values())
+    return content_hash(data), perceptual_hash(pixels), stored(data, pixels, spec), sums, stats
 
 
 def fetch_remote(fs: Any, keys: list[str], spec: ImageSpec) -> list:
@@ -225,7 +229,8 @@ def read_images(
     engine: str = "pandas",
 ) -> tuple[pd.DataFrame, list]:
     """Each listed file decoded, a chunk (`batch_rows`) at a time, their curated values in a
-    Parquet shard per chunk in `shards` (columns path, label, sha256, image): a frame of path
+    Parquet shard per chunk in `shards` (columns path, label, sha256, image and the image's
+    statistics, `image.<stat>`): a frame of path
     (relative to `base`), label, split, sha256, phash, shard, row and sums (no images), and
     the rejected files (path, reason); a StageError on the first with `fail`. (`shard`,
     `row`: where its curated value is; `sum<c>`, `square<c>`: `curate_bytes`' sums.)"""
@@ -233,13 +238,15 @@ def read_images(
     remote = (base, options or {}) if isinstance(base, str) else None
     relative_to = open_url(base, options or {}, "data")[1] if remote else base
     listed = listed.assign(path=[os.path.relpath(p, relative_to) for p in paths])
+    stats = stat_columns("image", spec.mode)
     columns = ["path", "label", "split", "sha256", "phash", "shard", "row"]
     columns += [f"{kind}{c}" for kind in ("sum", "square") for c in range(spec.channels)]
     frames, rejected = [], []
     size = batch_rows(spec, CHUNK)
     for k, results in enumerate(curated_chunks(paths, spec, remote, engine)):
         part = listed.iloc[k * size : (k + 1) * size]
-        rows, kept = [], {"path": [], "label": [], "sha256": [], "image": []}
+        kept: dict[str, list] = {c: [] for c in ("path", "label", "sha256", "image", *stats)}
+        rows = []
         for (path, label, split), got in zip(
             part[["path", "label", "split"]].itertuples(index=False), results, strict=True
         ):
@@ -249,9 +256,9 @@ def read_images(
                     raise StageError(f"{where}: {got} (data.bad_files=drop skips it)")
                 rejected.append((path, got))
                 continue
-            sha, phash, image, sums = got
+            sha, phash, image, sums, values = got
             rows.append((path, label, split, sha, phash, k, len(rows), *sums))
-            for key, value in zip(kept, (path, label, sha, image), strict=True):
+            for key, value in zip(kept, (path, label, sha, image, *values), strict=True):
                 kept[key].append(value)
         pq.write_table(pa.table(kept), shards / f"{k:06d}.parquet")
         # Arrow-backed strings: 200,000 files' hashes and paths in tens of MB, not hundreds
@@ -377,7 +384,7 @@ def select(
 
 def write_images(frame: pd.DataFrame, shards: Path, out: Path, spec: ImageSpec) -> None:
     """The rows of `frame` (kept, in order, with their split) taken from their shards and
-    written to `<split>.parquet` in `out` (columns path, label, sha256, image), in row groups
+    written to `<split>.parquet` in `out` (`read_images`' shard columns), in row groups
     of `batch_rows(spec, ROW_GROUP)` rows: the same bytes however the files were chunked."""
     group = batch_rows(spec, ROW_GROUP)
     writers: dict[str, pq.ParquetWriter] = {}
