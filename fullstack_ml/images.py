@@ -6,7 +6,7 @@ find duplicates, and the checks on an image set's classes. Decoding a file lives
 import hashlib
 import io
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,14 @@ from fullstack_ml.runtime.images import (  # noqa: F401  re-exported: one import
     fit,
     image_stats,
     open_checked,
+    pixels_of,
     stat_columns,
     to_mode,
 )
 
 SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 SPLIT_FOLDERS = ("train", "val", "test")
+PHASH_BITS = 8  # a pHash is PHASH_BITS x PHASH_BITS bits
 NEAR_PAIRS = 1 << 22  # hash pairs compared at once (32 MiB of XORs; 256 rows of 16,000)
 
 
@@ -39,12 +41,30 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def perceptual_hash(pixels: np.ndarray) -> str:
-    """pHash (imagehash) of a decoded image: near-duplicates differ in a few of its 64 bits
-    (re-encoded, resized or slightly edited copies of one picture)."""
-    import imagehash
+def perceptual_hashes(pixels: Sequence[np.ndarray]) -> list[str]:
+    """imagehash's pHash (`imagehash.phash`, its hex string) of decoded images, the DCTs
+    and medians of all at once (imagehash's one image at a time took 0.25 ms a 64x64 image
+    here; this, 0.1): near-duplicates differ in a few of its 64 bits (re-encoded, resized
+    or slightly edited copies of one picture)."""
+    import scipy.fftpack
 
-    return str(imagehash.phash(Image.fromarray(pixels.squeeze())))
+    if not len(pixels):
+        return []
+    side = PHASH_BITS * 4  # imagehash's highfreq_factor
+    small = np.stack(
+        [
+            np.asarray(
+                Image.fromarray(p.squeeze(-1) if p.shape[-1] == 1 else p)
+                .convert("L")
+                .resize((side, side), Image.Resampling.LANCZOS)
+            )
+            for p in pixels
+        ]
+    )
+    dct = scipy.fftpack.dct(scipy.fftpack.dct(small, axis=1), axis=2)
+    low = dct[:, :PHASH_BITS, :PHASH_BITS].reshape(len(small), -1)
+    bits = low > np.median(low, axis=1, keepdims=True)
+    return [row.tobytes().hex() for row in np.packbits(bits, axis=1)]
 
 
 def near_duplicates(

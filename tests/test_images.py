@@ -17,7 +17,7 @@ from fullstack_ml.images import (
     decode,
     find_images,
     near_duplicates,
-    perceptual_hash,
+    perceptual_hashes,
 )
 
 SPEC = ImageSpec(size=(16, 16), mode="RGB")
@@ -152,11 +152,24 @@ def test_duplicates_exact_by_content_and_near_by_perceptual_hash() -> None:
         {
             "path": list(files),
             "split": [p.split("/")[0] for p in files],
-            "phash": [perceptual_hash(decode(data, spec)) for data in files.values()],
+            "phash": perceptual_hashes([decode(data, spec) for data in files.values()]),
         }
     )
     near = near_duplicates(hashes)
     assert near["path"].tolist() == ["test/a.jpg"] and near["match"].tolist() == ["train/a.png"]
+
+
+def test_perceptual_hashes_are_imagehashs_phash() -> None:
+    """The batched pHash equals imagehash's, one image at a time, on RGB and grey images
+    of several sizes (grey ones as (H, W, 1), as decoding gives them)."""
+    import imagehash
+
+    spec_rgb, spec_grey = ImageSpec(size=(64, 64)), ImageSpec(size=(40, 24), mode="L")
+    pixels = [decode(encoded(shapes(k), "PNG"), spec_rgb) for k in range(12)]
+    pixels += [decode(encoded(shapes(k), "JPEG"), spec_grey) for k in range(12, 20)]
+    expected = [str(imagehash.phash(Image.fromarray(p.squeeze()))) for p in pixels]
+    assert perceptual_hashes(pixels[:12]) + perceptual_hashes(pixels[12:]) == expected
+    assert len(set(expected)) == len(expected) and perceptual_hashes([]) == []
 
 
 def write(path: Path, img: Image.Image, fmt: str = "PNG") -> None:

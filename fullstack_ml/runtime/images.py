@@ -122,7 +122,11 @@ def fit(img: Image.Image, size: tuple[int, int], how: str) -> Image.Image:
 
 def decode(data: bytes, spec: ImageSpec) -> np.ndarray:
     """`data` (a file's bytes) as a uint8 array (height, width, channels) by `spec`."""
-    img = open_checked(data, spec)
+    return pixels_of(open_checked(data, spec), spec)
+
+
+def pixels_of(img: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """An image `open_checked` gave as a uint8 array (height, width, channels) by `spec`."""
     img = ImageOps.exif_transpose(img)  # a phone's portrait photo stands up
     out = np.asarray(fit(to_mode(img, spec.mode), spec.size, spec.resize), dtype=np.uint8)
     return out.reshape(spec.size[1], spec.size[0], spec.channels)

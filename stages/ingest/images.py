@@ -43,11 +43,12 @@ from fullstack_ml.images import (
     ImageSpec,
     class_problems,
     content_hash,
-    decode,
     find_images,
     image_stats,
     near_duplicates,
-    perceptual_hash,
+    open_checked,
+    perceptual_hashes,
+    pixels_of,
     render_digits,
     stat_columns,
 )
@@ -59,6 +60,7 @@ from stages.ingest.split import split_rows
 log = logging.getLogger("stages.ingest")
 REMOTE_BATCH = 256  # files of an object store read at once (memory: their bytes)
 POOL_FROM = 2000  # files: fewer decode faster here than a pool starts (about 0.3 s)
+TASK = 64  # files a pool worker curates at once (their statistics computed together)
 CHUNK = 4096  # files curated at once at most, a Parquet shard each
 ROW_GROUP = 4096  # rows of a curated split's Parquet row group at most
 BATCH_BYTES = 32 << 20  # decoded pixels of a chunk or a row group: what ingest holds of them
@@ -85,43 +87,60 @@ def png(pixels: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def stored(data: bytes, pixels: np.ndarray, spec: ImageSpec) -> bytes:
-    """The curated value of a file: its own bytes when it is one frame of PNG, JPEG or WebP
-    (what the service takes) at the size already, else the PNG of its decoded pixels.
-    Decoding either by the schema gives `pixels` again; re-encoding took 0.47 of the 0.75 ms
-    a 64x64 file cost here."""
-    with Image.open(io.BytesIO(data)) as img:
-        if img.format in KEPT and img.size == spec.size and getattr(img, "n_frames", 1) == 1:
-            return data
+def stored(data: bytes, img: Image.Image, pixels: np.ndarray, spec: ImageSpec) -> bytes:
+    """The curated value of a file (`img`: as `open_checked` opened it): its own bytes when
+    it is one frame of PNG, JPEG or WebP (what the service takes) at the size already, else
+    the PNG of its decoded pixels. Decoding either by the schema gives `pixels` again;
+    re-encoding took 0.47 of the 0.75 ms a 64x64 file cost here."""
+    if img.format in KEPT and img.size == spec.size and getattr(img, "n_frames", 1) == 1:
+        return data
     return png(pixels)
 
 
-def curate(path: str, spec: ImageSpec) -> tuple | str:
-    """One local file: `curate_bytes` of it, or why it is unreadable (one line)."""
+def read_file(path: str) -> bytes | str:
+    """A local file's bytes, or why it is unreadable (one line)."""
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except OSError as err:
         return f"unreadable: {err.strerror or err}"
-    return curate_bytes(data, spec)
 
 
-def curate_bytes(data: bytes, spec: ImageSpec) -> tuple | str:
-    """A file's content hash, pHash, curated value (`stored`), its pixels' per-channel sums
-    then sums of squares (0-1 scale: train's mean and std add up from them) and statistics
-    (`image_stats`, in `STATS` order: profile reads them, not the pixels), or why it is bad
-    (one line)."""
+def curate_bytes(data: bytes | str, spec: ImageSpec) -> tuple | str:
+    """A file's content hash, curated value (`stored`) and decoded pixels, or why it is bad
+    (one line; `data` may be that already)."""
+    if isinstance(data, str):
+        return data
     try:
-        pixels = decode(data, spec)
+        img = open_checked(data, spec)
+        pixels = pixels_of(img, spec)
     except BadImage as err:
         return str(err)
-    x = pixels.reshape(-1, pixels.shape[-1]).astype(np.float64) / 255.0
-    sums = (*x.sum(0).tolist(), *np.square(x).sum(0).tolist())
-    stats = tuple(float(v[0]) for v in image_stats(pixels[None]).values())
-    return content_hash(data), perceptual_hash(pixels), stored(data, pixels, spec), sums, stats
+    return content_hash(data), stored(data, img, pixels, spec), pixels
+
+
+def with_statistics(results: list) -> list:
+    """`curate_bytes`' results with each image's pixels replaced by its pHash, per-channel
+    sums then sums of squares (0-1 scale: train's mean and std add up from them) and
+    statistics (`image_stats`, in `STATS` order: profile reads them, not the pixels), all
+    computed for the images at once: (sha256, phash, stored, sums, statistics)."""
+    good = [k for k, got in enumerate(results) if not isinstance(got, str)]
+    if not good:
+        return results
+    pixels = np.stack([results[k][2] for k in good])
+    hashes = perceptual_hashes(pixels)
+    flat = pixels.reshape(len(good), -1, pixels.shape[-1])
+    sums = flat.sum(1, dtype=np.int64) / 255.0
+    squares = np.einsum("npc,npc->nc", flat, flat, dtype=np.int64) / 255.0**2
+    stats = np.stack(list(image_stats(pixels).values()), axis=1)
+    out = list(results)
+    for i, k in enumerate(good):
+        pair = (*sums[i].tolist(), *squares[i].tolist())
+        out[k] = (results[k][0], hashes[i], results[k][1], pair, tuple(stats[i].tolist()))
+    return out
 
 
 def fetch_remote(fs: Any, keys: list[str], spec: ImageSpec) -> list:
-    """`curate` of the files at `keys` in the object store `fs`: read `REMOTE_BATCH` at a
+    """`curate_bytes` of the files at `keys` in the object store `fs`: read `REMOTE_BATCH` at a
     time, concurrently (fsspec's `cat`; one open per file took 0.4-0.8 s against moto here),
     then decoded."""
     out: list = []
@@ -130,10 +149,9 @@ def fetch_remote(fs: Any, keys: list[str], spec: ImageSpec) -> list:
         got = fs.cat(batch, on_error="return")
         for key in batch:
             data = got.get(key)
-            if isinstance(data, bytes):
-                out.append(curate_bytes(data, spec))
-            else:
-                out.append(f"unreadable: {storage_problem(data, remote=True)}")
+            if not isinstance(data, bytes):
+                data = f"unreadable: {storage_problem(data, remote=True)}"
+            out.append(curate_bytes(data, spec))
     return out
 
 
@@ -160,13 +178,13 @@ def list_remote(url: str, options: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["path", "label", "split"])
 
 
-def curate_chunk(paths: list[str], spec: ImageSpec, remote: tuple | None) -> list:
-    """`curate` of local `paths`, or of keys in an object store (`remote`: its URL and
-    storage options)."""
+def curate_chunk(paths: list[str], spec: ImageSpec, remote: tuple | None = None) -> list:
+    """`curate_bytes` of local `paths`, or of keys in an object store (`remote`: its URL and
+    storage options), `with_statistics`."""
     if remote is None:
-        return [curate(p, spec) for p in paths]
+        return with_statistics([curate_bytes(read_file(p), spec) for p in paths])
     fs, _ = open_url(remote[0], remote[1], "data")
-    return fetch_remote(fs, paths, spec)
+    return with_statistics(fetch_remote(fs, paths, spec))
 
 
 def batch_rows(spec: ImageSpec, most: int) -> int:
@@ -190,12 +208,14 @@ def curated_chunks(
     else:
         with ProcessPoolExecutor(os.cpu_count() or 1) as pool:
             pending: deque = deque()
-            for chunk in chunks:
-                pending.append(pool.map(partial(curate, spec=spec), chunk, chunksize=64))
+            curate = partial(curate_chunk, spec=spec)
+            for chunk in chunks:  # in tasks of `TASK` files
+                tasks = [chunk[i : i + TASK] for i in range(0, len(chunk), TASK)]
+                pending.append(pool.map(curate, tasks))
                 if len(pending) > 1:
-                    yield list(pending.popleft())
+                    yield [got for task in pending.popleft() for got in task]
             while pending:
-                yield list(pending.popleft())
+                yield [got for task in pending.popleft() for got in task]
 
 
 def ray_chunks(chunks: list[list[str]], spec: ImageSpec, remote: tuple | None) -> Iterator[list]:
