@@ -207,7 +207,8 @@ def training_outliers(
     numeric = [*schema.numeric, *(c for cs in stat_columns_of(schema.images).values() for c in cs)]
     features = [*numeric, *schema.categorical]
     frames, rows = [], 0
-    for batch in iter_batches(source, batch_rows, [*schema.features]):
+    columns = None if schema.images else [*schema.features]  # ingest's image statistics too
+    for batch in iter_batches(source, batch_rows, columns):
         frames.append(profiled_frame(batch, schema.images, "train split", rows)[features])
         rows += batch.num_rows
     train = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=features)
