@@ -37,12 +37,22 @@ FP32_RUN = [*SMALL, "train.epochs=40", "train.early_stopping.patience=null"]
 
 BASE_IMAGE: list[subprocess.Popen] = []  # the container base build started at collection
 # `make test` runs two pytest-xdist workers (`-n 2`), one per half: these files, whose tests
-# build in processes of their own (`dvc` in temporary repos, a Ray cluster, the benchmarks'
-# smokes), and the rest, which share the session's one Ray, model, bento and server (built
+# build in processes of their own (the benchmarks' smokes, `dvc` in temporary repos, a Ray
+# cluster), and the rest, which share the session's one Ray, model, bento and server (built
 # once: no test of the first half uses them; test_remote.py starts its own moto S3 server).
-# About 300 and 340 s of tests on 2026-12-05.
-OWN_PROCESSES = {"test_pipeline.py", "test_cluster.py", "test_bench.py", "test_remote.py"}
-OWN_PROCESSES |= {"test_pipeline_images.py"}
+# Each half is mostly one process at a time, so the suite takes about as long as its longer
+# half: the halves are balanced by CPU time. CPU seconds (2026-12-08; each worker in a
+# cpuacct cgroup of its own, its processes included): test_bench.py 240, test_pipeline.py
+# 168, test_cluster.py 53, test_remote.py 10; the rest about 360, test_pipeline_images.py's
+# 69 included (its `dvc exp run` starts with its half: `early_runs`). When that file ran in
+# the first half, the first half took 549 s of CPU against 318 s, and all 671 s of a quiet run.
+OWN_PROCESSES = {"test_bench.py", "test_cluster.py", "test_pipeline.py", "test_remote.py"}
+
+
+def half(nodeid: str) -> str:
+    """The half of the suite (above) that runs the test `nodeid`."""
+    own = nodeid.split("::")[0].rsplit("/", 1)[-1] in OWN_PROCESSES
+    return "own-processes" if own else "session"
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
@@ -52,8 +62,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
     class Halves(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            own = nodeid.split("::")[0].rsplit("/", 1)[-1] in OWN_PROCESSES
-            return "own-processes" if own else "session"
+            return half(nodeid)
 
     return Halves(config, log)
 
@@ -81,6 +90,36 @@ def pytest_sessionfinish() -> None:
             with contextlib.suppress(ProcessLookupError):  # it may end meanwhile
                 os.killpg(proc.pid, signal.SIGTERM)
         proc.wait()
+
+
+@pytest.fixture(scope="session")
+def images_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, subprocess.Popen]]:
+    """tests/test_pipeline_images.py's `dvc exp run` (a minute of one core, one process at a
+    time), started in the background by `early_runs` with the first test of its half, so that
+    it fills the cores that half's waits and the other half's end leave idle; its `repo`
+    fixture waits for it."""
+    from test_pipeline_images import start_run
+
+    repo, proc = start_run(tmp_path_factory)
+    yield repo, proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+EARLY = {"test_pipeline_images.py": "images_run"}  # test file -> what early_runs starts
+
+
+@pytest.fixture(autouse=True)
+def early_runs(request: pytest.FixtureRequest) -> None:
+    """Starts each of EARLY's runs with the first test of the half its file runs in (this
+    worker's first test, under `-n 2`), where that file's tests are selected."""
+    if not hasattr(request.session, "early_runs"):
+        selected = {item.path.name for item in request.session.items}
+        request.session.early_runs = {f: name for f, name in EARLY.items() if f in selected}  # type: ignore[attr-defined]
+    for file, name in request.session.early_runs.items():  # type: ignore[attr-defined]
+        if half(file) == half(request.node.nodeid):
+            request.getfixturevalue(name)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ HTTP taking JSON, multipart and raw image bodies; and a folder with bad files, e
 import base64
 import io
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -79,23 +80,39 @@ def png(img: Image.Image) -> bytes:
     return out.getvalue()
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    import os
-
+def make_env(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The environment of a `dvc` run here: the venv's tools, a BentoML store of its own."""
     home = tmp_path_factory.mktemp("bentoml")
     bin_dir = Path(sys.executable).parent
     return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "BENTOML_HOME": str(home)}
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory, env: dict) -> Path:
-    """The one-liner on a folder of 3 x 70 generated images, shrunk."""
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return make_env(tmp_path_factory)
+
+
+def start_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.Popen]:
+    """The one-liner on a folder of 3 x 70 generated images, shrunk, started in a temporary
+    repo (conftest's `images_run` starts it with the first test of this file's half)."""
+    env = make_env(tmp_path_factory)
     repo = new_repo(tmp_path_factory, env)
     write_shapes(repo / "data/raw/shapes", 70)
     sh(["git", "add", "data/raw/shapes"], repo, env)
     sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "images"], repo, env)
-    sh(exp_run([*IMAGES, *SMALL]), repo, env)
+    with (repo.parent / "images.log").open("w") as log:
+        cmd = exp_run([*IMAGES, *SMALL])
+        proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return repo, proc
+
+
+@pytest.fixture(scope="module")
+def repo(images_run: tuple[Path, subprocess.Popen]) -> Path:
+    """The one-liner's repo, once its run (started early: `start_run`) has succeeded."""
+    repo, proc = images_run
+    if proc.wait() != 0:
+        log = (repo.parent / "images.log").read_text()[-4000:]
+        pytest.fail(f"dvc exp run (images) exited {proc.returncode}:\n{log}")
     return repo
 
 
