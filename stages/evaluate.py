@@ -2,8 +2,9 @@
 
 Writes `metrics/eval.json` (classification: accuracy, macro F1; regression: RMSE, MAE,
 R^2), `plots/per_class.csv` (precision, recall, F1 and support per class; a header alone for
-regression) and `plots/confusion.csv` (actual vs predicted per test row: a DVC confusion
-plot for classes).
+regression) and `plots/confusion.csv` (actual vs predicted per test row, in the split's order:
+a DVC confusion plot for classes; of a classifier also the probability it gave the predicted
+class, which ranks the build report's most confused test images).
 """
 
 import logging
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
+from scipy.special import softmax
 from sklearn.metrics import (
     accuracy_score,
     f1_score,
@@ -58,18 +60,26 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, floa
 
 
 def evaluate(model_dir: Path, test: pd.DataFrame) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Metrics of the saved FP32 model on `test`, and the actual/predicted table."""
+    """Metrics of the saved FP32 model on `test`, and the actual/predicted table (a row per
+    test row, in its order; of a classifier with the predicted class's probability)."""
     model, meta = load_fp32(model_dir)
     try:
         x, y = encode_split(test, meta)
     except (KeyError, ValueError) as err:
         raise StageError(f"test split does not match the model: {err}") from None
-    pred = decode(predict_logits(model, x), meta)
+    logits = predict_logits(model, x)
+    pred = decode(logits, meta)
     if meta["task"] == "regression":
         return regression_metrics(y, pred), pd.DataFrame({"actual": y, "predicted": pred})
     classes = meta["classes"]
+    probability = softmax(logits.astype(np.float64), axis=1)[np.arange(len(pred)), pred]
     confusion = pd.DataFrame(
-        {"actual": [str(classes[i]) for i in y], "predicted": [str(classes[i]) for i in pred]}
+        {
+            "actual": [str(classes[i]) for i in y],
+            "predicted": [str(classes[i]) for i in pred],
+            # 4 decimals: what the report shows, and stable across hosts' last float bits
+            "probability": probability.round(4),
+        }
     )
     return classification_metrics(y, pred, classes), confusion
 
