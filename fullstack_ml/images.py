@@ -286,3 +286,13 @@ REJECTION_KINDS = (  # the reasons ingest and `runtime.images` write, by their f
     ("under data.image.min_size", r"under data\.image\.min_size"),
     ("animated", r"^animated "),
 )
+
+
+def feature_caption(feature: Mapping[str, Any]) -> str:
+    """An image feature of the profile's `images.json` in words, as the profile and build
+    reports say it above its thumbnails: its size, its mode and how ingest resized it."""
+    width, height = feature["size"]
+    return (
+        f"{width}x{height}, mode {feature['mode']} (every image decoded and resized by ingest:"
+        f" {feature['resize']})"
+    )

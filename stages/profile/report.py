@@ -16,6 +16,7 @@ from fullstack_ml.charts import (
     thumbnail_grid,
     thumbnails,
 )
+from fullstack_ml.images import feature_caption
 from fullstack_ml.runtime.drift import DatasetProfileView, json_safe
 from fullstack_ml.schema import Schema
 
@@ -238,12 +239,9 @@ def images_html(images: dict[str, Any], train_counts: dict[str, int] | None = No
     esc = html.escape
     parts = []
     for name, feature in images["features"].items():
-        width, height = feature["size"]
         parts.append(
-            f"<h2 id='images'>Images: {esc(name)}</h2><p>{width}x{height}, mode"
-            f" {esc(feature['mode'])} (every image decoded and resized by ingest:"
-            f" {esc(feature['resize'])}); profiled by their statistics per image:"
-            f" {esc(', '.join(feature['stats']))}.</p>"
+            f"<h2 id='images'>Images: {esc(name)}</h2><p>{esc(feature_caption(feature))};"
+            f" profiled by their statistics per image: {esc(', '.join(feature['stats']))}.</p>"
             "<h3>Train's first images of each class</h3>"
             + thumbnail_grid(feature["samples"], train_counts)
         )
