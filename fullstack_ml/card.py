@@ -2,20 +2,25 @@
 what the stages wrote. Lineage, the data (a histogram per feature from the whylogs
 sketches, missing values, drifted features first, the class balance; of an image set,
 thumbnails per class, its statistics per image as features and the files ingest rejected),
-training curves (DVCLive), evaluation, the compression trade-off, the release gate, and the
-limits a user should know.
+training curves (DVCLive), evaluation (of an image set with the misclassified test images the
+model was surest of), the compression trade-off, the release gate, and the limits a user
+should know.
 
 Every figure taken from a metrics file is written as `data-metric="<file>.<key>"` with its
 exact value in `data-value`, so a test can hold the page to the files."""
 
+import base64
 import csv
 import hashlib
 import html
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.dataset
 
 from fullstack_ml.charts import (
     CSP,
@@ -26,7 +31,9 @@ from fullstack_ml.charts import (
     scatter_svg,
     sketch_histogram,
     thumbnail_grid,
+    thumbnails,
 )
+from fullstack_ml.images import feature_caption, thumbnail_png
 from fullstack_ml.paths import (
     COMPRESS_DETAILS,
     COMPRESS_PLOT,
@@ -39,9 +46,10 @@ from fullstack_ml.paths import (
     PROFILE_DIR,
     SCHEMA,
     SPLITS,
+    split_file,
 )
 from fullstack_ml.runtime.drift import load_profile
-from fullstack_ml.schema import parse_schema
+from fullstack_ml.schema import Schema, parse_schema
 from fullstack_ml.stage import git_commit
 
 STYLE = (
@@ -53,6 +61,8 @@ STYLE = (
     "font-size:11px;width:164px}.cell.drifted{border-color:#e15759;background:#fdeeee}"
     "code{font-size:12px}.lineage td{text-align:left}"
 )
+CONFUSED = 16  # the most confused test images shown (16x16 digits: about 300 bytes each)
+CONFUSED_PAIRS = 5  # the (actual, predicted) pairs most often wrong, named above them
 
 
 def files_sha256(root: Path) -> str:
@@ -121,6 +131,7 @@ def gather(bento_tag: str | None, gate: dict[str, Any] | None) -> dict[str, Any]
             }
         )
     constraints = _json(PROFILE_DIR / "constraints.json") or []
+    confusion = _rows(CONFUSION)
     return {
         "lineage": {
             "git_commit": git_commit(),
@@ -143,13 +154,87 @@ def gather(bento_tag: str | None, gate: dict[str, Any] | None) -> dict[str, Any]
         },
         "metrics": {name: _json(METRICS[name]) for name in ("profile", "eval", "compress")},
         "curves": {name: curves(path) for name, path in LIVE.items()},
-        "confusion": _rows(CONFUSION),
+        "confusion": confusion,
+        "confused": confused_images(confusion, schema, split_file("test")),
         "per_class": _rows(PER_CLASS),
         "candidates": _rows(COMPRESS_PLOT),
         "outlier_rows": _json(PROFILE_DIR / "outliers.json"),  # the profile's EDA
         "detector": (_json(COMPRESS_DETAILS) or {}).get("outliers"),  # the shipped detector
         "gate": gate,
     }
+
+
+def confused_images(
+    rows: list[dict[str, str]], schema: Schema, test: Path, most: int = CONFUSED
+) -> list[dict[str, Any]]:
+    """The misclassified test images the model was surest of, at most `most`: evaluate's
+    `plots/confusion.csv` (`rows`: a row per test row, in the split's order) ranked by the
+    probability given to the wrong class (ties in row order), each with its row, source
+    path, true and predicted class, that probability and its thumbnails (base64 PNGs per
+    image feature, from the curated `test` split). Empty for a model of a table, a model
+    that got every test image right, or rows of another test split than `test`."""
+    if not schema.images or not rows or "probability" not in rows[0]:
+        return []
+    wrong = [i for i, r in enumerate(rows) if r["actual"] != r["predicted"]]
+    wrong = sorted(wrong, key=lambda i: -float(rows[i]["probability"]))[:most]
+    if not wrong or not Path(test).exists():
+        return []
+    split = pyarrow.dataset.dataset(test)  # a file, or a folder of parts (as pandas reads it)
+    if split.count_rows() != len(rows):
+        return []  # evaluate scored another test split: the rows are not these images
+    columns = [c for c in ("path", *schema.images) if c in split.schema.names]
+    values = split.take(pa.array(wrong), columns=columns).to_pylist()
+    return [
+        {
+            "row": i,
+            "path": v.get("path"),
+            "actual": rows[i]["actual"],
+            "predicted": rows[i]["predicted"],
+            "probability": float(rows[i]["probability"]),
+            "images": {
+                name: None
+                if v.get(name) is None
+                else base64.b64encode(thumbnail_png(bytes(v[name]))).decode()
+                for name in schema.images
+            },
+        }
+        for i, v in zip(wrong, values, strict=True)
+    ]
+
+
+def confused_pairs(rows: list[dict[str, str]], most: int = CONFUSED_PAIRS) -> list[tuple]:
+    """The (actual, predicted, test rows) pairs of classes most often confused, the most
+    first (ties in class order)."""
+    counts = Counter((r["actual"], r["predicted"]) for r in rows if r["actual"] != r["predicted"])
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], _order(kv[0][0]), _order(kv[0][1])))
+    return [(a, p, n) for (a, p), n in ranked[:most]]
+
+
+def confused_part(confused: list[dict[str, Any]], rows: list[dict[str, str]]) -> str:
+    """The most confused test images (`confused_images`) as a grid of thumbnails, each
+    captioned with its path, true and predicted class and that class's probability, under
+    the class pairs most often confused."""
+    if not confused:
+        return ""
+    esc = html.escape
+    pairs = ", ".join(f"{esc(a)} taken for {esc(p)} ({n})" for a, p, n in confused_pairs(rows))
+    wrong = sum(r["actual"] != r["predicted"] for r in rows)
+    cells = []
+    for c in confused:
+        name = str(c["path"] if c["path"] is not None else f"test row {c['row']}")
+        caption = f"true {c['actual']}, predicted {c['predicted']} ({c['probability']:.3f})"
+        images = list(c["images"].values())
+        cells.append(
+            f"<div class='cell' data-row='{c['row']}'>"
+            f"{thumbnails(images, name, 48, [f'{name}: {caption}'] * len(images))}<br>"
+            f"<code>{esc(name)}</code><br>{esc(caption)}</div>"
+        )
+    return (
+        f"<h3>Most confused test images: {len(confused)} of the {wrong} misclassified, the"
+        " model's surest first</h3>"
+        f"<p>Classes most often confused (actual taken for predicted, test images): {pairs}.</p>"
+        f"<div class='grid'>{''.join(cells)}</div>"
+    )
 
 
 def _fmt(value: Any) -> str:
@@ -272,11 +357,10 @@ def images_part(images: dict[str, Any], classes: dict[str, dict[str, int]] | Non
     (inline data URIs) and the files ingest rejected, counted by reason."""
     parts = []
     for name, f in images["features"].items():
-        width, height = f["size"]
         parts.append(
-            f"<h3>Images: <code>{html.escape(name)}</code></h3><p>{width}x{height}, mode"
-            f" {html.escape(f['mode'])} (resized by ingest: {html.escape(f['resize'])});"
-            " its statistics per image are the features charted below.</p>"
+            f"<h3>Images: <code>{html.escape(name)}</code></h3><p>"
+            f"{html.escape(feature_caption(f))}; its statistics per image are the features"
+            " charted below.</p>"
             + thumbnail_grid(f["samples"], (classes or {}).get("train"), height=32)
         )
     rejected = images.get("rejected") or {}
@@ -340,6 +424,7 @@ def evaluation_section(facts: dict[str, Any]) -> str:
             "<h3>Confusion matrix (rows: actual, columns: predicted)</h3>"
             f"<table><tr><th></th>{head}</tr>{''.join(body)}</table>"
         )
+        parts.append(confused_part(facts.get("confused") or [], pairs))
     return "".join(parts)
 
 
