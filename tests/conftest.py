@@ -72,7 +72,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     a minute here, much of it network and disk) in the background when
     tests/test_container.py will run, so that it overlaps the tests before it (from the
     first worker only); the test's own build waits for it (a lock) and makes the base
-    itself, reporting any failure, if this one failed."""
+    itself, reporting any failure, if this one failed. The container's tests run last (of
+    their half): the `bento` fixture starts their image's build in the background too."""
+    items.sort(key=lambda item: item.path.name == "test_container.py")  # stable: the rest kept
     wanted = any(item.path.name == "test_container.py" for item in items)
     wanted &= os.environ.get("PYTEST_XDIST_WORKER", "gw0") == "gw0"
     if wanted and shutil.which("podman") and shutil.which("runc") and os.geteuid() == 0:
@@ -169,8 +171,12 @@ def fp32_dir(cfg: DictConfig, curated: Path, tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.fixture(scope="session")
-def bento(fp32_dir: Path, curated: Path, cfg: DictConfig, tmp_path_factory) -> Path:
-    """The session's model compressed and packaged into a bento file (own model store)."""
+def bento(
+    fp32_dir: Path, curated: Path, cfg: DictConfig, tmp_path_factory, request
+) -> Iterator[Path]:
+    """The session's model compressed and packaged into a bento file (own model store).
+    Where tests/test_container.py's tests are selected, its image build (a minute, much of
+    it podman's) starts here, in the background: those tests run last and wait for it."""
     import pandas as pd
 
     from fullstack_ml.model import encode_split, load_fp32
@@ -189,7 +195,19 @@ def bento(fp32_dir: Path, curated: Path, cfg: DictConfig, tmp_path_factory) -> P
     (work / "serving.json").write_text(json.dumps(result["serving"]))
     (work / "schema.json").write_bytes((curated / "schema.json").read_bytes())
     package_bento(work, work / "dist")
-    return work / "dist/fullstack_ml.bento"
+    path = work / "dist/fullstack_ml.bento"
+    build = None
+    container = any(item.path.name == "test_container.py" for item in request.session.items)
+    if container and shutil.which("podman") and shutil.which("runc"):
+        from test_container import BUILD, start_build
+
+        build = start_build(path, work / "container.log")
+        request.config.stash[BUILD] = build, work / "container.log"
+    yield path
+    if build is not None and build.poll() is None:  # not waited for (the session failed)
+        with contextlib.suppress(ProcessLookupError):  # it may end meanwhile
+            os.killpg(build.pid, signal.SIGTERM)
+        build.wait()
 
 
 @pytest.fixture(scope="session")

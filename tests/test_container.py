@@ -32,22 +32,37 @@ def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+# the build started by conftest's `bento` fixture as soon as the bento exists (this file's
+# tests run last in their half, so that it overlaps the tests before them): process, log
+BUILD = pytest.StashKey[tuple[subprocess.Popen, Path]]()
+
+
+def start_build(bento: Path, log: Path) -> subprocess.Popen:
+    """`deploy/container.sh IMAGE bento` in the background, stdout and stderr to `log`."""
+    with log.open("w") as out:
+        cmd = ["bash", str(ROOT / "deploy/container.sh"), IMAGE, str(bento)]
+        return subprocess.Popen(
+            cmd, env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
 @pytest.fixture(scope="module")
-def image(bento: Path) -> str:
+def image(
+    bento: Path, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> str:
     for tool in ("podman", "runc"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} not found on PATH (apt-get install podman runc debootstrap)")
-    build = subprocess.run(
-        ["bash", ROOT / "deploy/container.sh", IMAGE, bento],
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
-    if build.returncode == UNUSABLE:
-        pytest.skip(f"deploy/container.sh: {build.stderr.strip().splitlines()[-1]}")
-    assert build.returncode == 0, (
-        f"deploy/container.sh failed:\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}"
-    )
+    started = request.config.stash.get(BUILD, None)
+    if started is None:
+        log = tmp_path_factory.mktemp("container") / "build.log"
+        started = start_build(bento, log), log
+    proc, log = started
+    proc.wait()
+    output = log.read_text()
+    if proc.returncode == UNUSABLE:
+        pytest.skip(f"deploy/container.sh: {output.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, f"deploy/container.sh failed:\n{output[-6000:]}"
     return IMAGE
 
 
