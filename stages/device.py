@@ -2,7 +2,15 @@
 device`): `models/device/` holds `model.onnx` (the INT8 program with QuantizeLinear/
 DequantizeLinear, as the compress stage exported and checked it), `preprocess.json` (the
 training preprocessing, the classes and the graph's input and output names), `schema.json`
-(the curated data's) and `runner.py`, a runner needing only numpy and onnxruntime.
+(the curated data's) and `runner.py`, a runner needing only numpy and onnxruntime, and
+Pillow for an image model (`pip install onnxruntime numpy pillow==<release>`): it decodes
+an image as the service does (`runtime/images.py`), from base64 records or named files.
+An image model's `model.onnx` takes what the Preprocessor gives it (compress exported it
+on the encoded test split): C x H x W normalised values per image, after any other
+feature's; `preprocess.json` holds the schema's image entry (size, mode, resize, mean, std)
+and the Pillow release that decodes here: Pillow's bilinear resize changed between releases
+(a 29x65 WebP padded to 32x32: pixel sums 106,724 on 10.4.0, 106,714 on 13.0.0, answers
+3e-4 apart), so answers equal the service's only on the same release.
 
 ISA: the ONNX file holds operators and weights, no machine code. ONNX Runtime (or OpenVINO)
 picks its kernels when it loads the file, by the CPU it runs on (AVX2, AVX-512, VNNI, AMX),
@@ -39,6 +47,10 @@ def device(model_dir: Path, schema: Path, out_dir: Path) -> list[str]:
         )
     meta = read_meta(model_dir)
     pre = meta["preprocessing"]
+    if pre.get("images"):  # resampling differs between releases: the runner warns on another
+        from PIL import __version__ as pillow
+
+        pre = {**pre, "pillow": pillow}
     with atomic_dir(out_dir) as tmp:
         shutil.copyfile(onnx, tmp / ONNX_FILE)
         shutil.copyfile(schema, tmp / "schema.json")
