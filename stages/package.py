@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,10 @@ RUNTIME_PACKAGES = {
     "onnxruntime": {"onnxruntime"},
     "openvino": {"openvino"},
 }
+# Installed in the bento at the release that built the model: Pillow's resize differs across
+# releases (10.4 and 13.0 gave pixels 10 grey levels apart on a padded WebP; 3e-4 in its
+# probabilities), so the service would answer an image other than validate checked.
+PINNED = {"pillow"}
 
 
 def build_metadata(params_file: Path, metrics_files: list[Path]) -> dict[str, Any]:
@@ -73,11 +78,16 @@ def shipped_files(bentofile: Path = BENTOFILE) -> list[Path]:
 
 def bentofile_for(runtime: str, bentofile: Path = BENTOFILE) -> str:
     """bentofile.yaml for a bento serving on `runtime`: its packages less those of the other
-    runtimes (a bento on onnxruntime installs no torch; its image, no compiler: service.py)."""
+    runtimes (a bento on onnxruntime installs no torch; its image, no compiler: service.py),
+    `PINNED` ones at the release installed here."""
     config = yaml.safe_load(Path(bentofile).read_text())
     others = set().union(*(p for r, p in RUNTIME_PACKAGES.items() if r != runtime))
     config["python"]["packages"] = [
-        spec for spec in config["python"]["packages"] if package_name(spec) not in others
+        f"{package_name(spec)}=={version(package_name(spec))}"
+        if package_name(spec) in PINNED
+        else spec
+        for spec in config["python"]["packages"]
+        if package_name(spec) not in others
     ]
     return yaml.safe_dump(config, sort_keys=False)
 

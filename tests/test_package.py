@@ -64,7 +64,10 @@ def test_two_bentos_built_in_one_process_pin_their_own_models(bento: Path) -> No
 
 
 def test_a_bento_installs_its_own_runtime_and_no_other() -> None:
-    """On onnxruntime: no torch, no openvino; on inductor: torch, no onnxruntime."""
+    """On onnxruntime: no torch, no openvino; on inductor: torch, no onnxruntime; Pillow at
+    this environment's release."""
+    from importlib.metadata import version
+
     for runtime, kept, dropped in [
         ("onnxruntime", {"onnxruntime"}, {"torch", "torchao", "openvino"}),
         ("inductor", {"torch", "torchao"}, {"onnxruntime", "openvino"}),
@@ -74,6 +77,8 @@ def test_a_bento_installs_its_own_runtime_and_no_other() -> None:
         }
         assert kept <= names and not names & dropped, runtime
         assert {"numpy", "whylogs", "pydantic"} <= names
+        packages = yaml.safe_load(bentofile_for(runtime))["python"]["packages"]
+        assert f"pillow=={version('pillow')}" in packages  # the resize that built the model
 
 
 def test_a_runtime_the_shipped_params_do_not_name_is_refused(bento: Path, tmp_path: Path) -> None:
