@@ -49,7 +49,7 @@ release: $(STAMP)  ## register the build as VERSION=x.y.z in DVC's model registr
 container: $(STAMP)  ## OCI image of the bento in dist/ with podman (offline base image): $(IMAGE)
 	bash deploy/container.sh $(IMAGE)
 
-device: $(STAMP)  ## models/device: model.onnx, preprocess.json, schema.json and runner.py (numpy + onnxruntime alone)
+device: $(STAMP)  ## models/device: model.onnx, preprocess.json, schema.json and runner.py (numpy + onnxruntime; Pillow for an image model)
 	$(BIN)/dvc repro device
 
 params: $(STAMP)  ## recompose params.yaml from conf/ (what `dvc exp run` does)

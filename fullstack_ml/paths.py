@@ -16,7 +16,7 @@ COMPRESSED_DIR = Path("models/compressed")
 COMPRESS_REPORT = Path("reports/compress.html")
 DIST_DIR = Path("dist")
 DEVICE_DIR = Path("models/device")  # model.onnx + preprocess.json + schema.json + runner.py
-DEVICE_RUNNER = Path("deploy/device_runner.py")  # copied into it: numpy + onnxruntime alone
+DEVICE_RUNNER = Path("deploy/device_runner.py")  # copied in: numpy, onnxruntime (Pillow: images)
 # DVCLive's folders (metrics.json, plots/metrics/*.tsv), written by the training loop
 LIVE = {"train": Path("dvclive/train"), "distil": Path("dvclive/distil")}
 TRAIN_CURVES = LIVE["train"] / "plots/metrics"
