@@ -47,7 +47,6 @@ and what needed it is reported as not run (the exit status is then 1).
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -165,6 +164,40 @@ def child_floor(root: Path, out: Path) -> dict[str, Any]:
     return {"ingest": time.perf_counter() - began, "kept": len(files), "rejected": 0}
 
 
+def child_decode(root: Path) -> dict[str, Any]:
+    """(5, decode floor): every file of the set decoded and resized by Pillow alone in a
+    process pool over all cores, the pixels sent back and dropped."""
+    files = sorted(str(p) for p in root.rglob("*") if p.is_file())
+    began = time.perf_counter()
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        for _ in pool.map(floor_decode, files, chunksize=64):
+            pass
+    return {"seconds": time.perf_counter() - began, "images": len(files)}
+
+
+def child_model(bento: Path, seconds: float) -> dict[str, Any]:
+    """(5, model alone): the bento's model loaded as predict loads it (predict.runtime,
+    predict.threads, the path its plan runs batches of predict.batch_rows on), run on
+    encoded images in memory for `seconds`, and the outlier detector on its answers."""
+    from fullstack_ml.stage import compose
+    from stages.predict.model import open_model
+    from stages.predict.score import load_runtime
+
+    cfg = compose().predict
+    size = int(cfg.batch_rows)
+    with open_model(str(bento)) as model:
+        args = (size, [], cfg.runtime, int(cfg.threads), int(cfg.max_pixels))
+        rt = load_runtime(model.dir, model.serving, *args)
+        x = np.random.default_rng(0).standard_normal((size, rt.pre.width), dtype=np.float32)
+        rt.detector.score(x, rt.engine(x))  # warm
+        done, began = 0, time.perf_counter()
+        while time.perf_counter() - began < seconds:
+            rt.detector.score(x, rt.engine(x))
+            done += size
+    took = time.perf_counter() - began
+    return {"images_s": done / took, "runtime": rt.engine.runtime, "threads": int(cfg.threads)}
+
+
 def child_stages(root: Path, out: Path, with_profile: bool) -> dict[str, Any]:
     """(stages): the ingest stage, then (`with_profile`) the profile stage."""
     import resource
@@ -215,6 +248,10 @@ def child(args: argparse.Namespace) -> None:
     """The body of one measured process: prints one `RESULT {json}` line."""
     if args.child == "floor":
         result = child_floor(args.root, args.out)
+    elif args.child == "decode":
+        result = child_decode(args.root)
+    elif args.child == "model":
+        result = child_model(args.root, args.duration)
     elif args.child in ("ingest", "ingest+profile"):
         result = child_stages(args.root, args.out, args.child == "ingest+profile")
     else:
@@ -565,8 +602,10 @@ def serve_table(rows: list[dict]) -> list[dict]:
     return out
 
 
-def predict_run(built: Build, folder: Path, work: Path) -> dict[str, Any]:
-    """(5): bench.predict's run of the stage on the image folder, with the bento."""
+def predict_run(built: Build, folder: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """(5): bench.predict's run of the stage on the image folder, with the bento; then the
+    floors of its two halves, each in a process of its own: Pillow's decode + resize of the
+    same files alone (a pool over all cores) and the bento's model alone."""
     from bench.predict import run_predict
 
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
@@ -575,24 +614,40 @@ def predict_run(built: Build, folder: Path, work: Path) -> dict[str, Any]:
     except SystemExit as err:  # the stage failed: its command and log
         return {"error": str(err)}
     result["images"] = sum(1 for p in folder.rglob("*") if p.is_file())
-    # the stage's line for its scoring loop (bench.predict reads the tables' `rows` one)
-    line = r"predict: ([\d,]+) files in [\d.]+ s \(([\d,]+) files/s\)"
-    if found := re.search(line, (work / "predict/predict.log").read_text()):
-        result["loop"] = number(found.group(1)) / number(found.group(2))
+    decode = measure(["decode", "--root", str(folder)], work / "decode.log", args.memory_cap)
+    result["decode"] = decode["images"] / decode["seconds"] if "seconds" in decode else None
+    model = ["model", "--root", str(built.bento), "--duration", str(args.duration)]
+    result["model"] = measure(model, work / "model.log", args.memory_cap).get("images_s")
     return result
 
 
 def predict_table(r: dict[str, Any], http: float | None) -> list[dict]:
+    """The stage's images/s (over its wall time, start-up included, and its scoring loop
+    alone), the floors (decode alone, the model alone, and the two sharing the cores), and
+    the ratios to the bento's HTTP images/s."""
     rate = r["images"] / r["wall"]
     loop = r["images"] / r["loop"] if np.isfinite(r["loop"]) else None
+    decode, model = r.get("decode"), r.get("model")
+    # the two on the same cores: decode's pool takes every core, the model 1 thread of one;
+    # per image, decode costs cores / decode core-seconds and the model 1 / model
+    cores = os.cpu_count() or 1
+    both = cores / (cores / decode + 1 / model) if decode and model else None
+    cell = lambda x: f"{x:,.0f}" if x else "-"  # noqa: E731
+    ratio = lambda x: f"{x / http:.2f}" if x and http else "-"  # noqa: E731
     return [
         {
             "images": f"{r['images']:,}",
             "wall s": f"{r['wall']:.1f}",
             "images/s": f"{rate:,.0f}",
-            "loop images/s": f"{loop:,.0f}" if loop else "-",
-            "bento http images/s": f"{http:,.0f}" if http else "-",
-            "predict / http": f"{rate / http:.2f}" if http else "-",
+            "loop images/s": cell(loop),
+            "decode floor images/s": cell(decode),
+            "model alone images/s": cell(model),
+            "both floor images/s": cell(both),
+            "bento http images/s": cell(http),
+            "predict / http": ratio(rate),
+            "loop / http": ratio(loop),
+            "both floor / http": ratio(both),
+            "loop / both floor": f"{loop / both:.2f}" if loop and both else "-",
             "predicted": f"{r['predicted']:,}",
             "rejected": f"{r['rejected']:,}",
             "peak PSS MiB": f"{r['pss'] / 2**20:,.0f}",
@@ -734,7 +789,7 @@ def run_parts(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 except (SystemExit, Exception) as err:  # reported with the tables, not raised
                     found["failed"].append(f"serve: {type(err).__name__}: {err}")
             if "predict" in args.parts:
-                got = predict_run(served, image_set(args.images, work), work)
+                got = predict_run(served, image_set(args.images, work), work, args)
                 if "error" in got:
                     found["failed"].append(f"predict: {got['error']}")
                 else:

@@ -134,7 +134,8 @@ def run_predict(bento: Path, data: Path, out: Path, env: dict, engine: str) -> d
     predicted = pq.ParquetFile(out / "predictions.parquet").metadata.num_rows
     rejected = len(pd.read_csv(out / "rejects.csv"))
     # the stage's own line for its scoring loop (read, check, score, write, sample for drift)
-    line = r"predict: ([\d,]+) rows in [\d.]+ s \(([\d,]+) rows/s\)"  # its rate is exact
+    # rows of a table, files of an image folder; its rate is exact
+    line = r"predict: ([\d,]+) (?:rows|files) in [\d.]+ s \(([\d,]+) (?:rows|files)/s\)"
     found = re.search(line, (out / "predict.log").read_text())
     rate = float(found.group(2).replace(",", "")) if found else float("nan")
     loop = float(found.group(1).replace(",", "")) / rate if found else float("nan")

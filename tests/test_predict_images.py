@@ -184,6 +184,7 @@ def test_a_folder_of_image_files_is_scored_as_the_runtime_answers_each(
     assert found.keys() == bad.keys()
     for path, start in bad.items():
         assert found[path].startswith(start), found[path]
+    assert "over predict.max_pixels 3,000" in found["large.png"]  # predict's key, not ingest's
     assert "image.brightness_mean" in result["drift"] and result["sampled"] == GOOD
     assert "image" not in result["drift"]  # the pixels are not profiled, their statistics are
 
