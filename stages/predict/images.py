@@ -4,8 +4,10 @@ image file, or a manifest (a CSV or Parquet table whose `path` column names each
 relative to the manifest); local or on object storage (s3://...), through fsspec as the table
 sources are.
 
-Files are read and decoded `predict.batch_rows` at a time (a batch's bytes and pixels in
-memory, never the whole set's), each by the model's ImageSpec: a file that cannot be read or
+Files are read, decoded and encoded `predict.batch_rows` at a time by a process pool over all
+cores, a few batches ahead of the model, which runs in this process (a few batches' bytes,
+pixels and encoded rows in memory, never the whole set's); each file is decoded by the
+model's ImageSpec, as the service decodes it: a file that cannot be read or
 decoded is a rejected row with its path and the reason, never the end of the run (the reject
 rate gate decides). Each answer's `path` is the file's path relative to the folder (a glob:
 to the folder before its first wildcard; a manifest: as the manifest writes it), as ingest
